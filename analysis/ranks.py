@@ -23,8 +23,8 @@ import scipy.stats
 
 from analysis.bootstrap import Clusters, percentile_ci, resample_indices, token_weights
 
-# Rows x resamples processed at once by the weighted-rank bootstrap (memory ~ 8 bytes x this x ~6).
-_CHUNK_ELEMS = 2_000_000
+# Rows x resamples processed at once by the weighted-rank bootstrap (arrays of 4 MB stay cheap to allocate).
+_CHUNK_ELEMS = 500_000
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class _RankPlan:
     """One variable's sort order and tie groups, reused by every resample."""
 
     order: np.ndarray  # [n] argsort of the values
-    group_of_sorted: np.ndarray  # [n] tie-group id of each sorted position
-    group_starts: np.ndarray  # [G] first sorted position of each tie group
+    group_of_sorted: np.ndarray | None  # [n] tie-group id of each sorted position; None when no ties
+    group_starts: np.ndarray | None  # [G] first sorted position of each tie group; None when no ties
 
 
 def _rank_plan(x: np.ndarray) -> _RankPlan:
@@ -42,30 +42,60 @@ def _rank_plan(x: np.ndarray) -> _RankPlan:
     new_group = np.empty(xs.size, dtype=bool)
     new_group[:1] = True
     new_group[1:] = xs[1:] != xs[:-1]
-    starts = np.flatnonzero(new_group)
-    return _RankPlan(order=order, group_of_sorted=np.cumsum(new_group) - 1, group_starts=starts)
+    if new_group.all():
+        return _RankPlan(order=order, group_of_sorted=None, group_starts=None)
+    return _RankPlan(order=order, group_of_sorted=np.cumsum(new_group) - 1, group_starts=np.flatnonzero(new_group))
+
+
+def weighted_ranks_sorted(plan: _RankPlan, ws: np.ndarray) -> np.ndarray:
+    """[b, n] average ranks, in the variable's sorted order, given row multiplicities `ws` [b, n] in that order.
+
+    A row's copies and its ties share the average rank: (weight of smaller values) + (group weight + 1) / 2.
+    """
+    if plan.group_starts is None:  # no ties between rows: each row is its own group
+        return np.cumsum(ws, axis=1) - (ws - 1.0) / 2.0
+    group_w = np.add.reduceat(ws, plan.group_starts, axis=1)  # [b, G] total weight per tie group
+    rank_g = np.cumsum(group_w, axis=1) - (group_w - 1.0) / 2.0  # [b, G] average rank inside the group
+    return rank_g[:, plan.group_of_sorted]
 
 
 def weighted_ranks(plan: _RankPlan, w: np.ndarray) -> np.ndarray:
-    """[b, n] average ranks of the rows in resamples with row multiplicities `w` [b, n]."""
-    ws = w[:, plan.order]  # [b, n] weights in sorted order
-    group_w = np.add.reduceat(ws, plan.group_starts, axis=1)  # [b, G] total weight per tie group
-    before = np.cumsum(group_w, axis=1) - group_w  # [b, G] weight of strictly smaller values
-    rank_g = before + (group_w + 1.0) / 2.0  # [b, G] average rank inside the group
-    ranks = np.empty_like(ws)
-    ranks[:, plan.order] = rank_g[:, plan.group_of_sorted]  # back to row order
+    """[b, n] average ranks in row order of resamples with row multiplicities `w` [b, n]."""
+    ranks = np.empty_like(w)
+    ranks[:, plan.order] = weighted_ranks_sorted(plan, w[:, plan.order])
     return ranks
+
+
+def _rank_moments(w: np.ndarray) -> np.ndarray:
+    """[b] S * mean^2 for average ranks under weights w [b, n]: the weighted mean rank is (S + 1) / 2, S = sum(w)."""
+    s = w.sum(axis=1)
+    return s * ((s + 1.0) / 2.0) ** 2
+
+
+def _rank_corr(r_a: np.ndarray, r_b: np.ndarray, w: np.ndarray, var_b: np.ndarray) -> np.ndarray:
+    """[b] weighted Pearson r of average ranks r_a and r_b [b, n] (aligned rows), weights w [b, n].
+
+    `var_b` [b] is r_b's weighted sum of squares about its mean (shared by every score). Ties keep the
+    rank sum, so both means are (S + 1) / 2 and only second moments need summing.
+    """
+    mean_sq = _rank_moments(w)
+    wa = w * r_a
+    cov = np.einsum("bi,bi->b", wa, r_b) - mean_sq
+    var_a = np.einsum("bi,bi->b", wa, r_a) - mean_sq
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.sqrt(var_a * var_b)
 
 
 def _weighted_corr_matrix(cols: list[np.ndarray], w: np.ndarray) -> np.ndarray:
     """[b, m, m] weighted Pearson correlations of m variables, each [b, n], with weights w [b, n]."""
     sw = w.sum(axis=1)  # [b]
-    centred = [c - (w * c).sum(axis=1, keepdims=True) / sw[:, None] for c in cols]
+    centred = [c - np.einsum("bi,bi->b", w, c)[:, None] / sw[:, None] for c in cols]
     m = len(cols)
     cov = np.empty((w.shape[0], m, m))
     for i in range(m):
+        wc = w * centred[i]
         for j in range(i, m):
-            cov[:, i, j] = cov[:, j, i] = (w * centred[i] * centred[j]).sum(axis=1)
+            cov[:, i, j] = cov[:, j, i] = np.einsum("bi,bi->b", wc, centred[j])
     sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
     with np.errstate(invalid="ignore", divide="ignore"):
         return cov / (sd[:, :, None] * sd[:, None, :])
@@ -110,11 +140,14 @@ def bootstrap_spearman(
     out = {name: np.empty(len(weights)) for name in scores}
     step = max(1, _CHUNK_ELEMS // max(n, 1))
     for lo in range(0, len(weights), step):
-        w = token_weights(clusters, weights[lo : lo + step])  # [b, n]
-        t_rank = weighted_ranks(t_plan, w)
+        w = token_weights(clusters, weights[lo : lo + step])  # [b, n] row order
+        t_rank = weighted_ranks(t_plan, w)  # [b, n] row order
+        t_var = np.einsum("bi,bi->b", w * t_rank, t_rank) - _rank_moments(w)  # [b]
         for name, plan in plans.items():
-            r = _weighted_corr_matrix([t_rank, weighted_ranks(plan, w)], w)
-            out[name][lo : lo + step] = r[:, 0, 1]
+            # Work in the score's sorted order: one gather of w and of the target ranks, no scatter.
+            ws = w[:, plan.order]
+            r = _rank_corr(weighted_ranks_sorted(plan, ws), t_rank[:, plan.order], ws, t_var)
+            out[name][lo : lo + step] = r
     return out
 
 

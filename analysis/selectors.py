@@ -38,6 +38,7 @@ class TopNResult:
     table: pd.DataFrame
     mean_gain_all: float
     mean_gain_all_ci: tuple[float, float]
+    references: list[str]  # selectors R with ``minus_<R>`` columns
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,10 +91,15 @@ def top_n_table(
     outcome: str = "gain",
     ratios: Sequence[float] = DEFAULT_RATIOS,
     selectors: Sequence[str] | None = None,
+    references: Sequence[str] = ("kl", "random"),
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
 ) -> TopNResult:
-    """Mean gain of each selector's exact top-N at each ratio, cluster CI, and gain per keep = mean / ratio."""
+    """Mean gain of each selector's exact top-N at each ratio, cluster CI, and gain per keep = mean / ratio.
+
+    For each reference selector R present, ``minus_<R>`` is the selector's mean gain minus R's at the same
+    ratio, with a paired cluster-bootstrap CI (``minus_<R>_ci_low/high``; same resamples for both).
+    """
     df, notes = finite_outcome(df, outcome)
     sel = _selectors(df, selectors)
     if "full" in score_columns(df) and selectors is None:
@@ -104,20 +110,36 @@ def top_n_table(
     W = resample_weights(clusters.n_clusters, n_boot, seed) if ok else None
     if not ok:
         notes.append(f"top-N: {why}")
+    all_sel = score_columns(df)
+    absent = [r for r in references if r not in all_sel]
+    if absent:
+        notes.append(f"top-N: reference selector(s) {absent} absent; no paired differences to them")
+    refs = [r for r in references if r in all_sel]
+
+    def stats(mask: np.ndarray) -> tuple[float, np.ndarray | None]:
+        kept = bool(mask.any())
+        mean = float(y[mask].mean()) if kept else float("nan")
+        return mean, (bootstrap_mean(y, mask, clusters, W) if (W is not None and kept) else None)
+
     rows = []
     for ratio in ratios:
         n = n_keep(len(df), ratio)
+        ref_stats = {r: stats(kept_mask(df, all_sel[r], ratio)) for r in refs}
         for name, col in sel.items():
             mask = kept_mask(df, col, ratio)
             kept = int(mask.sum())
             if kept < n:
                 notes.append(f"top-N: {name} has {kept} candidate(s) < N={n} at ratio {ratio:g}; keeps {kept}")
-            mean = float(y[mask].mean()) if kept else float("nan")
-            ci = ci_or_nan(bootstrap_mean(y, mask, clusters, W) if (W is not None and kept) else None)
-            rows.append(dict(selector=name, ratio=float(ratio), n_tokens=len(df), n_keep=n, n_kept=kept,
-                             mean_gain=mean, ci_low=ci[0], ci_high=ci[1], gain_per_keep=mean / ratio))
+            mean, boot = stats(mask)
+            ci = ci_or_nan(boot)
+            row = dict(selector=name, ratio=float(ratio), n_tokens=len(df), n_keep=n, n_kept=kept,
+                       mean_gain=mean, ci_low=ci[0], ci_high=ci[1], gain_per_keep=mean / ratio)
+            for r, (r_mean, r_boot) in ref_stats.items():
+                dci = ci_or_nan(boot - r_boot if (boot is not None and r_boot is not None) else None)
+                row[f"minus_{r}"], row[f"minus_{r}_ci_low"], row[f"minus_{r}_ci_high"] = mean - r_mean, *dci
+            rows.append(row)
     all_ci = ci_or_nan(bootstrap_mean(y, np.ones(y.size, bool), clusters, W) if W is not None else None)
-    return TopNResult(pd.DataFrame(rows), float(y.mean()), all_ci, notes)
+    return TopNResult(pd.DataFrame(rows), float(y.mean()), all_ci, refs, notes)
 
 
 def retrieval_table(

@@ -46,7 +46,7 @@ def _scores(hn: np.ndarray, dn: np.ndarray, cn: np.ndarray, q3: np.ndarray) -> d
         "score_teachability_entropy": hn + dl - hn * dl,
     }
     for name, v in {"compat": cn, "teachability": dl, "incompatible": di, "only": dn}.items():
-        out[f"score_q3_{name}" if name != "only" else "score_q3_only"] = np.where(q3, v, -np.inf)
+        out[f"score_q3_{name}"] = np.where(q3, v, -np.inf)
     return out
 
 
@@ -122,8 +122,10 @@ def synthetic_tokens(
     base = _topk_block(rng, d_raw, c_raw, h_raw, hn, k)
     cols.update(base)
     for kk in extra_k:
-        grow = (k / kk) ** 0.5  # a larger K covers more teacher mass and shrinks the tail of D
-        block = _topk_block(rng, d_raw * (0.9 + 0.1 * grow), 1.0 - (1.0 - c_raw) * grow, h_raw, hn, kk)
+        grow = (k / kk) ** 0.5  # a larger K covers more teacher mass (C^grow > C) and changes D a little
+        d_k = d_raw ** (0.9 + 0.1 * grow) * np.exp(rng.normal(0, 0.1, n))
+        c_k = np.clip(c_raw**grow + rng.normal(0, 0.03, n), 0.0, 1.0)
+        block = _topk_block(rng, d_k, c_k, h_raw, hn, kk)
         cols.update({f"{name}_k{kk}": v for name, v in block.items()})
     cols["score_entropy"] = hn
     cols["score_random"] = rng.uniform(size=n)

@@ -75,6 +75,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

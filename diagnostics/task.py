@@ -1,8 +1,10 @@
-"""The testbed's synthetic verifiable task: sort a list of single-token numbers.
+"""The testbed's synthetic verifiable task: sort a list of single-token words alphabetically.
 
-A problem is `sort a b c ... :` and its answer is the same numbers in ascending order followed by
-the end-of-text token. Every number is one token of a word-level vocabulary, so a response has
-`n_numbers + 1` tokens. Positions differ in difficulty: the first and last answers (min, max) are
+A problem is `sort kd ab xq ... :` and its answer is the same words in alphabetical order followed by
+the end-of-text token. Every word is one token (the testbed tokenizer is a Qwen2-style byte-level
+BPE whose merges build each two-letter word, with its leading space, into one token; Qwen's
+pre-tokenizer splits digits one by one, so numbers could not be single tokens). A response has
+`n_words + 1` tokens. Positions differ in difficulty: the first and last answers (min, max) are
 easy, the middle ones need the whole list, and a wrong earlier choice makes later ones ambiguous.
 
 `Problem` is also the shape of any verifiable prompt set (real models read a JSONL of
@@ -11,7 +13,9 @@ easy, the middle ones need the whole list, and a wrong earlier choice makes late
 
 from __future__ import annotations
 
+import itertools
 import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +23,16 @@ import numpy as np
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-UNK_TOKEN = "<|unk|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
-TASK_TOKENS = ("sort", ":")
+# every third two-letter combination, in alphabetical order: aa, ad, ag, ... (226 available)
+ALL_WORDS = ["".join(pair) for pair in itertools.product(string.ascii_lowercase, repeat=2)][::3]
+
+
+def task_words(n_words: int) -> list[str]:
+    """The task's vocabulary of `n_words` words, in sorted (alphabetical) order."""
+    if not 2 <= n_words <= len(ALL_WORDS):
+        raise ValueError(f"n_words: must be in [2, {len(ALL_WORDS)}], got {n_words}")
+    return ALL_WORDS[:n_words]
 
 
 @dataclass(frozen=True)
@@ -33,14 +44,15 @@ class Problem:
     answer: str
 
 
-def sort_problems(n: int, *, seed: int, n_numbers: int, max_value: int) -> list[Problem]:
-    """`n` sorting problems with distinct numbers drawn from [0, max_value), seeded."""
+def sort_problems(n: int, *, seed: int, n_items: int, n_words: int) -> list[Problem]:
+    """`n` problems: sort `n_items` distinct words drawn from the first `n_words` words. Seeded."""
+    words = task_words(n_words)
     rng = np.random.default_rng(seed)
     problems = []
     for i in range(n):
-        numbers = rng.choice(max_value, size=n_numbers, replace=False)
-        prompt = "sort " + " ".join(str(x) for x in numbers) + " :"
-        answer = " ".join(str(x) for x in sorted(numbers.tolist()))
+        picked = rng.choice(n_words, size=n_items, replace=False)
+        prompt = "sort " + " ".join(words[j] for j in picked) + " :"
+        answer = " ".join(words[j] for j in sorted(picked.tolist()))
         problems.append(Problem(prompt_id=i, prompt=prompt, answer=answer))
     return problems
 

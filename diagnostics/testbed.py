@@ -4,13 +4,15 @@ On a machine with no GPU and no model downloads, every command runs on this pair
 Hugging Face checkpoints (config.json, model.safetensors, tokenizer.json), so every code path, vLLM
 included, loads them exactly as it loads real Qwen models.
 
-- Task: `sort a1 .. an :` -> the numbers in ascending order, then EOS (see `diagnostics.task`).
-- Tokenizer: word level, one token per number, saved as a standard fast tokenizer (tokenizer.json).
+- Task: `sort w1 .. wn :` -> the words in alphabetical order, then EOS (see `diagnostics.task`).
+- Tokenizer: a Qwen2 byte-level BPE (Qwen's pre-tokenizer, vocab and merges in tokenizer.json)
+  whose merges make each task word one token; `AutoTokenizer` loads it as `Qwen2Tokenizer`, the
+  class it forces for every qwen2 checkpoint, exactly as for real Qwen models.
 - Teacher: wide and trained long enough to sort almost perfectly. Student: smaller and trained
   briefly, so it has room to learn. The teacher's LM head is padded to a multiple of 64 rows, as
   Qwen pads its bigger models, so the vocabulary-padding path is exercised for real.
-- Default top-K: 8. The vocabulary has ~210 tokens; top-8 is ~4% of it, a small part as top-16 is
-  of Qwen's 152k, while leaving room for both top-K sets to disagree. (K=16 would be ~8%.)
+- Default top-K: 8. The vocabulary has 244 tokens (200 of them task words); top-8 is ~3% of it, a
+  small part as top-16 is of Qwen's 152k, while leaving room for both top-K sets to disagree.
 
 A build is cached under `cache_dir/<hash of the config>`; the second call reuses it in seconds.
 Builds are written to a temporary directory and renamed, so a killed build leaves nothing half-done.
@@ -21,22 +23,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerBase
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from diagnostics.config import check, config_to_dict
 from diagnostics.evaluation import exact_match_accuracy
-from diagnostics.task import CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, TASK_TOKENS, UNK_TOKEN, Problem, sort_problems
+from diagnostics.task import CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, Problem, sort_problems, task_words
 
 # Bump when the build procedure changes, so old caches are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 # A minimal chat template so the chat-message path works on the testbed: the user turn is the prompt.
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
@@ -67,8 +72,8 @@ class TestbedConfig:
     """Config of `taopd testbed`; `configs/testbed.yaml` mirrors it key for key."""
 
     seed: int = 0
-    n_numbers: int = 8  # numbers per problem; a response is n_numbers + 1 tokens
-    max_value: int = 200  # numbers are 0 .. max_value - 1, each one token
+    n_items: int = 8  # words per problem; a response is n_items + 1 tokens
+    n_words: int = 200  # size of the task's word vocabulary, each word one token
     k: int = 8  # default top-K of this model pair
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_multiple=64))
     student: ModelSpec = field(
@@ -79,15 +84,15 @@ class TestbedConfig:
     cache_dir: str = ".cache/testbed"
 
     def __post_init__(self) -> None:
-        check(self.n_numbers >= 2, "n_numbers", f"must be >= 2, got {self.n_numbers}")
-        check(self.max_value >= max(self.n_numbers, 10), "max_value", f"must be >= max(n_numbers, 10), got {self.max_value}")
+        check(self.n_items >= 2, "n_items", f"must be >= 2, got {self.n_items}")
+        check(self.n_items <= self.n_words <= 226, "n_words", f"must be in [n_items, 226], got {self.n_words}")
         check(self.k >= 1, "k", f"must be >= 1, got {self.k}")
         check(self.eval_problems >= 1, "eval_problems", f"must be >= 1, got {self.eval_problems}")
         check(self.spread_problems >= 1, "spread_problems", f"must be >= 1, got {self.spread_problems}")
 
     @property
     def max_new_tokens(self) -> int:
-        return self.n_numbers + 1
+        return self.n_items + 1
 
     def cache_key(self) -> str:
         payload = config_to_dict(self)
@@ -103,34 +108,49 @@ HELDOUT_SEED = 7_777_777
 
 def heldout_problems(config: TestbedConfig, n: int, *, split_seed: int = 0) -> list[Problem]:
     """Held-out problems (never trained on in practice: drawn from a separate seed stream)."""
-    return sort_problems(n, seed=HELDOUT_SEED + split_seed, n_numbers=config.n_numbers, max_value=config.max_value)
+    return sort_problems(n, seed=HELDOUT_SEED + split_seed, n_items=config.n_items, n_words=config.n_words)
 
 
-def build_tokenizer(max_value: int) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: specials, task words, then one token per number."""
-    vocab_list = [EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *CHAT_TOKENS, *TASK_TOKENS] + [str(i) for i in range(max_value)]
-    backend = Tokenizer(models.WordLevel({tok: i for i, tok in enumerate(vocab_list)}, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+def build_tokenizer(n_words: int) -> Qwen2Tokenizer:
+    """A Qwen2 byte-level BPE tokenizer in which `sort`, ` :` and every ` word` are single tokens.
+
+    Vocabulary: special tokens, the byte-level characters used, then each merge result. Merges are
+    left-to-right chains (`Ġ`+`a` -> `Ġa`, `Ġa`+`b` -> `Ġab`), so every word merges completely and
+    no two chains compete. Intermediate pieces (`Ġa`) are tokens too, as in any real BPE.
+    """
+    space = "\u0120"  # byte-level BPE's visible space, `Ġ`
+    vocab: dict[str, int] = {}
+    merges: list[tuple[str, str]] = []
+    for token in (EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS, space, ":", *string.ascii_lowercase):
+        vocab.setdefault(token, len(vocab))
+    for pieces in (list("sort"), [space, ":"], *([space, *word] for word in task_words(n_words))):
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in merges:
+                merges.append((current, piece))
+            current += piece
+            vocab.setdefault(current, len(vocab))
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
+        unk_token=None,
         additional_special_tokens=list(CHAT_TOKENS),
-        clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def encode_problem(tokenizer: PreTrainedTokenizerFast, problem: Problem) -> tuple[list[int], list[int]]:
+def encode_problem(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids including EOS)."""
     prompt = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
-    response = tokenizer(problem.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # the answer continues the prompt, so its first word carries the leading space
+    response = tokenizer(" " + problem.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt, response
 
 
-def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, n_positions: int, seed: int) -> Qwen2ForCausalLM:
+def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, n_positions: int, seed: int) -> Qwen2ForCausalLM:
     rows = math.ceil(len(tokenizer) / spec.vocab_multiple) * spec.vocab_multiple
     config = Qwen2Config(
         vocab_size=rows,
@@ -152,7 +172,7 @@ def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, n_positions:
 def train_on_task(
     model: Qwen2ForCausalLM,
     spec: ModelSpec,
-    tokenizer: PreTrainedTokenizerFast,
+    tokenizer: PreTrainedTokenizerBase,
     config: TestbedConfig,
     seed: int,
     desc: str,
@@ -168,7 +188,7 @@ def train_on_task(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    problems = sort_problems(spec.train_steps * spec.batch_size, seed=seed, n_numbers=config.n_numbers, max_value=config.max_value)
+    problems = sort_problems(spec.train_steps * spec.batch_size, seed=seed, n_items=config.n_items, n_words=config.n_words)
     bar = tqdm(range(spec.train_steps), desc=desc, leave=False)
     for step in bar:
         batch = [encode_problem(tokenizer, p) for p in problems[step * spec.batch_size : (step + 1) * spec.batch_size]]
@@ -203,7 +223,7 @@ class Testbed:
         return str(self.root / "student")
 
 
-def save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+def save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -217,11 +237,13 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
     if report_path.is_file() and not force:
         return Testbed(root, config, json.loads(report_path.read_text()))
     started = time.perf_counter()
-    tmp = root.with_name(root.name + ".tmp")
+    # a private temporary directory, renamed into place at the end: a killed build leaves no
+    # half-written testbed, and two concurrent builds cannot mix files
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer = build_tokenizer(config.max_value)
-    n_positions = 2 * config.n_numbers + 3
+    tokenizer = build_tokenizer(config.n_words)
+    n_positions = 2 * config.n_items + 3
     durations = {}
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(config, role)
@@ -237,7 +259,11 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
     (tmp / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
     if force:
         shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished the same build first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return Testbed(root, config, json.loads(report_path.read_text()))
     return Testbed(root, config, report)
 
 
@@ -259,7 +285,7 @@ def measure_testbed(student_path: Path, teacher_path: Path, config: TestbedConfi
         "vocab_size": pair.vocab_size,
         "student_vocab_rows": pair.student.config.vocab_size,
         "teacher_vocab_rows": pair.teacher.config.vocab_size,
-        "response_tokens": config.n_numbers + 1,
+        "response_tokens": config.n_items + 1,
         "k": config.k,
         **spread,
     }

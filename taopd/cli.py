@@ -75,6 +75,76 @@ def cmd_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from diagnostics.config import load_config
+    from diagnostics.diagnose import DiagnoseConfig, run_diagnose
+
+    overrides = list(args.overrides)
+    if args.student or args.teacher:
+        overrides += [f"student={args.student or ''}", f"teacher={args.teacher or ''}"]
+    config = load_config(DiagnoseConfig, args.config, overrides)
+    run_dir = run_diagnose(config)
+    report_run(run_dir, n_boot=config.n_boot, seed=config.seed)
+    return 0
+
+
+def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None = None) -> dict:
+    """Summary statistics of a diagnostic run (from analysis/), printed and written to summary.json."""
+    from analysis import format_report, load_run, summarize
+    from diagnostics.files import write_json
+
+    tokens, manifest = load_run(run_dir)
+    summary = summarize(tokens, n_boot=n_boot, seed=seed, manifest=manifest)
+    group_path = Path(run_dir) / "group.parquet"
+    if group_path.is_file():
+        summary["group"] = group_summary(group_path)
+    write_json(Path(run_dir) / "summary.json", summary)
+    if json_path is not None:
+        write_json(json_path, summary)
+    console.print(format_report(summary), markup=False, highlight=False)
+    if "group" in summary:
+        table = Table(title="group variant: one update on each selector's kept set, gain over the whole bank")
+        for col in ("selector", "ratio", "kept", "mean gain (all positions)", "mean gain (kept)"):
+            table.add_column(col)
+        for row in summary["group"]:
+            table.add_row(row["selector"], f"{row['ratio']:.2f}", str(row["n_kept"]), f"{row['mean_gain_all']:+.4f}", f"{row['mean_gain_kept']:+.4f}")
+        console.print(table)
+    console.print(f"run: {run_dir}")
+    return summary
+
+
+def group_summary(path: Path) -> list[dict]:
+    import pandas as pd
+
+    group = pd.read_parquet(path)
+    rows = []
+    for (selector, ratio), part in group.groupby(["selector", "ratio"], sort=False):
+        rows.append({
+            "selector": selector, "ratio": float(ratio), "n_kept": int(part["kept"].sum()),
+            "mean_gain_all": float(part["gain"].mean()), "mean_gain_kept": float(part.loc[part["kept"], "gain"].mean()),
+        })
+    return rows
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    report_run(Path(args.run), n_boot=args.n_boot, seed=args.seed, json_path=Path(args.json) if args.json else None)
+    if args.html:
+        from analysis import load_run, write_token_view
+
+        tokens, manifest = load_run(args.run)
+        out = write_token_view(tokens, Path(args.run) / "tokens.html", run_name=manifest.get("run_name", Path(args.run).name))
+        console.print(f"token view: {out}")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from analysis import make_all_figures
+
+    paths = make_all_figures(args.results, args.out, n_boot=args.n_boot)
+    console.print(f"{len(paths)} figure files written to {args.out}")
+    return 0
+
+
 def cmd_not_built(args: argparse.Namespace) -> int:
     console.print(f"[yellow]taopd {args.command}: not built yet[/yellow]")
     return 2
@@ -92,15 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scores", help="list the registered token scores / selectors")
     p.set_defaults(func=cmd_scores)
 
-    for name, help_text in (
-        ("diagnose", "run the fixed-context diagnostic"),
-        ("train", "TA-OPD and baseline training runs"),
-        ("analyze", "statistical report of a diagnostic run"),
-        ("figures", "generate figures for all runs"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("rest", nargs="*")
-        p.set_defaults(func=cmd_not_built)
+    p = sub.add_parser("diagnose", help="run the fixed-context diagnostic and print its summary")
+    _add_config_args(p, "configs/diagnose.yaml")
+    p.add_argument("--student", help="student model dir or hub id (default: the embedded testbed)")
+    p.add_argument("--teacher", help="teacher model dir or hub id (default: the embedded testbed)")
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("analyze", help="print the full statistical report of a diagnostic run")
+    p.add_argument("run", help="a run directory, e.g. results/diagnose/single-step-1a2b3c4d")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.add_argument("--html", action="store_true", help="also write the token view (tokens.html) into the run")
+    p.add_argument("--n-boot", type=int, default=1000, help="cluster-bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("figures", help="write every figure for every run under the results directory")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--out", default="results/figures", help="output directory (default: results/figures)")
+    p.add_argument("--n-boot", type=int, default=1000, help="cluster-bootstrap resamples (default 1000)")
+    p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("train", help="TA-OPD and baseline selective OPD training runs")
+    p.add_argument("rest", nargs="*")
+    p.set_defaults(func=cmd_not_built)
     return parser
 
 

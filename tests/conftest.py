@@ -1,0 +1,31 @@
+"""Shared fixtures: the embedded testbed, built once per test session and cached under .cache/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs readable
+
+
+@pytest.fixture(scope="session")
+def small_testbed():
+    """A tiny testbed (seconds to build) for machinery tests; not for accuracy criteria."""
+    from diagnostics.config import load_config
+    from diagnostics.testbed import TestbedConfig, build_testbed
+
+    config = load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", [f"cache_dir={ROOT / '.cache/testbed'}"])
+    return build_testbed(config)
+
+
+@pytest.fixture(scope="session")
+def default_testbed():
+    """The default testbed (the pair every command uses by default); ~3 minutes cold, cached."""
+    from diagnostics.config import load_config
+    from diagnostics.testbed import TestbedConfig, build_testbed
+
+    config = load_config(TestbedConfig, ROOT / "configs/testbed.yaml", [f"cache_dir={ROOT / '.cache/testbed'}"])
+    return build_testbed(config)

@@ -1,0 +1,69 @@
+"""Config loading: YAML + overrides, errors that name the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diagnostics.config import ConfigError, load_config
+from diagnostics.testbed import TestbedConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_yaml_mirrors_dataclass_defaults():
+    config = load_config(TestbedConfig, ROOT / "configs/testbed.yaml")
+    assert config == TestbedConfig()
+
+
+def test_overrides_apply_nested_and_typed():
+    config = load_config(TestbedConfig, ROOT / "configs/testbed.yaml", ["teacher.train_steps=7", "k=16", "student.lr=1e-2"])
+    assert config.teacher.train_steps == 7 and config.k == 16 and config.student.lr == 0.01
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, "seed: 1\nbogus: 3\n")
+    with pytest.raises(ConfigError, match=r"bogus.*unknown key.*cfg\.yaml"):
+        load_config(TestbedConfig, path)
+
+
+def test_unknown_nested_key(tmp_path):
+    path = write(tmp_path, "teacher: {layers: 3}\n")
+    with pytest.raises(ConfigError, match=r"teacher\.layers: unknown key"):
+        load_config(TestbedConfig, path)
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    path = write(tmp_path, "k: eight\n")
+    with pytest.raises(ConfigError, match=r"k: expected an integer.*'eight'.*cfg\.yaml"):
+        load_config(TestbedConfig, path)
+
+
+def test_bool_is_not_an_int(tmp_path):
+    with pytest.raises(ConfigError, match=r"seed: expected an integer"):
+        load_config(TestbedConfig, write(tmp_path, "seed: true\n"))
+
+
+def test_out_of_range_names_key_and_file(tmp_path):
+    path = write(tmp_path, "student: {lr: -1.0}\n")
+    with pytest.raises(ConfigError, match=r"student\.lr: must be > 0.*cfg\.yaml"):
+        load_config(TestbedConfig, path)
+
+
+def test_override_out_of_range_says_overrides():
+    with pytest.raises(ConfigError, match=r"k: must be >= 1.*overrides"):
+        load_config(TestbedConfig, ROOT / "configs/testbed.yaml", ["k=0"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(TestbedConfig, None, ["k"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TestbedConfig, tmp_path / "nope.yaml")

@@ -1,0 +1,66 @@
+"""The embedded testbed: build, cache, determinism, and the criteria the project relies on."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from diagnostics.config import load_config
+from diagnostics.models import check_pair
+from diagnostics.testbed import TestbedConfig, build_testbed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def small_config(cache_dir) -> TestbedConfig:
+    return load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", [f"cache_dir={cache_dir}"])
+
+
+def test_small_build_is_standard_hf_checkpoints(small_testbed):
+    for path in (small_testbed.student_path, small_testbed.teacher_path):
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (Path(path) / name).is_file(), name
+    check_pair(small_testbed.student_path, small_testbed.teacher_path)
+
+
+@pytest.mark.slow
+def test_cache_reuse_force_and_bit_identical_rebuild(tmp_path):
+    config = small_config(tmp_path / "a")
+    first = build_testbed(config)
+    t0 = time.perf_counter()
+    again = build_testbed(config)
+    assert time.perf_counter() - t0 < 5 and again.root == first.root and again.report == first.report
+    weights_before = load_file(Path(first.student_path) / "model.safetensors")
+    rebuilt = build_testbed(config, force=True)
+    other_dir = build_testbed(small_config(tmp_path / "b"))
+    for candidate in (rebuilt, other_dir):
+        for role in ("student", "teacher"):
+            a = load_file(Path(getattr(first, f"{role}_path")) / "model.safetensors")
+            b = load_file(Path(getattr(candidate, f"{role}_path")) / "model.safetensors")
+            assert a.keys() == b.keys()
+            assert all(a[k].equal(b[k]) for k in a), f"{role} weights differ between two builds with one seed"
+    del weights_before
+    assert not list(Path(tmp_path / "a").glob("*.tmp-*")), "temporary build directory left behind"
+
+
+def test_cache_key_changes_with_config(tmp_path):
+    a = small_config(tmp_path)
+    b = load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", [f"cache_dir={tmp_path}", "seed=1"])
+    c = load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", ["cache_dir=/elsewhere"])
+    assert a.cache_key() != b.cache_key()
+    assert a.cache_key() == c.cache_key()  # where the cache lives is not part of what is built
+
+
+@pytest.mark.slow
+def test_default_testbed_meets_the_criteria(default_testbed):
+    report = default_testbed.report
+    assert report["vocab_size"] >= 200
+    assert report["response_tokens"] >= 8
+    assert report["teacher_acc_greedy"] >= 0.90, report
+    assert 0.10 <= report["student_acc_greedy"] <= 0.60, report
+    # learnable and incompatible disagreement side by side among the high-D positions
+    assert report["c_top20d_range"] >= 0.3, report
+    assert report["k"] < report["vocab_size"] / 10
