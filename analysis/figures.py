@@ -43,7 +43,6 @@ HOUSE_RC: dict[str, Any] = {
     **sns.axes_style("whitegrid"),
     "figure.dpi": 110,
     "savefig.dpi": 150,
-    "savefig.bbox": "tight",
     "font.size": 9,
     "axes.titlesize": 10,
     "axes.labelsize": 9,
@@ -60,6 +59,7 @@ HOUSE_RC: dict[str, Any] = {
 GAIN_CMAP = "RdBu"  # diverging, centred at 0: red = gain < 0, blue = gain > 0
 SCORE_CMAP = "viridis"  # sequential, for non-negative scores
 GAIN_LABEL = "gain G (nats)"
+MISSING_COLOR = "#bdbdbd"  # grid cells without tokens
 FIGURE_FORMATS: tuple[str, ...] = ("png", "pdf")
 
 F = TypeVar("F", bound=Callable[..., Figure])
@@ -88,6 +88,11 @@ def selector_colors(names: Sequence[str]) -> dict[str, Any]:
     extra = sorted(n for n in names if n not in SELECTOR_COLORS)
     palette = sns.color_palette("Set2", max(len(extra), 1))
     return {n: SELECTOR_COLORS.get(n, palette[extra.index(n)] if n in extra else "grey") for n in names}
+
+
+def cmap_with_missing(name: str) -> mpl.colors.Colormap:
+    """The named colormap with empty cells (NaN) drawn grey, so "no tokens" never reads as "gain 0"."""
+    return mpl.colormaps[name].with_extremes(bad=MISSING_COLOR)
 
 
 def gain_norm(values: np.ndarray) -> Normalize:
@@ -145,12 +150,13 @@ def plot_gain_heatmap(df: pd.DataFrame, *, outcome: str = "gain", bins: int = 10
     grid = _grid_mean(_percentile(v["D^I"]), _percentile(v["D^L"]), df[outcome].to_numpy(np.float64), bins)
     fig = Figure(figsize=(5.2, 4.4))
     ax = fig.add_subplot()
-    im = ax.imshow(grid, origin="lower", extent=(0, 100, 0, 100), cmap=GAIN_CMAP, norm=gain_norm(grid), aspect="auto")
+    im = ax.imshow(grid, origin="lower", extent=(0, 100, 0, 100), cmap=cmap_with_missing(GAIN_CMAP), norm=gain_norm(grid),
+                   aspect="auto")
     fig.colorbar(im, ax=ax, label=f"mean {GAIN_LABEL}")
     ax.set_xlabel("incompatible disagreement D^I percentile (%)")
     ax.set_ylabel("learnable disagreement D^L percentile (%)")
     ax.grid(False)
-    fig.suptitle(f"{_run_name(df, run_name)}: gain over D^L x D^I")
+    fig.suptitle(f"{_run_name(df, run_name)}: gain over D^L x D^I (grey: no tokens)")
     return fig
 
 
@@ -166,7 +172,8 @@ def plot_quadrant_scores(df: pd.DataFrame, *, bins: int = 10, run_name: str | No
     fig = Figure(figsize=(9.5, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (name, grid) in zip(axes, grids.items()):
-        im = ax.imshow(grid, origin="lower", extent=(0, 100, 0, 100), cmap=SCORE_CMAP, vmin=0.0, vmax=vmax, aspect="auto")
+        im = ax.imshow(grid, origin="lower", extent=(0, 100, 0, 100), cmap=cmap_with_missing(SCORE_CMAP), vmin=0.0,
+                       vmax=vmax, aspect="auto")
         ax.add_patch(Rectangle((0, 50), 50, 50, fill=False, edgecolor="white", linewidth=2.0, linestyle="--"))
         ax.text(25, 96, "Q3", color="white", ha="center", va="top", fontsize=9, fontweight="bold")
         ax.set_title(f"mean {name}")
@@ -273,7 +280,8 @@ def plot_bucket_curves(buckets: pd.DataFrame, residuals: pd.DataFrame | None = N
             ax.fill_between(g["bucket"], g["ci_low"], g["ci_high"], color=colors.get(name), alpha=0.15)
         ax.axhline(0, color="black", linewidth=0.8)
         n_b = int(t["bucket"].max()) if len(t) else 0
-        ax.set_xlabel(f"bucket of the variable ({'quartile' if n_b == 4 else 'decile' if n_b == 10 else f'{n_b}-tile'}, 1 = lowest)")
+        kind = {4: "quartile", 10: "decile"}.get(n_b, f"{n_b}-tile")
+        ax.set_xlabel(f"bucket of the variable ({kind}, 1 = lowest)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend()
@@ -446,7 +454,9 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path, *, n_boot: in
         paths += p
         gaps.update({f"{name} K={k}": g for k, g in gap_by_k.items()})
     if gaps:
-        paths += save_figure(plot_support_gaps(gaps), out_dir, "support_gap_by_run")
+        runs = sorted({label.rsplit(" K=", 1)[0] for label in gaps})
+        paths += save_figure(plot_support_gaps(gaps, title=f"Q3 support gap by run: {', '.join(runs)}"),
+                             out_dir, "support_gap_by_run")
     for run in find_runs(results_dir, "train"):
         try:
             metrics, comparison, manifest = load_train_run(run)

@@ -86,21 +86,6 @@ def _rank_corr(r_a: np.ndarray, r_b: np.ndarray, w: np.ndarray, var_b: np.ndarra
         return cov / np.sqrt(var_a * var_b)
 
 
-def _weighted_corr_matrix(cols: list[np.ndarray], w: np.ndarray) -> np.ndarray:
-    """[b, m, m] weighted Pearson correlations of m variables, each [b, n], with weights w [b, n]."""
-    sw = w.sum(axis=1)  # [b]
-    centred = [c - np.einsum("bi,bi->b", w, c)[:, None] / sw[:, None] for c in cols]
-    m = len(cols)
-    cov = np.empty((w.shape[0], m, m))
-    for i in range(m):
-        wc = w * centred[i]
-        for j in range(i, m):
-            cov[:, i, j] = cov[:, j, i] = np.einsum("bi,bi->b", wc, centred[j])
-    sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return cov / (sd[:, :, None] * sd[:, None, :])
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman's rho (average ranks); NaN when either variable is constant."""
     if np.ptp(x) == 0 or np.ptp(y) == 0:
@@ -160,8 +145,17 @@ def bootstrap_partial_spearman(
     step = max(1, _CHUNK_ELEMS // max(x.size, 1))
     for lo in range(0, len(weights), step):
         w = token_weights(clusters, weights[lo : lo + step])
-        r = _weighted_corr_matrix([weighted_ranks(p, w) for p in plans], w)
-        out[lo : lo + step] = partial_from_corr(r)
+        # Centre each average rank on the known weighted mean (S + 1) / 2, then weighted cross-products.
+        half = (w.sum(axis=1, keepdims=True) + 1.0) / 2.0
+        c = [weighted_ranks(p, w) - half for p in plans]
+        wc = [w * ci for ci in c]
+        cov = np.empty((w.shape[0], 3, 3))
+        for i in range(3):
+            for j in range(i, 3):
+                cov[:, i, j] = cov[:, j, i] = np.einsum("bi,bi->b", wc[i], c[j])
+        sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[lo : lo + step] = partial_from_corr(cov / (sd[:, :, None] * sd[:, None, :]))
     return out
 
 

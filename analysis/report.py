@@ -8,6 +8,29 @@ two, so no statistic is computed in two places.
 The verdict is assembled from `checks(summary)`: each check states a claim of the paper, the
 numbers that decide it on THIS run, and whether they do (passed True/False; None when undecidable).
 A check passes only when a bootstrap interval excludes zero in the claimed direction.
+
+Summary keys (every interval is a 95% prompt-cluster bootstrap percentile pair [low, high]):
+    schema          "taopd.analysis.summary/1"
+    run             run_name, k, extra_k, synthetic, outcome, n_rows, n_tokens, n_dropped_nonfinite_outcome,
+                    n_clusters, cluster_column, n_boot, kendall_n_boot, seed, ratios
+    notes           list of plain-English messages (dropped rows, missing CIs, constant scores, skipped sections)
+    correlations    score -> spearman, spearman_ci_low/high, kendall, kendall_ci_low/high,
+                    spearman_minus_ref, diff_ci_low/high (paired difference to `correlation_reference`)
+    correlation_reference  "kl" (raw KL), or null when absent
+    partial_compat_given_disagreement  value, ci, x, given (partial Spearman of G with C~ given D~)
+    ols             beta_L, beta_L_ci, beta_I, beta_I_ci, gap, gap_ci, r2_base, r2_decomposed, r2_controls,
+                    incremental_r2, incremental_r2_ci, base/decomposed: feature -> coef, ci, cluster_se; n, n_boot
+    ols_by_k        "K" -> beta_L, beta_L_ci, beta_I, beta_I_ci, gap, gap_ci (base K and each extra K)
+    support_gap     gap, ci, mean_high, mean_low, n_high, n_low      (Q3 support gap, nats)
+    support_gap_by_k  "K" -> the same
+    matched_gap     the same fields for the within-prompt matched gap
+    mean_gain_all   value, ci (mean G over all tokens: the 'full' baseline)
+    top_n           records: selector, ratio, n_tokens, n_keep, n_kept, mean_gain, ci_low, ci_high, gain_per_keep,
+                    minus_<R>, minus_<R>_ci_low/high for R in `top_n_references`
+    top_n_references  ["kl", "random"] (those present)
+    retrieval       records: selector, ratio, n_keep, auroc, precision
+    checks          records: name, claim, value, ci, passed (true/false/null), detail
+    verdict         one paragraph stating what this run found
 """
 
 from __future__ import annotations
@@ -114,7 +137,8 @@ def per_k_stats(
         o = o or _section(notes, f"OLS K={k}", lambda: fit_teachability_ols(view, **kw))
         g = g or _section(notes, f"support gap K={k}", lambda: support_gap(view, **kw))
         if o is not None:
-            ols_by_k[str(k)] = _json({key: _ols_dict(o)[key] for key in ("beta_L", "beta_L_ci", "beta_I", "beta_I_ci", "gap", "gap_ci")})
+            full = _ols_dict(o)
+            ols_by_k[str(k)] = _json({key: full[key] for key in ("beta_L", "beta_L_ci", "beta_I", "beta_I_ci", "gap", "gap_ci")})
         if g is not None:
             gap_by_k[str(k)] = _json(_gap_dict(g))
     return ols_by_k, gap_by_k
@@ -130,7 +154,7 @@ def summarize(
     kendall_n_boot: int = DEFAULT_KENDALL_N_BOOT,
     manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """All token-level statistics of one diagnostic table as a JSON-serialisable dict (keys in the README of `analysis`).
+    """All token-level statistics of one diagnostic table as a JSON-serialisable dict (keys: module docstring).
 
     Raises ValueError when columns are missing (naming them) or no row has a finite outcome; any other
     problem (a single cluster, constant scores, NaN gains, a failing section) is reported in ``notes``
@@ -148,7 +172,7 @@ def summarize(
     kw = dict(outcome=outcome, n_boot=n_boot, seed=seed)
 
     corr = _section(notes, "correlations", lambda: correlation_table(
-        df, reference=REFERENCE, kendall_n_boot=kendall_n_boot, **kw))
+        df, reference=REFERENCE, kendall_n_boot=kendall_n_boot, kendall_scores=REPORT_SCORES, **kw))
     partial = _section(notes, "partial correlation", lambda: partial_correlation(df, **kw))
     ols = _section(notes, "OLS", lambda: fit_teachability_ols(df, **kw))
     sgap = _section(notes, "support gap", lambda: support_gap(df, **kw))
@@ -254,7 +278,8 @@ def checks(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         if g:
             add(f"{key}_positive", claim, g.get("gap"), g.get("ci"), _excludes_zero_above(g.get("ci")),
                 f"{key.replace('_', ' ')} {_fmt(g.get('gap'), 4)} nats {_fmt_ci(g.get('ci'), 4)} "
-                f"(high {_fmt(g.get('mean_high'), 4)}, n={g.get('n_high')}; low {_fmt(g.get('mean_low'), 4)}, n={g.get('n_low')})")
+                f"(high {_fmt(g.get('mean_high'), 4)}, n={g.get('n_high')}; "
+                f"low {_fmt(g.get('mean_low'), 4)}, n={g.get('n_low')})")
     p = summary.get("partial_compat_given_disagreement")
     if p:
         add("partial_compat_positive", "C carries information about G beyond D (partial Spearman)",

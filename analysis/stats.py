@@ -19,6 +19,7 @@ Every function drops rows with a non-finite outcome and says so in its ``notes``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,6 @@ from analysis.bootstrap import (
     bootstrap_mean_diff,
     can_bootstrap,
     clusters_of,
-    percentile_ci,
     resample_weights,
 )
 from analysis.io import require_columns, score_columns
@@ -279,13 +279,15 @@ def correlation_table(
     reference: str | None = "kl",
     n_boot: int = DEFAULT_N_BOOT,
     kendall_n_boot: int = DEFAULT_KENDALL_N_BOOT,
+    kendall_scores: Sequence[str] | None = None,
     seed: int = 0,
 ) -> CorrelationResult:
     """Spearman and Kendall of each score with `outcome`, cluster-bootstrap CIs, paired difference to `reference`.
 
     `scores` maps selector name -> column (default: every ``score_*`` column). A constant score gets NaN
     correlations and a note; rows where a score is NaN are left out of that score's correlations (noted).
-    Spearman CIs use `n_boot` resamples, Kendall CIs `kendall_n_boot` (each resample is a scipy call).
+    Spearman CIs use `n_boot` resamples, Kendall CIs `kendall_n_boot` (each resample is a scipy call, so
+    they are limited to `kendall_scores` when given; the others get a Kendall point estimate only).
     """
     df, notes = finite_outcome(df, outcome)
     scores = score_columns(df) if scores is None else scores
@@ -315,11 +317,14 @@ def correlation_table(
             sub = Clusters(clusters.codes[keep], clusters.n_clusters, clusters.column)
             group = {n: vals[n][keep] for n in names}
             sp_boot.update(bootstrap_spearman(y[keep], group, sub, W))
-            if Wk is not None:
-                kd_boot.update(bootstrap_kendall(y[keep], group, sub, Wk))
+            k_group = {n: v for n, v in group.items() if kendall_scores is None or n in kendall_scores}
+            if Wk is not None and k_group:
+                kd_boot.update(bootstrap_kendall(y[keep], k_group, sub, Wk))
 
+    if Wk is not None and kendall_scores is not None:
+        notes.append(f"correlations: Kendall CIs ({kendall_n_boot} resamples) for {sorted(kd_boot)} only")
     rows = []
-    ref_ok = reference in usable and reference in sp_boot
+    ref_ok = reference is not None and reference in usable
     if reference is not None and reference not in usable:
         notes.append(f"correlations: reference score {reference!r} absent or unusable; no paired differences")
     for name in scores:
@@ -333,7 +338,8 @@ def correlation_table(
         else:
             for k in ("spearman", "spearman_ci_low", "spearman_ci_high", "kendall", "kendall_ci_low", "kendall_ci_high"):
                 row[k] = float("nan")
-        paired = ref_ok and name in sp_boot and usable[name].tobytes() == usable[reference].tobytes()
+        paired = (ref_ok and name in sp_boot and reference in sp_boot
+                  and usable[name].tobytes() == usable[reference].tobytes())
         if ref_ok and name in usable:
             row["spearman_minus_ref"] = row["spearman"] - spearman(vals[reference][usable[reference]], y[usable[reference]])
         else:

@@ -34,18 +34,22 @@ def robust_norm(z: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return np.clip((z - q05) / (q95 - q05 + eps), 0.0, 1.0)
 
 
-def _scores(hn: np.ndarray, dn: np.ndarray, cn: np.ndarray, q3: np.ndarray) -> dict[str, np.ndarray]:
-    """The K-dependent selector scores of spec section 2 (entropy/random/full are added separately)."""
+def _scores(rng: np.random.Generator, hn: np.ndarray, dn: np.ndarray, cn: np.ndarray, q3: np.ndarray) -> dict[str, np.ndarray]:
+    """Every registered selector score of spec section 2 (as the diagnostic writes them, per K)."""
     dl, di = dn * cn, dn * (1.0 - cn)
     out = {
+        "score_full": np.ones_like(hn),
+        "score_random": rng.uniform(size=hn.size),
+        "score_entropy": hn,
+        "score_kl": dn,
+        "score_compat": cn,
         "score_teachability": dl,
         "score_incompatible": di,
-        "score_kl": dn,
         "score_tip": hn + dn - hn * dn,
-        "score_compat": cn,
         "score_teachability_entropy": hn + dl - hn * dl,
     }
-    for name, v in {"compat": cn, "teachability": dl, "incompatible": di, "only": dn}.items():
+    # Q3 variants: -inf outside Q3; Q3-only is uniform random inside Q3 (the paper's selector).
+    for name, v in {"compat": cn, "teachability": dl, "incompatible": di, "only": rng.uniform(size=hn.size)}.items():
         out[f"score_q3_{name}"] = np.where(q3, v, -np.inf)
     return out
 
@@ -67,11 +71,12 @@ def _topk_block(rng: np.random.Generator, d_raw: np.ndarray, c_raw: np.ndarray, 
         "teacher_top1_in_student_topk": (rng.uniform(size=n) < c_raw).astype(np.float64),
         "student_entropy_topk": np.minimum(h_raw, np.log(k)) / np.log(k),
         "sampled_in_student_topk": (rng.uniform(size=n) < 0.9 + 0.01 * np.log2(k)).astype(np.float64),
+        "norm_entropy": hn,
         "norm_disagreement": dn,
         "norm_compat": cn,
         "q3": q3,
     }
-    block.update(_scores(hn, dn, cn, q3))
+    block.update(_scores(rng, hn, dn, cn, q3))
     return block
 
 
@@ -116,7 +121,7 @@ def synthetic_tokens(
         "seq_id": seq_id, "prompt_id": prompt_id, "pos": pos, "resp_len": resp_len, "rel_pos": pos / resp_len,
         "token_id": rng.integers(0, len(_WORDS), n),
         "student_entropy": h_raw, "teacher_entropy": ht_raw, "kl_forward": kl_f, "kl_reverse": kl_r,
-        "norm_entropy": hn, "norm_teacher_entropy": htn,
+        "norm_teacher_entropy": htn,
     }
     cols["token"] = np.asarray(_WORDS, dtype=object)[cols["token_id"]]
     base = _topk_block(rng, d_raw, c_raw, h_raw, hn, k)
@@ -127,9 +132,6 @@ def synthetic_tokens(
         c_k = np.clip(c_raw**grow + rng.normal(0, 0.03, n), 0.0, 1.0)
         block = _topk_block(rng, d_k, c_k, h_raw, hn, kk)
         cols.update({f"{name}_k{kk}": v for name, v in block.items()})
-    cols["score_entropy"] = hn
-    cols["score_random"] = rng.uniform(size=n)
-    cols["score_full"] = np.ones(n)
 
     dl, di = base["score_teachability"], base["score_incompatible"]
     u = rng.normal(0, prompt_sd, n_prompts)[prompt_id]

@@ -65,9 +65,26 @@ def _fmt(v: float) -> str:
     return "n/a" if np.isnan(v) else ("-inf" if v == -np.inf else f"{v:.4g}")
 
 
+# Tokenizer-internal whitespace marks (byte-level BPE "Ġ"/"Ċ"/"ĉ", SentencePiece "▁") shown as the text they stand for.
+_WHITESPACE_MARKS = str.maketrans({"\u0120": " ", "\u2581": " ", "\u010a": "\n", "\u0109": "\t"})
+
+
 def _token_text(tok: str) -> str:
-    """Escaped token text; newlines shown as a visible mark followed by a line break."""
-    return html.escape(tok).replace("\n", "\u21b5\n") if tok else "\u00b7"
+    """Escaped display text of a token; newlines shown as a visible mark followed by a line break."""
+    text = tok.translate(_WHITESPACE_MARKS)
+    return html.escape(text).replace("\n", "\u21b5\n") if text else "\u00b7"
+
+
+def _sample_sequences(seq: np.ndarray, kept: np.ndarray, n_seqs: int, seed: int) -> np.ndarray:
+    """Sorted seq_ids: uniform draws, up to half of them among responses holding a kept position."""
+    rng = np.random.default_rng(seed)
+    all_ids = np.unique(seq)
+    with_kept = np.unique(seq[kept])
+    n = min(n_seqs, all_ids.size)
+    k = min(max(n // 2, 1), with_kept.size) if n else 0
+    first = rng.choice(with_kept, size=k, replace=False) if k else np.empty(0, dtype=all_ids.dtype)
+    rest = np.setdiff1d(all_ids, first)
+    return np.sort(np.concatenate([first, rng.choice(rest, size=n - k, replace=False)]))
 
 
 def write_token_view(
@@ -86,7 +103,8 @@ def write_token_view(
     `score` is the column shading the tokens (any numeric column: a ``score_*`` column, ``gain``, ...);
     a column in `SIGNED_COLUMNS` or with values of both signs gets the diverging scale centred at 0.
     `selector` names the ``score_<selector>`` whose exact top-N at `ratio` over the whole table is marked.
-    Sequences are sampled uniformly with `seed` and shown in seq_id order.
+    Responses are drawn with `seed` (up to half among those holding a kept position, so the marks are
+    visible) and shown in seq_id order.
     """
     sel_col = f"score_{selector}"
     require_columns(df, ["seq_id", "pos", score, sel_col], "token view")
@@ -105,8 +123,7 @@ def write_token_view(
               else df.get("token_id", pd.Series(["?"] * len(df))).astype(str)).to_numpy()
 
     seq_ids = df["seq_id"].unique()
-    rng = np.random.default_rng(seed)
-    shown = np.sort(rng.choice(seq_ids, size=min(n_seqs, seq_ids.size), replace=False))
+    shown = _sample_sequences(df["seq_id"].to_numpy(), kept, n_seqs, seed)
     starts = np.searchsorted(df["seq_id"].to_numpy(), shown, side="left")
     ends = np.searchsorted(df["seq_id"].to_numpy(), shown, side="right")
 
@@ -141,7 +158,8 @@ def write_token_view(
     legend = (
         f'<div class="legend"><div><div class="bar" style="background:linear-gradient(to right, {stops})"></div>'
         f'<div class="ticks"><span>{_fmt(float(lo))}</span><span>{_fmt(float(mid))}</span><span>{_fmt(float(hi))}</span></div>'
-        f'<div>{html.escape(score)}{unit}{" (diverging, centred at 0)" if signed else ""}; colours clipped to the 1st-99th percentile</div></div>'
+        f'<div>{html.escape(score)}{unit}{" (diverging, centred at 0)" if signed else ""}; '
+        "colours clipped to the 1st-99th percentile</div></div>"
         f'<div><span class="t kept sample">kept</span> = in the top {n_keep(len(df), ratio)} of {len(df)} positions by '
         f'{html.escape(sel_col)} ({ratio:.0%}, whole table)</div>'
         f'<div><span class="t nc sample">hatched</span> = no value (not a candidate)</div></div>'
@@ -150,7 +168,8 @@ def write_token_view(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(run_name)}: token view</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(run_name)}: token view</h1>"
-        f'<div class="meta">{len(shown)} of {seq_ids.size} responses sampled (seed {seed}); {n_kept_shown} kept positions shown. '
+        f'<div class="meta">{len(shown)} of {seq_ids.size} responses sampled (seed {seed}; up to half among responses '
+        f'with kept positions); {n_kept_shown} kept positions shown. '
         "Hover a token for its position, values and selection.</div>"
         f"{legend}{''.join(blocks)}</body></html>"
     )

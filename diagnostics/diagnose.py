@@ -56,7 +56,7 @@ class DiagnoseConfig:
     mode: Literal["single-step", "checkpoint", "first-order"] = "single-step"
     loss: Literal["reverse_kl", "sampled"] = "reverse_kl"
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.1
+    lr: float = 1e-5  # small-step regime: first-order estimate and measured gain agree on the testbed
     k: int = 0  # top-K of the signals; 0 = the pair's default (testbed: its k; real models: 16)
     extra_k: list[int] = field(default_factory=list)  # more K values, columns suffixed _k{K}
     group_selectors: list[str] = field(default_factory=lambda: ["teachability", "incompatible", "kl", "entropy", "tip", "random"])

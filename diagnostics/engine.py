@@ -219,6 +219,19 @@ def single_step_vmap(
     and gain_first_order when `first_order`.
     """
     device = next(model.parameters()).device
+    # sdpa has no batching rule under vmap and falls back to a slow per-sample loop; eager
+    # attention is the same math and vectorises (restored afterwards)
+    previous_attn = getattr(model.config, "_attn_implementation", None)
+    if previous_attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    try:
+        return _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_order, memory_budget_bytes, device)
+    finally:
+        if previous_attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(previous_attn)
+
+
+def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_order, memory_budget_bytes, device):
     params = _detached_params(model)
     horizon = bank.valid.shape[1]
     chunk = _chunk_size(model, horizon, memory_budget_bytes)

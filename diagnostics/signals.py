@@ -22,9 +22,9 @@ Conventions shared by all functions (each is tested against a float64 reference)
 * Masking: -inf logits (log-probs) are allowed and mean probability 0. 0 * log 0 is 0 everywhere,
   KL terms where the first argument has probability 0 contribute 0, and KL(P || Q) is +inf when P
   puts mass where Q has none (mathematically right, not an error). NaN, +inf and all -inf rows raise.
-* Simplifications: no autograd (signals are diagnostics; callers wrap in ``torch.no_grad`` if they
-  wish), float32 throughout, and KL-type outputs are floored at 0 to drop float32 rounding (Gibbs'
-  inequality says they are >= 0; inputs themselves are never clamped).
+* Simplifications: no autograd (signals are diagnostics; ``token_signals`` runs under
+  ``torch.no_grad``), float32 throughout, and entropies and KL-type outputs are floored at 0 to
+  drop float32 rounding (they are >= 0 mathematically; inputs themselves are never clamped).
 """
 
 from __future__ import annotations
@@ -118,7 +118,12 @@ def _check_ids(ids: Tensor, name: str, shape: tuple[int, ...], vocab: int | None
     if out.any():
         pos = _first_index(out)
         bound = ">= 0" if vocab is None else f"in [0, {vocab})"
-        raise ValueError(f"{name} must be {bound}: value {int(ids[pos])} at position {list(pos)}")
+        raise ValueError(f"{name} must be {bound}: value {int(ids[pos])} at {_where(pos)}")
+
+
+def _where(pos: tuple[int, ...]) -> str:
+    """'row r, column c' for a 2-D position, 'position [i, ...]' otherwise."""
+    return f"row {pos[0]}, column {pos[1]}" if len(pos) == 2 else f"position {list(pos)}"
 
 
 def _check_float(x: Tensor, name: str, shape: tuple[int, ...] | None = None) -> None:
@@ -130,7 +135,7 @@ def _check_float(x: Tensor, name: str, shape: tuple[int, ...] | None = None) -> 
     bad = torch.isnan(x) | torch.isposinf(x)
     if bad.any():
         pos = _first_index(bad)
-        raise ValueError(f"{name} has {float(x[pos])} at position {list(pos)}")
+        raise ValueError(f"{name} has {'NaN' if torch.isnan(x[pos]) else '+inf'} at {_where(pos)}")
 
 
 def _check_k(k: int) -> None:
@@ -385,17 +390,14 @@ def _chunk_pass(
     top = _own_topk_moments(e_at, d_at, ids.shape[2])
     e.scatter_(2, ids, 0.0)
     g = torch.bmm(e, d.transpose(1, 2)) + top  # [c, 2, 2]
-    masked = ~torch.isfinite(g.sum(dim=(1, 2)))
-    if masked.any():
-        # -inf logits: 0 * -inf = NaN above. Masked tokens have p = 0, so use d = 0 there
-        # (0 log 0 = 0) on copies of those rows, and recompute both parts.
-        idx = masked.nonzero()[:, 0]
-        d0, d0_at = d[idx].nan_to_num_(neginf=0.0), d_at[idx].nan_to_num_(neginf=0.0)
-        top0 = _own_topk_moments(e_at[idx], d0_at, ids.shape[2])
-        g[idx] = torch.bmm(e[idx], d0.transpose(1, 2)) + top0
+    if not torch.isfinite(g).all():
+        # -inf logits: 0 * -inf = NaN above. Masked tokens have p = 0, so set d = 0 there
+        # (0 log 0 = 0; d is no longer needed as log-probs) and recompute the chunk's moments.
+        d.nan_to_num_(nan=0.0, neginf=0.0)
+        g = torch.bmm(e, d.transpose(1, 2)) + _own_topk_moments(e_at, d_at.nan_to_num_(neginf=0.0), ids.shape[2])
         # KL(P||Q) = +inf where P > 0 on a token Q masks: invisible to the sums, visible here.
-        ms, mt = s[idx] == NEG_INF, t[idx] == NEG_INF
-        out.kl_inf[rows][idx] = torch.stack([(ms & ~mt).any(dim=1), (mt & ~ms).any(dim=1)], dim=1)
+        ms, mt = s == NEG_INF, t == NEG_INF
+        out.kl_inf[rows] = torch.stack([(ms & ~mt).any(dim=1), (mt & ~ms).any(dim=1)], dim=1)
     out.moments[rows] = g / z[:, :, None]  # E_{p_a}[d_b]
     out.log_z[rows], out.ids[rows] = log_z, ids
 
@@ -500,6 +502,11 @@ def _check_topk_side(ids: Tensor, logprobs: Tensor, side: str, shape: tuple[int,
     if dup.any():
         r, j = _first_index(dup)
         raise ValueError(f"{side}_topk_ids row {r} repeats token id {int(sorted_ids[r, j])}")
+    positive = logprobs > 1e-4  # log-probs are <= 0; larger values are logits or a bug upstream
+    if positive.any():
+        pos = _first_index(positive)
+        raise ValueError(f"{side}_topk_logprobs has {float(logprobs[pos]):.4g} > 0 at {_where(pos)} "
+                         "(expected log-probabilities)")
     all_masked = torch.isneginf(logprobs).all(dim=1)
     if all_masked.any():
         raise ValueError(f"{side}_topk_logprobs row {_first_index(all_masked)[0]} is all -inf")
@@ -662,6 +669,9 @@ def register_score(
     unknown = [n for n in needs if n not in _NORMALISED]
     if unknown:
         raise ValueError(f"score {name!r} needs unknown signals {unknown}; known: {list(_NORMALISED)}")
+
+    if name == "q3":
+        raise ValueError('"q3" is reserved: selection_scores returns the Q3 mask under that key')
 
     def decorator(fn: ScoreFn) -> ScoreFn:
         if name in _SCORES:

@@ -11,7 +11,7 @@ included, loads them exactly as it loads real Qwen models.
 - Teacher: wide and trained long enough to sort almost perfectly. Student: smaller and trained
   briefly, so it has room to learn. The teacher's LM head is padded to a multiple of 64 rows, as
   Qwen pads its bigger models, so the vocabulary-padding path is exercised for real.
-- Default top-K: 8. The vocabulary has 244 tokens (200 of them task words); top-8 is ~3% of it, a
+- Default top-K: 8. The tokenizer has 259 tokens (200 of them task words); top-8 is ~3% of it, a
   small part as top-16 is of Qwen's 152k, while leaving room for both top-K sets to disagree.
 
 A build is cached under `cache_dir/<hash of the config>`; the second call reuses it in seconds.

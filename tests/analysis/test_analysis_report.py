@@ -97,6 +97,8 @@ def test_bad_input(small_tokens):
     assert any("single cluster" in n for n in s["notes"])
     assert s["ols"]["beta_L"] is not None and s["ols"]["gap_ci"] == [None, None]
     assert s["support_gap"]["ci"] == [None, None]
+    t = s["correlations"]["teachability"]
+    assert t["spearman_minus_ref"] is not None and t["diff_ci_low"] is None  # point difference, no interval
     assert all(c["passed"] is None for c in s["checks"])
     json.dumps(s, allow_nan=False)
     const = summarize(small_tokens.assign(score_tip=0.3), n_boot=20, kendall_n_boot=0)

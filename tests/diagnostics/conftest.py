@@ -1,0 +1,59 @@
+"""Fixtures shared by the rollout, store and scoring tests.
+
+`vllm_testbed` is the small testbed with one attention head per model, so that both head sizes
+(32) are among those vLLM's CPU attention supports (the small testbed's own 8 and 16 are not).
+The student's and teacher's vocabularies still differ in LM-head rows (37 vs 48), so the padding
+path is exercised. `vllm_rollouts` starts the process's vLLM engine once per session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_TESTBED_OVERRIDES = [
+    "student.hidden_size=32",
+    "student.num_heads=1",
+    "teacher.num_heads=1",
+    # trained long enough to learn the answer format (responses end in EOS), still seconds
+    "student.train_steps=150",
+    "teacher.train_steps=300",
+]
+
+
+@pytest.fixture(scope="session")
+def vllm_testbed():
+    """A tiny testbed (seconds to build) whose models vLLM can run on CPU."""
+    from diagnostics.config import load_config
+    from diagnostics.testbed import TestbedConfig, build_testbed
+
+    overrides = [f"cache_dir={ROOT / '.cache/testbed'}", *VLLM_TESTBED_OVERRIDES]
+    return build_testbed(load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", overrides))
+
+
+@pytest.fixture(scope="session")
+def rollout_prompts(vllm_testbed):
+    from diagnostics.testbed import heldout_problems
+
+    return [p.prompt for p in heldout_problems(vllm_testbed.config, 16)]
+
+
+@pytest.fixture(scope="session")
+def vllm_rollouts(vllm_testbed, rollout_prompts):
+    """Student rollouts from vLLM with the student's top-4 per position (engine started once)."""
+    from diagnostics.rollouts import SamplingConfig, generate_rollouts
+
+    sampling = SamplingConfig(max_new_tokens=vllm_testbed.config.max_new_tokens + 2, n=2, seed=3, logprobs_k=4)
+    return generate_rollouts(vllm_testbed.student_path, None, rollout_prompts, sampling, backend="vllm", progress=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_vllm_engine():
+    """Shut the cached vLLM engine down at the end of the session (its workers hold cores)."""
+    yield
+    import sys
+
+    if "diagnostics.rollouts" in sys.modules:
+        sys.modules["diagnostics.rollouts"].release_vllm_engine()
