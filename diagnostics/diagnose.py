@@ -47,7 +47,7 @@ class DiagnoseConfig:
     teacher: str = ""  # "" = the embedded testbed's teacher
     testbed_config: str = "configs/testbed.yaml"
     prompts: str = ""  # JSONL of {"prompt", "answer"} for real models; "" = testbed held-out problems
-    n_sequences: int = 64  # B: responses in the bank
+    n_sequences: int = 256  # B: responses in the bank (the paper: 300)
     max_response_tokens: int = 192  # L: responses are cut to this many tokens
     temperature: float = 1.0  # rollout sampling temperature (the paper's 1.0)
     top_p: float = 1.0

@@ -80,7 +80,7 @@ def bank_tensors(prompt_ids: list[list[int]], response_ids: list[list[int]], pad
     targets = torch.zeros((n, horizon), dtype=torch.long)
     valid = torch.zeros((n, horizon), dtype=torch.bool)
     for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        if not prompt:
+        if len(prompt) == 0:
             raise ValueError(f"prompt_ids[{row}] is empty: the first response token needs a context")
         seq = list(prompt) + list(response)
         ids[row, : len(seq)] = torch.tensor(seq)

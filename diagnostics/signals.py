@@ -71,10 +71,11 @@ TOPK_KEYS = (
 # Signals added when the sampled token of each position is given.
 SAMPLED_KEYS = ("sampled_in_student_topk", "student_logprob_sampled", "teacher_logprob_sampled")
 
-# Rows per chunk in ``token_signals``: 4 float32 [chunk, V] temporaries (the shifted logits of both
-# sides and their softmax) are alive at once; 32 rows x V=151,936 is 78 MB. Tuned on a 2-core CPU
-# with benchmarks/bench_signals.py (16-64 are within noise; smaller chunks pay per-call overhead).
-DEFAULT_CHUNK_SIZE = 32
+# Logits per side per chunk in ``token_signals`` when chunk_size is None: rows = this // V (55 rows
+# at V = 151,936). The float32 work buffers hold 5 x rows x V values (shifted logits of both
+# sides plus a ones row, and their exp): 167 MB at V = 151,936. Tuned with
+# benchmarks/bench_signals.py on a 2-core CPU (see DEFAULT_CHUNK_LOGITS notes there).
+DEFAULT_CHUNK_LOGITS = 2**23
 # Top-K candidates come from strided token columns of _GROUP tokens (see ``_column_candidates``);
 # vocabularies with fewer than _MIN_COLUMNS columns take every token as a candidate.
 _GROUP = 128
@@ -156,39 +157,42 @@ def _order_desc_id_asc(vals: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     return vals, ids.gather(1, perm)
 
 
-def _column_max(x: Tensor) -> tuple[Tensor | None, Tensor]:
-    """Per-row maxima of strided token columns, and the row max.
+def _scan_maxima(s: Tensor, t: Tensor, m: int) -> tuple[Tensor, Tensor | None]:
+    """Row maxima of both sides and, for large V, the m best strided columns of every row.
 
     With nb = V // _GROUP, column j of a row holds the tokens {i * nb + j : i < _GROUP}: a
-    [c, _GROUP, nb] view reduced over its middle dim (a vertical SIMD max, about as fast as a
-    plain row max). Tokens >= _GROUP * nb form a tail outside the columns.
-    Returns (col_max [c, nb], or None when V < _MIN_COLUMNS * _GROUP; row_max [c] float32).
-    NaN and +inf propagate into both, which is how bad rows are found later.
+    [c, _GROUP, nb] view reduced over its middle dim (a vertical SIMD max, as fast as a plain row
+    max). Tokens >= _GROUP * nb form a tail outside the columns.
+    Returns:
+        row_max: [c, 2] float32 (student, teacher). NaN, +inf and all -inf rows make it
+            non-finite (amax propagates NaN and topk ranks NaN first): the cheap validity check.
+        cols: [2c, m] ids of the m columns with the largest maxima (student rows, then teacher
+            rows), or None when V has fewer than max(_MIN_COLUMNS, 4 m) columns.
     """
-    vocab = x.shape[1]
+    c, vocab = s.shape
     nb = vocab // _GROUP
-    if nb < _MIN_COLUMNS:
-        return None, x.amax(dim=1).float()
-    col_max = x[:, : nb * _GROUP].unflatten(1, (_GROUP, nb)).amax(dim=1)  # [c, nb]
-    row_max = col_max.amax(dim=1)
+    if nb < max(_MIN_COLUMNS, 4 * m):
+        return torch.stack([s.amax(dim=1), t.amax(dim=1)], dim=1).float(), None
+    col_max = torch.cat([x[:, : nb * _GROUP].unflatten(1, (_GROUP, nb)).amax(dim=1) for x in (s, t)])
+    best = col_max.topk(m, dim=1)  # [2c, m]
+    row_max = best.values[:, 0]  # the best column's max is the row max (outside the tail)
     if nb * _GROUP < vocab:
-        row_max = torch.maximum(row_max, x[:, nb * _GROUP :].amax(dim=1))
-    return col_max, row_max.float()
+        row_max = torch.maximum(row_max, torch.cat([s[:, nb * _GROUP :], t[:, nb * _GROUP :]]).amax(dim=1))
+    return row_max.float().view(2, c).T, best.indices
 
 
-def _column_candidates(col_max: Tensor, m: int, vocab: int) -> Tensor:
-    """Token ids [r, m * _GROUP + tail] that contain the top-m values (as a multiset) of each row.
+def _column_candidates(cols: Tensor, nb: int, vocab: int) -> Tensor:
+    """Token ids [r, m * _GROUP + tail] of the columns ``cols`` [r, m] plus the tail tokens.
 
-    Let tau be a row's m-th largest value. Every token above tau lies in a column whose max is
-    above tau, and there are fewer than m such columns, so the m columns with the largest maxima
+    These contain the top-m values (as a multiset) of each row when ``cols`` are its m columns with
+    the largest maxima. Let tau be the m-th largest value: every token above tau lies in a column
+    whose max is above tau, and fewer than m columns hold such tokens, so the chosen columns
     include them all plus, for each chosen column whose max equals tau, a token equal to tau:
-    enough to complete the top-m multiset. The tail tokens are always candidates.
+    enough to complete the top-m multiset.
     """
-    r, nb = col_max.shape
-    cols = col_max.topk(m, dim=1).indices  # [r, m]
     ids = (cols[:, :, None] + nb * torch.arange(_GROUP)).flatten(1)  # [r, m * _GROUP]
     if nb * _GROUP < vocab:
-        ids = torch.cat([ids, torch.arange(nb * _GROUP, vocab).expand(r, -1)], dim=1)
+        ids = torch.cat([ids, torch.arange(nb * _GROUP, vocab).expand(len(ids), -1)], dim=1)
     return ids
 
 
@@ -205,27 +209,25 @@ def _resolve_boundary_ties(x: Tensor, tau: Tensor, k: int) -> Tensor:
     return keep.nonzero()[:, 1].view(-1, k)  # row-major nonzero: ascending ids, k per row
 
 
-def _topk_ids_pair(
-    s: Tensor, t: Tensor, col_s: Tensor | None, col_t: Tensor | None, k: int
-) -> tuple[Tensor, Tensor]:
-    """Deterministic top-K ids of both sides, ([c, k_eff], [c, k_eff]) from s, t [c, V].
+def _topk_ids_pair(s: Tensor, t: Tensor, cols: Tensor | None, k: int) -> Tensor:
+    """Deterministic top-K ids of both sides, [c, 2, k_eff] from s, t [c, V] (k_eff = min(k, V)).
 
-    Each row is ordered by (logit desc, id asc); k_eff = min(k, V). ``torch.topk`` alone is not
-    stable under ties, so: take the top-(k+1) values among candidate tokens, order them by
-    (value desc, id asc), and where the k-th and (k+1)-th values tie (the only case in which the
-    set itself depends on tie-breaking) rebuild that row's set exactly. Both sides share one
-    batched pipeline over [2c, ...] tensors (student rows, then teacher rows): fewer small ops.
+    Each row is ordered by (logit desc, id asc). ``torch.topk`` alone is not stable under ties,
+    so: take the top-(k+1) values among candidate tokens (the columns ``cols`` from
+    ``_scan_maxima``, or every token), order them by (value desc, id asc), and where the k-th and
+    (k+1)-th values tie (the only case in which the set itself depends on tie-breaking) rebuild
+    that row's set exactly. Both sides share one batched pipeline over [2c, ...] tensors.
     """
     c, vocab = s.shape
     if k >= vocab:  # the whole vocabulary: only the order is needed
         ids = _order_desc_id_asc(torch.cat([s, t]).float(), torch.arange(vocab).expand(2 * c, vocab))[1]
-        return ids[:c], ids[c:]
-    if col_s is None or col_t is None or 4 * (k + 1) > col_s.shape[1]:
-        cand = torch.arange(vocab).expand(2 * c, vocab)  # small vocabulary: every token
+        return torch.stack([ids[:c], ids[c:]], dim=1)
+    if cols is None:  # small vocabulary: every token is a candidate
+        cand = torch.arange(vocab).expand(2 * c, vocab)
         vals = torch.cat([s, t]).float()
     else:
-        cand = _column_candidates(torch.cat([col_s, col_t]), k + 1, vocab)  # [2c, M]
-        vals = torch.cat([s.gather(1, cand[:c]), t.gather(1, cand[c:])]).float()
+        cand = _column_candidates(cols, vocab // _GROUP, vocab)  # [2c, M]
+        vals = torch.cat([s.gather(1, cand[:c]).float(), t.gather(1, cand[c:]).float()])
     top, j = vals.topk(k + 1, dim=1)
     top, ids = _order_desc_id_asc(top, cand.gather(1, j))
     tie = top[:, k - 1] == top[:, k]
@@ -235,7 +237,7 @@ def _topk_ids_pair(
             if rows.numel():
                 fixed = _resolve_boundary_ties(x[rows], top[half][rows, k - 1], k)
                 ids[half][rows, :k] = _order_desc_id_asc(x[rows].gather(1, fixed).float(), fixed)[1]
-    return ids[:c, :k], ids[c:, :k]
+    return torch.stack([ids[:c, :k], ids[c:, :k]], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,63 +344,67 @@ def _check_logit_rows(s: Tensor, t: Tensor, row_ids: Tensor) -> None:
             first.append((r, msg))
     if first:
         raise ValueError(min(first)[1])  # earliest row; student before teacher on the same row
+    raise AssertionError("a non-finite row max without NaN, +inf or an all -inf row")
 
 
-def _own_topk_moments(e_at: Tensor, d_at: Tensor, k: int) -> Tensor:
-    """top[:, a, b] = sum over side a's own top-K of e_a(v) d_b(v); [c, 2, 2].
+def _own_topk_sums(e_at: Tensor, d1_at: Tensor, k: int) -> Tensor:
+    """Side a's own top-K part of the GEMM: [c, 2, 3] = sum_{v in top_a} e_a(v) (d_s, d_t, 1)(v).
 
-    e_at, d_at: [c, 2, M] values at the tokens (S, T, ...): side a's own top-K is columns
-    [a k, (a + 1) k).
+    e_at: [c, 2, M] e at the tokens (S, T, ...); d1_at: [c, 3, M] (d_s, d_t, 1) at the same
+    tokens. Side a's own top-K is columns [a k, (a + 1) k).
     """
-    own = [(e_at[:, a : a + 1, a * k : (a + 1) * k] * d_at[:, :, a * k : (a + 1) * k]).sum(dim=2) for a in (0, 1)]
+    own = []
+    for a in (0, 1):
+        cols = slice(a * k, (a + 1) * k)
+        own.append((e_at[:, a : a + 1, cols] * d1_at[:, :, cols]).sum(dim=2))  # [c, 3]
     return torch.stack(own, dim=1)
 
 
 def _chunk_pass(
-    s: Tensor, t: Tensor, k: int, sampled: Tensor | None, d: Tensor, e: Tensor, out: _RowStats, rows: slice
+    s: Tensor, t: Tensor, k: int, sampled: Tensor | None, d1: Tensor, e: Tensor, out: _RowStats, rows: slice
 ) -> None:
     """One chunk of the full-vocabulary pass; fills ``out`` at ``rows``.
 
     Args:
         s, t: [c, V] student / teacher logits (any float dtype); sampled: [c] long or None.
-        d, e: [c, 2, V] float32 work buffers, reused across chunks: shifted logits d = x - max(x)
-            and unnormalised probabilities e = exp(d) (side 0 student, side 1 teacher).
-    Validation is free on clean rows: NaN, +inf or an all -inf row makes the row max or Z
-    non-finite, and only such rows are scanned (they raise).
+        d1: [c, 3, V] float32 buffer: rows 0, 1 get the shifted logits d = x - max(x) of both
+            sides; row 2 holds ones (set once), so one GEMM also yields Z = sum_v exp(d).
+        e: [c, 2, V] float32 buffer for e = exp(d) (unnormalised probabilities).
+    Validation is free on clean rows: NaN, +inf or an all -inf row makes the row max non-finite,
+    and only such rows are scanned (they raise).
     """
     c = s.shape[0]
-    col_s, max_s = _column_max(s)
-    col_t, max_t = _column_max(t)
-    torch.sub(s, max_s[:, None], out=d[:, 0])  # log-space shift: d = x - max(x) <= 0
-    torch.sub(t, max_t[:, None], out=d[:, 1])
-    torch.exp(d, out=e)  # e <= 1, = 1 at the top-1; -inf logits give e = 0
-    z = e.sum(dim=2)  # [c, 2]; torch's cascade sum (torch.softmax's own sum is ~100x less exact)
-    bad = ~torch.isfinite(z.sum(dim=1) + max_s + max_t)
-    if bad.any():
-        idx = bad.nonzero()[:, 0]
+    row_max, cols = _scan_maxima(s, t, k + 1)  # [c, 2]
+    if not torch.isfinite(row_max).all():
+        idx = (~torch.isfinite(row_max)).any(dim=1).nonzero()[:, 0]
         _check_logit_rows(s[idx], t[idx], idx + rows.start)  # raises
-    log_z = z.log()  # log p = d - log Z
-    ids = torch.stack(_topk_ids_pair(s, t, col_s, col_t, k), dim=1)  # [c, 2, k_eff]: S, T
+    torch.sub(s, row_max[:, :1], out=d1[:, 0])  # log-space shift: d = x - max(x) <= 0
+    torch.sub(t, row_max[:, 1:], out=d1[:, 1])
+    torch.exp(d1[:, :2], out=e)  # e <= 1, = 1 at the top-1; -inf logits give e = 0
+    ids = _topk_ids_pair(s, t, cols, k)  # [c, 2, k_eff]: S, T
     at = ids.flatten(1) if sampled is None else torch.cat([ids.flatten(1), sampled[:, None]], dim=1)
-    at = at[:, None, :].expand(c, 2, -1)  # [c, 2, M]: the same tokens on both sides
-    d_at, e_at = d.gather(2, at), e.gather(2, at)
-    out.logp[rows] = d_at - log_z[:, :, None]
-    # Moments g[a, b] = sum_v e_a(v) d_b(v), exact in float32 as (own top-K terms) + (the rest):
-    # one GEMM over the vocabulary alone loses the many tiny tail terms against the top ones
-    # (5e-5 relative on peaked rows), so the top-K terms of each side are summed apart and
-    # zeroed in e before the GEMM (then 4e-7). All four moments come from one batched GEMM.
-    top = _own_topk_moments(e_at, d_at, ids.shape[2])
+    d1_at = d1.gather(2, at[:, None, :].expand(c, 3, -1))  # [c, 3, M]: (d_s, d_t, 1) at S, T(, y)
+    e_at = e.gather(2, at[:, None, :].expand(c, 2, -1))  # [c, 2, M]
+    # One batched GEMM gives gz[a] = sum_v e_a(v) (d_s(v), d_t(v), 1): the moments and Z. Summed
+    # over the whole vocabulary in float32 it loses the many tiny tail terms against the top ones
+    # (5e-5 relative on peaked rows), so each side's own top-K terms are summed apart and zeroed
+    # in e first (then ~4e-7).
+    top = _own_topk_sums(e_at, d1_at, ids.shape[2])
     e.scatter_(2, ids, 0.0)
-    g = torch.bmm(e, d.transpose(1, 2)) + top  # [c, 2, 2]
-    if not torch.isfinite(g).all():
+    gz = torch.bmm(e, d1.transpose(1, 2)) + top  # [c, 2, 3]
+    if not torch.isfinite(gz).all():
         # -inf logits: 0 * -inf = NaN above. Masked tokens have p = 0, so set d = 0 there
-        # (0 log 0 = 0; d is no longer needed as log-probs) and recompute the chunk's moments.
-        d.nan_to_num_(nan=0.0, neginf=0.0)
-        g = torch.bmm(e, d.transpose(1, 2)) + _own_topk_moments(e_at, d_at.nan_to_num_(neginf=0.0), ids.shape[2])
+        # (0 log 0 = 0; the log-probs were gathered already) and redo the chunk's sums.
+        d1.nan_to_num_(nan=0.0, neginf=0.0)
+        top = _own_topk_sums(e_at, d1_at.nan_to_num(neginf=0.0), ids.shape[2])
+        gz = torch.bmm(e, d1.transpose(1, 2)) + top
         # KL(P||Q) = +inf where P > 0 on a token Q masks: invisible to the sums, visible here.
         ms, mt = s == NEG_INF, t == NEG_INF
         out.kl_inf[rows] = torch.stack([(ms & ~mt).any(dim=1), (mt & ~ms).any(dim=1)], dim=1)
-    out.moments[rows] = g / z[:, :, None]  # E_{p_a}[d_b]
+    z = gz[:, :, 2]  # [c, 2]
+    log_z = z.log()
+    out.moments[rows] = gz[:, :, :2] / z[:, :, None]  # E_{p_a}[d_b]
+    out.logp[rows] = d1_at[:, :2] - log_z[:, :, None]  # log p = d - log Z
     out.log_z[rows], out.ids[rows] = log_z, ids
 
 
@@ -433,7 +439,7 @@ def token_signals(
     teacher_logits: Tensor,
     k: int = 16,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     sampled_ids: Tensor | None = None,
 ) -> SignalDict:
     """Exact per-token signals of spec section 2 from full logits.
@@ -442,8 +448,8 @@ def token_signals(
         student_logits, teacher_logits: [N, V], any float dtype (read per chunk, computed in
             float32); -inf entries mean a masked token. NaN, +inf or an all -inf row raise ValueError.
         k: top-K size (>= 1); K >= V means the whole vocabulary (effective K = min(k, V)).
-        chunk_size: rows per chunk; the extra memory is 4 x chunk_size x V float32 (two [c, 2, V]
-            buffers) plus O(N k) results.
+        chunk_size: rows per chunk (None: DEFAULT_CHUNK_LOGITS // V). Extra memory: two float32
+            buffers, [chunk, 3, V] and [chunk, 2, V], plus O(N k) results.
         sampled_ids: optional [N] integer ids of the sampled tokens (in [0, V)).
     Returns:
         SignalDict (mode="exact") of [N] float32 tensors: FULL_VOCAB_KEYS + TOPK_KEYS (+
@@ -451,8 +457,9 @@ def token_signals(
         teacher has mass on a token the student masks, kl_reverse likewise, D likewise on U.
     """
     _check_k(k)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    if chunk_size is not None and bad_chunk:
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if x.dim() != 2 or not x.is_floating_point():
             raise ValueError(f"{name} must be a floating [N, V] tensor, got {x.dtype} {list(x.shape)}")
@@ -468,16 +475,18 @@ def token_signals(
         _check_ids(sampled_ids, "sampled_ids", (n,), vocab)
         sampled_ids = sampled_ids.long()
     stats = _RowStats.empty(n, min(k, vocab), sampled_ids is not None)
-    chunk = min(chunk_size, max(n, 1))
-    d_buf = torch.empty(chunk, 2, vocab)  # shifted logits, reused by every chunk (no page faults)
-    e_buf = torch.empty(chunk, 2, vocab)  # exp(shifted logits), reused likewise
+    chunk = max(1, min(chunk_size or DEFAULT_CHUNK_LOGITS // vocab, n))
+    # Work buffers reused by every chunk (no page faults): (d_s, d_t, ones) and exp(d_s, d_t).
+    d1_buf = torch.empty(chunk, 3, vocab)
+    d1_buf[:, 2] = 1.0
+    e_buf = torch.empty(chunk, 2, vocab)
     with torch.no_grad():
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             c = rows.stop - start
             sampled = None if sampled_ids is None else sampled_ids[rows]
             _chunk_pass(student_logits[rows], teacher_logits[rows], k, sampled,
-                        d_buf[:c], e_buf[:c], stats, rows)
+                        d1_buf[:c], e_buf[:c], stats, rows)
         return SignalDict(_exact_signals(stats, sampled_ids), mode="exact", k=k)
 
 
@@ -790,7 +799,9 @@ def selection_scores(signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0
         if key not in signals:
             raise ValueError(f"signals lacks {key!r} (has {sorted(signals)})")
         if signals[key].shape != valid.shape:
-            raise ValueError(f"signals[{key!r}] shape {list(signals[key].shape)} differs from valid {list(valid.shape)}")
+            raise ValueError(
+                f"signals[{key!r}] shape {list(signals[key].shape)} differs from valid {list(valid.shape)}"
+            )
         raw[short] = signals[key]
     norm = {short: normalize_batch(x, valid) for short, x in raw.items()}
     (h_med,) = _quantile_linear(norm["H"][valid], (0.5,))
@@ -800,7 +811,9 @@ def selection_scores(signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0
     for name, spec in _SCORES.items():
         score = spec.fn(norm, valid, _score_generator(seed, name)).float()
         if score.shape != valid.shape:
-            raise ValueError(f"score {name!r} returned shape {list(score.shape)}, expected {list(valid.shape)}")
+            raise ValueError(
+                f"score {name!r} returned shape {list(score.shape)}, expected {list(valid.shape)}"
+            )
         score = score.masked_fill(~valid, 0.0)
         out[name] = score.masked_fill(~q3, NEG_INF) if spec.restrict_to_q3 else score
     out["q3"] = q3
@@ -842,16 +855,20 @@ def select(
     _check_valid(valid, score, "score")
     if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
         raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-    if not (isinstance(min_per_sequence, int) and min_per_sequence >= 0):
+    if isinstance(min_per_sequence, bool) or not isinstance(min_per_sequence, int) or min_per_sequence < 0:
         raise ValueError(f"min_per_sequence must be an integer >= 0, got {min_per_sequence!r}")
     nan = valid & torch.isnan(score)
     if nan.any():
         raise ValueError(f"score has NaN at valid position {list(_first_index(nan))}")
     b, t = score.shape
-    flat = score.float().masked_fill(~valid, NEG_INF).flatten()  # [B*T]
+    score = score if score.is_floating_point() else score.double()  # no float32 rounding: no new ties
+    flat = score.masked_fill(~valid, NEG_INF).flatten()  # [B*T]
     cand = (flat > NEG_INF).view(b, t)
     # Global order: score descending, ties by position (stable sort) or by a seeded permutation.
-    perm = torch.arange(b * t) if seed is None else torch.randperm(b * t, generator=torch.Generator().manual_seed(seed))
+    if seed is None:
+        perm = torch.arange(b * t)
+    else:
+        perm = torch.randperm(b * t, generator=torch.Generator().manual_seed(seed))
     order = perm[flat[perm].sort(descending=True, stable=True).indices]  # positions, best first
     rank = torch.empty(b * t, dtype=torch.long)
     rank[order] = torch.arange(b * t)  # rank[pos] = place of pos in the global order

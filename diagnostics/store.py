@@ -22,8 +22,6 @@ weights); unknown columns are rejected rather than carried along, so the schema 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +31,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from diagnostics.files import atomic_write
 
 SCHEMA_VERSION = 1
 MANIFEST_KEY = b"taopd.rollout_manifest"
@@ -285,33 +285,6 @@ def _content_problem(table: pa.Table) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then os.replace it into place.
-
-    A process killed at any moment leaves either the old file or the complete new one at `path`
-    (plus, at worst, a hidden `.name.*.tmp` file beside it).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_store(df: pd.DataFrame, path: str | Path, manifest: dict[str, Any]) -> Path:
     """Write a rollout DataFrame to `path` (parquet) and its manifest beside it, atomically.
 
@@ -332,8 +305,8 @@ def write_store(df: pd.DataFrame, path: str | Path, manifest: dict[str, Any]) ->
             for start in range(0, table.num_rows, ROW_GROUP_SIZE):
                 writer.write_table(table.slice(start, ROW_GROUP_SIZE))
 
-    _atomic_write(path, write_parquet)
-    _atomic_write(manifest_path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(path, write_parquet)
+    atomic_write(manifest_path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
     return path
 
 

@@ -41,7 +41,9 @@ from diagnostics.evaluation import exact_match_accuracy
 from diagnostics.task import CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, Problem, sort_problems, task_words
 
 # Bump when the build procedure changes, so old caches are not reused.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
+# vLLM's CPU attention kernels exist for these head sizes only; the testbed must run under vLLM.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # A minimal chat template so the chat-message path works on the testbed: the user turn is the prompt.
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
@@ -62,6 +64,8 @@ class ModelSpec:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_multiple", "batch_size"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        head_size = self.hidden_size // self.num_heads
+        check(head_size in VLLM_CPU_HEAD_SIZES, "num_heads", f"head size hidden_size/num_heads = {head_size} is not one vLLM's CPU attention supports {VLLM_CPU_HEAD_SIZES}")
         check(self.train_steps >= 0, "train_steps", f"must be >= 0, got {self.train_steps}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -77,7 +81,7 @@ class TestbedConfig:
     k: int = 8  # default top-K of this model pair
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_multiple=64))
     student: ModelSpec = field(
-        default_factory=lambda: ModelSpec(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256, train_steps=240)
+        default_factory=lambda: ModelSpec(hidden_size=96, num_layers=2, num_heads=3, intermediate_size=256, train_steps=240)
     )
     eval_problems: int = 500  # held-out problems for the accuracy report
     spread_problems: int = 200  # student samples for the C-spread report

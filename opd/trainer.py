@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shutil
 import sys
@@ -162,10 +163,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, world: Wor
     if saved_path.is_file():
         if not resume:
             raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or run_name=<new name> for a new one")
-        import json
-
         saved = json.loads(saved_path.read_text())
-        saved = {k: v for k, v in saved.items() if k not in ("progress",)}
         current = config.fingerprint()
         differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differing:
@@ -173,6 +171,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, world: Wor
             raise ConfigError(f"--resume: {run_dir} was run with a different config (differing keys: {detail})")
     elif resume:
         raise FileNotFoundError(f"--resume: {run_dir} holds no run to resume")
+    world.barrier()  # every rank has checked before rank 0 writes
     if world.is_main:
         write_json(saved_path, config.fingerprint())
     world.barrier()
@@ -218,8 +217,6 @@ def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
 
 def base_evaluation(ctx: RunContext) -> dict[str, float]:
     """The base student's accuracy and KL (the step-0 row of every arm), computed once per run."""
-    import json
-
     path = ctx.run_dir / "base_eval.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -341,7 +338,7 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
 def metric_row(arm: Arm, step: int, **values) -> dict:
     """One metrics.parquet row; accuracy and kl_to_teacher are NaN at steps without evaluation."""
     row = {"step": step, "selector": arm.selector, "ratio": arm.ratio, "seed": arm.seed, "loss": math.nan, "kept_tokens": 0,
-           "valid_tokens": 0, "accuracy": math.nan, "kl_to_teacher": math.nan, "wall_time_s": 0.0, "peak_mem_mb": math.nan}
+           "accuracy": math.nan, "kl_to_teacher": math.nan, "wall_time_s": 0.0, "peak_mem_mb": math.nan, "valid_tokens": 0}
     row.update(values)
     return row
 
@@ -421,8 +418,6 @@ def finish_arm(ctx: RunContext, arm: Arm, arm_dir: Path, student: torch.nn.Modul
 
 def collect(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(metrics of every arm, comparison table) from the arms' files."""
-    import json
-
     frames, gains, valid = [], {}, {}
     for arm in ctx.config.arms():
         arm_dir = ctx.run_dir / "arms" / arm.name

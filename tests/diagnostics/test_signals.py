@@ -47,16 +47,12 @@ def ref_log_softmax(row: list[float]) -> list[float]:
     return [x - lse if x != -INF else -INF for x in row]
 
 
-def ref_log(p: float) -> float:
-    return math.log(p) if p > 0 else -INF
-
-
 def ref_entropy(logp: list[float]) -> float:
     return -sum(math.exp(lp) * lp for lp in logp if lp != -INF)  # 0 log 0 = 0
 
 
 def ref_kl(lp: list[float], lq: list[float]) -> float:
-    """KL(P||Q) = sum_v p (log p - log q): p = 0 terms are 0; p > 0 = q is +inf."""
+    """KL(P||Q) = sum_v p (log p - log q): p = 0 terms are 0; p > 0 where q = 0 gives +inf."""
     total = 0.0
     for a, b in zip(lp, lq):
         if a == -INF:
@@ -88,14 +84,16 @@ def ref_entropy_topk(S: list[int], logp_of: dict) -> float:
     return h / math.log(len(S)) if len(S) > 1 else 0.0
 
 
-def ref_set_signals(S, T, ps, pt, pt_on_s_known, h_topk) -> dict[str, float]:
+def ref_set_signals(S, T, ps, pt, pt_known, h_topk) -> dict[str, float]:
+    """Set signals; ps, pt: probabilities on U used for D (floored in top-K mode); pt_known: the
+    teacher probabilities known on S (all of S in exact mode, S cap T in top-K mode)."""
     k = len(S)
     inter = [v for v in T if v in S]
     d, bc = ref_union(S, T, ps, pt)
     return {
         "disagreement": d,
-        "compat_mass": sum(pt_on_s_known.get(v, 0.0) for v in S),
-        "compat_mass_lower": sum(pt[v] for v in inter) if pt_on_s_known is not None else 0.0,
+        "compat_mass": sum(pt_known.get(v, 0.0) for v in S),
+        "compat_mass_lower": sum(pt_known[v] for v in inter),
         "overlap": len(inter) / k,
         "jaccard": len(inter) / (2 * k - len(inter)),
         "bhattacharyya": bc,
@@ -119,7 +117,8 @@ def ref_exact(s: torch.Tensor, t: torch.Tensor, k: int, sampled=None) -> dict[st
             "kl_forward": ref_kl(lt, ls),
             "kl_reverse": ref_kl(ls, lt),
         }
-        row.update(ref_set_signals(S, T, ps, pt, {v: pt[v] for v in S}, ref_entropy_topk(S, dict(enumerate(ls)))))
+        h_topk = ref_entropy_topk(S, dict(enumerate(ls)))
+        row.update(ref_set_signals(S, T, ps, pt, {v: pt[v] for v in S}, h_topk))
         if sampled is not None:
             y = int(sampled[i])
             row.update({"sampled_in_student_topk": float(y in S),
@@ -141,7 +140,6 @@ def ref_topk_mode(s_ids, s_lp, t_ids, t_lp, floor=1e-12) -> dict[str, list[float
         pt = {v: max(math.exp(t_of[v]) if v in t_of else 0.0, floor) for v in U}
         known = {v: math.exp(t_of[v]) for v in S if v in t_of}
         row = ref_set_signals(S, T, ps, pt, known, ref_entropy_topk(S, s_of))
-        row["compat_mass_lower"] = sum(known.values())
         for key, val in row.items():
             out.setdefault(key, []).append(val)
     return out
@@ -169,7 +167,7 @@ def random_logits(n, v, seed, scale=3.0):
 def tied_logits(n, v, seed):
     """Small integer logits: many ties, also at the top-K boundary."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 4, (n, v), generator=g).float(), torch.randint(0, 4, (n, v), generator=g).float())
+    return tuple(torch.randint(0, 4, (n, v), generator=g).float() for _ in range(2))
 
 
 def masked_logits(n, v, seed):
@@ -268,6 +266,16 @@ def test_chunking_does_not_change_results():
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
 
 
+def test_signal_dict_survives_autograd_inputs_and_pickling():
+    import pickle
+
+    s, t = random_logits(3, 11, seed=0)
+    out = token_signals(s.requires_grad_(), t, 2)
+    assert not any(v.requires_grad for v in out.values())
+    back = pickle.loads(pickle.dumps(out))
+    assert (back.mode, back.k, list(back)) == ("exact", 2, list(out))
+
+
 def test_empty_batch():
     out = token_signals(torch.empty(0, 10), torch.empty(0, 10), 3)
     assert all(v.shape == (0,) for v in out.values())
@@ -336,7 +344,8 @@ def test_topk_mode_agrees_with_exact_on_set_signals():
     s, t = random_logits(8, 50, seed=4)
     exact = token_signals(s, t, 6)
     topk = token_signals_topk(*topk_inputs(s, t, 6))
-    for key in ("overlap", "jaccard", "teacher_top1_in_student_topk", "student_entropy_topk", "compat_mass_lower"):
+    same = ("overlap", "jaccard", "teacher_top1_in_student_topk", "student_entropy_topk", "compat_mass_lower")
+    for key in same:
         torch.testing.assert_close(topk[key], exact[key], atol=1e-6, rtol=1e-6)
     assert (topk["disagreement"] >= 0).all()
 
@@ -413,7 +422,8 @@ def test_selection_scores_random_is_seeded_and_topk_entropy_fallback():
     a, b = selection_scores(sig, valid, seed=3), selection_scores(sig, valid, seed=3)
     assert torch.equal(a["random"], b["random"])
     assert not torch.equal(a["random"], selection_scores(sig, valid, seed=4)["random"])
-    topk_sig = {"student_entropy_topk": sig["student_entropy"], **{k: sig[k] for k in ("disagreement", "compat_mass")}}
+    topk_sig = {"student_entropy_topk": sig["student_entropy"]}
+    topk_sig.update({key: sig[key] for key in ("disagreement", "compat_mass")})
     torch.testing.assert_close(selection_scores(topk_sig, valid)["tip"], a["tip"])
 
 
@@ -429,6 +439,10 @@ def test_registry():
         get_score("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_score("kl", description="dup")(lambda norm, valid, g: norm["D"])
+    with pytest.raises(ValueError, match="unknown signals"):
+        register_score("uses_x", description="bad need", needs=("X",))
+    with pytest.raises(ValueError, match="reserved"):
+        register_score("q3", description="clashes with the Q3 mask key")
 
 
 def test_new_score_is_seen_by_selection_scores(monkeypatch):

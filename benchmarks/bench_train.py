@@ -1,0 +1,163 @@
+"""One TA-OPD training step at 5% retention vs full-token OPD: time, peak memory, LM-head + loss memory.
+
+Two configurations:
+  testbed  the embedded testbed's student (V = the testbed vocabulary), 32 rollouts of prompt 10 +
+           response 9 tokens (the default training batch);
+  large    a randomly initialised Qwen2 student with a 50,000-token vocabulary, hidden 256, 2 layers,
+           on fake rollouts of 64 sequences x 256 tokens (prompt 16 + response 240).
+For each configuration and ratio (0.05, 1.0), every measurement runs in a FRESH subprocess (so the
+resident-set high-water mark is clean; torch has no CPU allocator statistics), with a random kept
+mask of the ratio and the default loss (sampled_pg, kept_global):
+  step   `opd.trainer.opd_step` + AdamW step: wall time (second call) and peak RSS (first call);
+  loss   `opd_step` alone (forward of the kept positions, loss, backward): peak RSS above the start;
+  base   the same decoder forward + backward with a dummy loss on the kept hidden states, no LM head.
+LM-head + loss memory = peak(loss) - peak(base): the memory of the [n, V] logits, their
+log-softmax and gradients, which scales with the number n of kept positions. Target: <= 15% at 5%.
+Teacher scoring (no grad, chunked over positions) is the same at every ratio and not included.
+
+Usage: python benchmarks/bench_train.py  (about 2-4 minutes on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RATIOS = (0.05, 1.0)
+CONFIGS = {
+    "testbed": {"n": 32, "prompt": 10, "response": 9},
+    "large": {"n": 64, "prompt": 16, "response": 240, "vocab": 50_000, "hidden": 256, "layers": 2, "heads": 4, "intermediate": 512},
+}
+
+
+def build(name: str):
+    """(student, vocab size, TrainBatch, signals) for a configuration; deterministic."""
+    import torch
+
+    from opd.batch import TrainBatch
+
+    spec = CONFIGS[name]
+    if name == "testbed":
+        from diagnostics.config import load_config
+        from diagnostics.models import check_pair, load_model
+        from diagnostics.testbed import TestbedConfig, build_testbed
+
+        testbed = build_testbed(load_config(TestbedConfig, ROOT / "configs/testbed.yaml"), progress=False)
+        _, vocab = check_pair(testbed.student_path, testbed.teacher_path)
+        student = load_model(testbed.student_path, torch.device("cpu"), torch.float32)
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        vocab = spec["vocab"]
+        config = Qwen2Config(vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+                             num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+                             max_position_embeddings=512, tie_word_embeddings=False)
+        student = Qwen2ForCausalLM(config)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, vocab, (spec["n"], spec["prompt"]), generator=gen).tolist()
+    responses = torch.randint(0, vocab, (spec["n"], spec["response"]), generator=gen).tolist()
+    valid = torch.ones(spec["n"], spec["response"], dtype=torch.bool)
+    batch = TrainBatch.from_ids(prompts, responses, valid, pad_id=0)
+    signals = {"student_logprob_sampled": -torch.rand(valid.shape, generator=gen) * 5 - 1,
+               "teacher_logprob_sampled": -torch.rand(valid.shape, generator=gen) * 5 - 1}
+    return student.train(), vocab, batch, signals
+
+
+def keep_mask(valid, ratio: float):
+    import torch
+
+    from diagnostics.signals import select
+
+    score = torch.rand(valid.shape, generator=torch.Generator().manual_seed(1))
+    return select(score, valid, ratio, min_per_sequence=1)
+
+
+def measure(name: str, ratio: float, mode: str) -> dict:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(1)
+    from opd.batch import KeptPositionLM, kept_index
+    from opd.config import TrainConfig
+    from opd.distributed import World
+    from opd.memory import peak_mb, reset_peak
+    from opd.trainer import make_optimizer, opd_step
+
+    student, vocab, batch, signals = build(name)
+    keep = keep_mask(batch.valid, ratio)
+    world = World.create("cpu")
+    config = TrainConfig()
+    model = KeptPositionLM(student, vocab)
+    optimizer = make_optimizer(student, config)
+
+    def run() -> None:
+        if mode == "base":
+            rows, _, cols = kept_index(batch, keep)
+            hidden = student.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+            hidden[rows, cols].sum().backward()
+        else:
+            opd_step(model, model, batch, signals, keep, config, world)
+            if mode == "step":
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    before = peak_mb()  # RSS high-water mark so far (models and batch loaded)
+    reset_peak()
+    start_rss = _rss_mb()
+    started = time.perf_counter()
+    run()
+    first_s = time.perf_counter() - started
+    peak = peak_mb()
+    seconds = first_s
+    if mode == "step":
+        started = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - started
+    return {"config": name, "ratio": ratio, "mode": mode, "kept": int(keep.sum()), "positions": int(batch.valid.sum()),
+            "seconds": seconds, "peak_mb": peak, "added_mb": peak - start_rss, "loaded_mb": before}
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    results = {}
+    for name in CONFIGS:
+        for ratio in RATIOS:
+            for mode in ("step", "loss", "base"):
+                out = subprocess.run([sys.executable, __file__, "--one", name, str(ratio), mode], capture_output=True, text=True, cwd=ROOT)
+                if out.returncode != 0:
+                    raise SystemExit(f"{name} ratio={ratio} {mode} failed:\n{out.stderr[-3000:]}")
+                results[(name, ratio, mode)] = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"  measured {name:8s} ratio {ratio:<5} {mode:5s}: {results[(name, ratio, mode)]['seconds']:.3f} s, "
+                      f"+{results[(name, ratio, mode)]['added_mb']:.0f} MB", flush=True)
+    print("\none training step (opd_step + AdamW), sampled_pg, kept_global; memory = RSS high-water in a fresh process")
+    print(f"{'config':8s} {'ratio':>6s} {'kept':>6s} {'step s':>8s} {'peak MB':>8s} {'LM-head+loss MB':>16s}")
+    for name in CONFIGS:
+        head = {}
+        for ratio in RATIOS:
+            step, loss, base = (results[(name, ratio, m)] for m in ("step", "loss", "base"))
+            head[ratio] = loss["added_mb"] - base["added_mb"]
+            print(f"{name:8s} {ratio:6.2f} {step['kept']:6d} {step['seconds']:8.3f} {step['peak_mb']:8.0f} {head[ratio]:16.1f}")
+        s5, s1 = results[(name, 0.05, "step")], results[(name, 1.0, "step")]
+        print(f"{name:8s} 5% / full: step time {s5['seconds'] / s1['seconds']:.2f}x, step peak RSS {s5['peak_mb'] / s1['peak_mb']:.2f}x, "
+              f"added step memory {s5['added_mb'] / max(s1['added_mb'], 1e-9):.2f}x, "
+              f"LM-head+loss memory {head[0.05] / max(head[1.0], 1e-9):.1%} (target <= 15%)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--one":
+        print(json.dumps(measure(sys.argv[2], float(sys.argv[3]), sys.argv[4])))
+    else:
+        main()

@@ -1,0 +1,108 @@
+"""The diagnose recipe end to end: outputs, resume after a real kill, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from diagnostics.config import ConfigError, load_config
+from diagnostics.diagnose import DiagnoseConfig, make_bank, run_diagnose, validate_bank
+
+ROOT = Path(__file__).resolve().parents[2]
+REQUIRED = ["seq_id", "pos", "kl_forward_before", "kl_forward_after", "gain", "gain_rel", "spillover"]
+
+
+def small(tmp_path, *extra: str) -> DiagnoseConfig:
+    overrides = [
+        f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", "n_sequences=6",
+        "shard_sequences=2", "backend=hf", "group_ratios=[0.2]", "group_selectors=[teachability, random]", "extra_k=[2]", *extra,
+    ]
+    return load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", overrides)
+
+
+@pytest.mark.slow
+def test_outputs_and_manifest(tmp_path, small_testbed):
+    run_dir = run_diagnose(small(tmp_path), progress=False)
+    tokens = pd.read_parquet(run_dir / "tokens.parquet")
+    assert set(REQUIRED) <= set(tokens.columns)
+    assert {"disagreement", "compat_mass", "disagreement_k2", "score_teachability", "score_teachability_k2", "q3", "token"} <= set(tokens.columns)
+    bank = pd.read_parquet(run_dir / "bank.parquet")
+    assert len(tokens) == sum(len(r) for r in bank["response_ids"])  # one row per valid position
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for key in ("student_path", "teacher_path", "bank_path", "mode", "loss", "optimizer", "lr", "k", "seed", "dtype", "versions", "student_hash", "teacher_hash"):
+        assert key in manifest, key
+    group = pd.read_parquet(run_dir / "group.parquet")
+    assert set(group["selector"]) == {"teachability", "random"}
+    assert group.groupby("selector")["kept"].sum().min() >= 1
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed):
+    script = (
+        "import sys; from diagnostics.config import load_config; from diagnostics.diagnose import DiagnoseConfig, run_diagnose\n"
+        "if __name__ == '__main__':\n"
+        "    run_diagnose(load_config(DiagnoseConfig, sys.argv[1], sys.argv[2:]), progress=False)\n"
+    )
+    overrides = [
+        f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path / 'killed'}", "n_sequences=8",
+        "shard_sequences=1", "backend=hf", "group_selectors=[]", "run_name=r",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "configs/diagnose.yaml"), *overrides], env=env, cwd=ROOT)
+    shard_dir = tmp_path / "killed" / "r" / "shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(shard_dir.glob("shard_*.parquet"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(shard_dir.glob("shard_*.parquet"))
+    assert 2 <= len(finished) < 8, "the kill should land mid-run"
+    assert not (tmp_path / "killed" / "r" / "tokens.parquet").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in finished}
+    resumed = run_diagnose(load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", overrides), progress=False)
+    assert all((shard_dir / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items()), "finished shards were recomputed"
+    fresh_overrides = [o if not o.startswith("out_dir") else f"out_dir={tmp_path / 'fresh'}" for o in overrides]
+    fresh = run_diagnose(load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", fresh_overrides), progress=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "tokens.parquet"), pd.read_parquet(fresh / "tokens.parquet"))
+
+
+def test_config_errors_before_any_model():
+    with pytest.raises(ConfigError, match="lr: must be > 0"):
+        load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", ["lr=0"])
+    with pytest.raises(ConfigError, match="checkpoint: mode=checkpoint needs"):
+        load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", ["mode=checkpoint"])
+    with pytest.raises(ConfigError, match="group_selectors: unknown selector.*registered"):
+        load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", ["group_selectors=[nope]"])
+    with pytest.raises(ConfigError, match="teacher: give both"):
+        load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", ["student=/x"])
+
+
+def test_resume_with_another_config_names_the_keys(tmp_path, small_testbed):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({**json.loads(json.dumps(small(tmp_path).__dict__, default=list)), "lr": 1.0}))
+    with pytest.raises(ValueError, match="different config.*lr"):
+        run_diagnose(small(tmp_path, "run_name=r"), progress=False)
+
+
+def test_mismatched_models_rejected_before_compute(tmp_path, small_testbed, default_testbed):
+    config = small(tmp_path, f"student={small_testbed.student_path}", f"teacher={default_testbed.teacher_path}")
+    with pytest.raises(ValueError, match="tokenizers differ|vocabulary rows"):
+        run_diagnose(config, progress=False)
+
+
+def test_bank_validation_names_the_row():
+    bank = pd.DataFrame({"seq_id": [0, 1], "prompt_ids": [[1, 2], [1, 2]], "response_ids": [[3], [3, 999]]})
+    with pytest.raises(ValueError, match="seq_id 1 response_ids has token id 999 outside the vocabulary"):
+        validate_bank(bank, 50, "bank")
+    rollouts = pd.DataFrame({"prompt_id": [0], "prompt_ids": [[1, 2]], "response_ids": [[]]})
+    with pytest.raises(ValueError, match="empty response_ids"):
+        make_bank(rollouts, 8, 50)

@@ -1,0 +1,74 @@
+"""TrainConfig: range checks naming the key and file, YAML files mirroring the dataclass, arms."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diagnostics.config import ConfigError, load_config
+from diagnostics.signals import list_scores
+from opd.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["train.yaml", "train_quick.yaml"])
+def test_yaml_mirrors_dataclass(name):
+    data = yaml.safe_load((ROOT / "configs" / name).read_text())
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert list(data) == fields
+    load_config(TrainConfig, ROOT / "configs" / name)
+
+
+def test_default_yaml_equals_dataclass_defaults():
+    assert load_config(TrainConfig, ROOT / "configs/train.yaml") == TrainConfig()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("ratios=[0.0]", "ratios"), ("ratios=[1.5]", "ratios"), ("ratios=[-0.1]", "ratios"),
+    ("steps=0", "steps"), ("lr=0", "lr"), ("clip_low=1.0", "clip_low"), ("normalization=mean", "normalization"),
+    ("betas=[0.9]", "betas"), ("seeds=[]", "seeds"), ("eval_every=0", "eval_every"),
+])
+def test_bad_values_name_key_and_file(override, key):
+    with pytest.raises(ConfigError, match=rf"{key}.*configs/train.yaml"):
+        load_config(TrainConfig, ROOT / "configs/train.yaml", [override])
+
+
+def test_unknown_selector_lists_registered():
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, ROOT / "configs/train.yaml", ["selectors=[full, nonsense]"])
+    assert "selectors" in str(err.value) and "'nonsense'" in str(err.value)
+    assert all(name in str(err.value) for name in list_scores())
+
+
+def test_unknown_loss_and_key():
+    with pytest.raises(ConfigError, match="loss: unknown loss 'kl'; registered: sampled_pg, reverse_kl, forward_kl"):
+        TrainConfig(loss="kl")
+    with pytest.raises(ConfigError, match="learning_rate: unknown key"):
+        load_config(TrainConfig, ROOT / "configs/train.yaml", ["learning_rate=0.1"])
+
+
+def test_every_registered_selector_is_accepted():
+    config = TrainConfig(selectors=list_scores(), ratios=[0.05, 0.3], seeds=[0, 1])
+    arms = config.arms()
+    assert len(arms) == 2 + (len(list_scores()) - 1) * 2 * 2
+    assert {a.ratio for a in arms if a.selector == "full"} == {1.0}
+
+
+def test_default_arms_and_run_id():
+    arms = TrainConfig().arms()
+    assert len(arms) == 6 * 3
+    assert [a.name for a in arms[:4]] == ["full-r1-s0", "full-r1-s1", "full-r1-s2", "teachability-r0.05-s0"]
+    assert TrainConfig().run_id() == TrainConfig(progress=False).run_id()
+    assert TrainConfig().run_id() != TrainConfig(lr=1e-3).run_id()
+
+
+@pytest.mark.parametrize("name, kind", [("accelerate_ddp.yaml", "MULTI_GPU"), ("accelerate_fsdp.yaml", "FSDP")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / name))
+    assert config.distributed_type.name == kind

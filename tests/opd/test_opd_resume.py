@@ -1,0 +1,54 @@
+"""Kill -9 a training run after its first checkpoint, resume it, and get the uninterrupted run's metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPARED = ["step", "selector", "ratio", "seed", "loss", "kept_tokens", "valid_tokens", "accuracy", "kl_to_teacher"]
+
+pytestmark = pytest.mark.slow
+
+
+def command(out_dir: Path, *extra: str) -> list[str]:
+    overrides = [f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={out_dir}", "selectors=[teachability]",
+                 "steps=24", "checkpoint_every=3", "eval_every=4"]
+    return [sys.executable, "-m", "opd.trainer", "--config", str(ROOT / "configs/train_quick.yaml"), *extra, *overrides]
+
+
+def run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_testbed):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run(command(reference))
+    arm_dir = killed / "quick" / "arms" / "teachability-r0.1-s0"
+    proc = subprocess.Popen(command(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(arm_dir.glob("ckpt-*")):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (arm_dir / "result.json").exists(), "killed too late: the arm had finished"
+    assert not (killed / "quick" / "metrics.parquet").exists()
+    run(command(killed, "--resume"))
+    want = pd.read_parquet(reference / "quick" / "metrics.parquet")[COMPARED]
+    got = pd.read_parquet(killed / "quick" / "metrics.parquet")[COMPARED]
+    pd.testing.assert_frame_equal(got, want, check_exact=False, atol=1e-6, rtol=0)
+    want_c = pd.read_parquet(reference / "quick" / "comparison.parquet")
+    got_c = pd.read_parquet(killed / "quick" / "comparison.parquet")
+    cols = ["acc_after_mean", "kl_after_mean", "supervised_tokens", "live_gain_mean"]
+    pd.testing.assert_frame_equal(got_c[cols], want_c[cols], check_exact=False, atol=1e-6, rtol=0)
