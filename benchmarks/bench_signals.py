@@ -106,7 +106,7 @@ def float64_errors(student, teacher, sig, k: int, rows: int = 8) -> dict[str, fl
     return {key: float((sig[key][:rows].double() - val).abs().max()) for key, val in ref.items()}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4096, help="rows (tokens)")
     ap.add_argument("--v", type=int, default=151_936, help="vocabulary size")
@@ -116,11 +116,38 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="time and measure token_signals only (e.g. N=8192: the floor's outputs need 20 GB)")
     args = ap.parse_args()
     args.chunk_size = args.chunk_size or max(1, min(DEFAULT_CHUNK_LOGITS // args.v, args.n))
+    return args
+
+
+def compare_times(student, teacher, args) -> None:
+    """Interleaved timing of the floor(s) and token_signals; prints medians and ratios."""
+    fns = {"signals": lambda: token_signals(student, teacher, args.k, chunk_size=args.chunk_size)}
+    labels = {"signals": "token_signals"}
+    token_signals(student[:64], teacher[:64], args.k, chunk_size=args.chunk_size)  # warm-up
+    if not args.no_floor:
+        out_buffers = (torch.empty_like(student), torch.empty_like(teacher))
+        floor_fn(student[:64], teacher[:64])
+        floor_fn(student, teacher, out_buffers)  # touches the preallocated pages once
+        fns = {"floor": lambda: floor_fn(student, teacher),
+               "floor_out": lambda: floor_fn(student, teacher, out_buffers), **fns}
+        labels = {"floor": "floor: log_softmax x2", "floor_out": "log_softmax x2, out= buffers", **labels}
+    times = time_interleaved(fns, args.repeats)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, label in labels.items():
+        print(f"{label:30s} median {med[name]:7.3f} s  {['%.3f' % x for x in times[name]]}")
+    if not args.no_floor:
+        print(f"ratio token_signals / floor: {med['signals'] / med['floor']:.2f} (target <= 2.0); "
+              f"/ out= floor (no output allocation): {med['signals'] / med['floor_out']:.2f}")
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average "
           f"{os.getloadavg()[0]:.1f}, N={args.n}, V={args.v}, k={args.k}, chunk_size={args.chunk_size}")
@@ -128,28 +155,8 @@ def main() -> None:
     student, teacher = make_logits(args.n, args.v, args.seed)
     size_gib = student.numel() * 4 / 2**30
     print(f"inputs: 2 x {size_gib:.2f} GiB float32, built in {time.perf_counter() - t0:.1f} s")
+    compare_times(student, teacher, args)
 
-    out_buffers = (torch.empty_like(student), torch.empty_like(teacher))
-    fns = {
-        "floor": lambda: floor_fn(student, teacher),
-        "floor_out": lambda: floor_fn(student, teacher, out_buffers),
-        "signals": lambda: token_signals(student, teacher, args.k, chunk_size=args.chunk_size),
-    }
-    # Warm-up on a slice (allocator, thread pool, kernels), then interleaved timed repeats.
-    token_signals(student[:64], teacher[:64], args.k, chunk_size=args.chunk_size)
-    floor_fn(student[:64], teacher[:64])
-    floor_fn(student, teacher, out_buffers)  # touches the preallocated pages once
-    times = time_interleaved(fns, args.repeats)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    labels = {"floor": "floor: log_softmax x2", "floor_out": "log_softmax x2, out= buffers",
-              "signals": "token_signals"}
-    for name, label in labels.items():
-        print(f"{label:30s} median {med[name]:7.3f} s  {['%.3f' % x for x in times[name]]}")
-    print(f"ratio token_signals / floor: {med['signals'] / med['floor']:.2f} (target <= 2.0); "
-          f"/ out= floor (no output allocation): {med['signals'] / med['floor_out']:.2f}")
-    del out_buffers, fns
-
-    peak_floor = peak_extra_mb(lambda: floor_fn(student, teacher))
     sig = None
 
     def keep_sig():
@@ -158,6 +165,7 @@ def main() -> None:
         return sig
 
     peak_sig = peak_extra_mb(keep_sig)
+    peak_floor = float("nan") if args.no_floor else peak_extra_mb(lambda: floor_fn(student, teacher))
     print(f"peak RSS over inputs: floor {peak_floor:.0f} MB, token_signals {peak_sig:.0f} MB "
           f"(work buffers 5 x chunk x V float32 = {5 * args.chunk_size * args.v * 4 / 2**20:.0f} MB)")
     print(f"mean entropy: student {sig['student_entropy'].mean():.2f}, teacher "

@@ -15,7 +15,7 @@ LM-head + loss memory = peak(loss) - peak(base): the memory of the [n, V] logits
 log-softmax and gradients, which scales with the number n of kept positions. Target: <= 15% at 5%.
 Teacher scoring (no grad, chunked over positions) is the same at every ratio and not included.
 
-Usage: python benchmarks/bench_train.py  (about 2-4 minutes on a 2-core CPU).
+Usage: python benchmarks/bench_train.py [--device cuda]  (about 3-5 minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CONFIGS = {
 }
 
 
-def build(name: str):
+def build(name: str, device: str = "cpu"):
     """(student, vocab size, TrainBatch, signals) for a configuration; deterministic."""
     import torch
 
@@ -50,7 +50,7 @@ def build(name: str):
 
         testbed = build_testbed(load_config(TestbedConfig, ROOT / "configs/testbed.yaml"), progress=False)
         _, vocab = check_pair(testbed.student_path, testbed.teacher_path)
-        student = load_model(testbed.student_path, torch.device("cpu"), torch.float32)
+        student = load_model(testbed.student_path, torch.device(device), torch.float32)
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -59,7 +59,7 @@ def build(name: str):
         config = Qwen2Config(vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
                              num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
                              max_position_embeddings=512, tie_word_embeddings=False)
-        student = Qwen2ForCausalLM(config)
+        student = Qwen2ForCausalLM(config).to(device)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, vocab, (spec["n"], spec["prompt"]), generator=gen).tolist()
     responses = torch.randint(0, vocab, (spec["n"], spec["response"]), generator=gen).tolist()
@@ -79,20 +79,23 @@ def keep_mask(valid, ratio: float):
     return select(score, valid, ratio, min_per_sequence=1)
 
 
-def measure(name: str, ratio: float, mode: str) -> dict:
-    """One measurement in this (fresh) process."""
+def measure(name: str, ratio: float, mode: str, device: str = "cpu") -> dict:
+    """One measurement in this (fresh) process; memory is RSS on CPU, the CUDA allocator's on GPU."""
     import torch
 
     torch.set_num_threads(1)
+    dev = torch.device(device)
     from opd.batch import KeptPositionLM, kept_index
     from opd.config import TrainConfig
     from opd.distributed import World
     from opd.memory import peak_mb, reset_peak
     from opd.trainer import make_optimizer, opd_step
 
-    student, vocab, batch, signals = build(name)
+    student, vocab, batch, signals = build(name, device)
     keep = keep_mask(batch.valid, ratio)
-    world = World.create("cpu")
+    world = World.create(device)
+    batch = batch.to(dev)
+    keep = keep.to(dev)
     config = TrainConfig()
     model = KeptPositionLM(student, vocab)
     optimizer = make_optimizer(student, config)
@@ -108,41 +111,55 @@ def measure(name: str, ratio: float, mode: str) -> dict:
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    before = peak_mb()  # RSS high-water mark so far (models and batch loaded)
-    reset_peak()
-    start_rss = _rss_mb()
+    before = peak_mb(dev)  # high-water mark so far (models and batch loaded)
+    reset_peak(dev)
+    start = _current_mb(dev)
     started = time.perf_counter()
     run()
-    first_s = time.perf_counter() - started
-    peak = peak_mb()
-    seconds = first_s
-    if mode == "step":
+    _sync(dev)
+    seconds = time.perf_counter() - started
+    peak = peak_mb(dev)
+    if mode == "step":  # time a second call: the first one pays one-off allocations
         started = time.perf_counter()
         run()
+        _sync(dev)
         seconds = time.perf_counter() - started
     return {"config": name, "ratio": ratio, "mode": mode, "kept": int(keep.sum()), "positions": int(batch.valid.sum()),
-            "seconds": seconds, "peak_mb": peak, "added_mb": peak - start_rss, "loaded_mb": before}
+            "seconds": seconds, "peak_mb": peak, "added_mb": peak - start, "loaded_mb": before}
 
 
-def _rss_mb() -> float:
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _current_mb(device) -> float:
+    """Memory in use now: CUDA allocated, or the process RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def main() -> None:
+def main(device: str = "cpu") -> None:
     results = {}
     for name in CONFIGS:
         for ratio in RATIOS:
             for mode in ("step", "loss", "base"):
-                out = subprocess.run([sys.executable, __file__, "--one", name, str(ratio), mode], capture_output=True, text=True, cwd=ROOT)
+                out = subprocess.run([sys.executable, __file__, "--one", name, str(ratio), mode, device], capture_output=True, text=True, cwd=ROOT)
                 if out.returncode != 0:
                     raise SystemExit(f"{name} ratio={ratio} {mode} failed:\n{out.stderr[-3000:]}")
                 results[(name, ratio, mode)] = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"  measured {name:8s} ratio {ratio:<5} {mode:5s}: {results[(name, ratio, mode)]['seconds']:.3f} s, "
                       f"+{results[(name, ratio, mode)]['added_mb']:.0f} MB", flush=True)
-    print("\none training step (opd_step + AdamW), sampled_pg, kept_global; memory = RSS high-water in a fresh process")
+    memory = "CUDA max allocated" if device.startswith("cuda") else "RSS high-water"
+    print(f"\none training step (opd_step + AdamW) on {device}, sampled_pg, kept_global; memory = {memory} in a fresh process")
     print(f"{'config':8s} {'ratio':>6s} {'kept':>6s} {'step s':>8s} {'peak MB':>8s} {'LM-head+loss MB':>16s}")
     for name in CONFIGS:
         head = {}
@@ -151,13 +168,13 @@ def main() -> None:
             head[ratio] = loss["added_mb"] - base["added_mb"]
             print(f"{name:8s} {ratio:6.2f} {step['kept']:6d} {step['seconds']:8.3f} {step['peak_mb']:8.0f} {head[ratio]:16.1f}")
         s5, s1 = results[(name, 0.05, "step")], results[(name, 1.0, "step")]
-        print(f"{name:8s} 5% / full: step time {s5['seconds'] / s1['seconds']:.2f}x, step peak RSS {s5['peak_mb'] / s1['peak_mb']:.2f}x, "
+        print(f"{name:8s} 5% / full: step time {s5['seconds'] / s1['seconds']:.2f}x, step peak memory {s5['peak_mb'] / s1['peak_mb']:.2f}x, "
               f"added step memory {s5['added_mb'] / max(s1['added_mb'], 1e-9):.2f}x, "
               f"LM-head+loss memory {head[0.05] / max(head[1.0], 1e-9):.1%} (target <= 15%)")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--one":
-        print(json.dumps(measure(sys.argv[2], float(sys.argv[3]), sys.argv[4])))
+    if len(sys.argv) == 6 and sys.argv[1] == "--one":
+        print(json.dumps(measure(sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5])))
     else:
-        main()
+        main(sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu")

@@ -338,7 +338,8 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True) -> Path:
         group = run_group(pair, bank, tokens, config, seq_ids)
         write_parquet(run_dir / "group.parquet", group)
 
-    write_json(run_dir / "manifest.json", build_manifest(config, resolved, pair, ks, bank_path, tokens, time.perf_counter() - started))
+    method = "checkpoint" if config.mode == "checkpoint" else choose_method(config, pair.student, bank)
+    write_json(run_dir / "manifest.json", build_manifest(config, resolved, pair, ks, bank_path, tokens, method, time.perf_counter() - started))
     return run_dir
 
 
@@ -363,7 +364,7 @@ def run_group(pair: ModelPair, bank: engine.BankTensors, tokens: pd.DataFrame, c
     return pd.concat(frames, ignore_index=True)
 
 
-def build_manifest(config, resolved: ResolvedPair, pair: ModelPair, ks, bank_path: Path, tokens: pd.DataFrame, seconds: float) -> dict:
+def build_manifest(config, resolved: ResolvedPair, pair: ModelPair, ks, bank_path: Path, tokens: pd.DataFrame, method: str, seconds: float) -> dict:
     from diagnostics.store import package_versions
 
     return {
@@ -384,7 +385,7 @@ def build_manifest(config, resolved: ResolvedPair, pair: ModelPair, ks, bank_pat
         "vocab_size": pair.vocab_size,
         "signal_mode": "exact",
         "gain": "absolute forward-KL reduction KL(pT||pS_before) - KL(pT||pS_after), nats",
-        "method": choose_method(config, pair.student, engine.bank_tensors([[0]], [[0] * config.max_response_tokens], 0)) if config.mode != "checkpoint" else "checkpoint",
+        "method": method,
         "n_sequences": int(tokens["seq_id"].nunique()),
         "n_tokens": len(tokens),
         "n_nonfinite_gains": int((~np.isfinite(tokens["gain"].to_numpy())).sum()),

@@ -71,11 +71,13 @@ TOPK_KEYS = (
 # Signals added when the sampled token of each position is given.
 SAMPLED_KEYS = ("sampled_in_student_topk", "student_logprob_sampled", "teacher_logprob_sampled")
 
-# Logits per side per chunk in ``token_signals`` when chunk_size is None: rows = this // V (55 rows
-# at V = 151,936). The float32 work buffers hold 5 x rows x V values (shifted logits of both
-# sides plus a ones row, and their exp): 167 MB at V = 151,936. Tuned with
-# benchmarks/bench_signals.py on a 2-core CPU (see DEFAULT_CHUNK_LOGITS notes there).
-DEFAULT_CHUNK_LOGITS = 2**23
+# Logits per side per chunk in ``token_signals`` when chunk_size is None: rows = this // V, i.e.
+# 20 rows at V = 151,936 and 98 at V = 32,000. The float32 work buffers hold 5 x rows x V values
+# (shifted logits of both sides plus a ones row, and their exp): 61 MB at V = 151,936. Tuned with
+# benchmarks/bench_signals.py on a 2-core CPU: on an idle machine 8-16 rows at V = 151,936 are
+# fastest (the chunk stays cache-resident; 55 rows cost +40%); when other processes compete for
+# the cores, larger chunks (fewer OpenMP regions) win. This is the compromise.
+DEFAULT_CHUNK_LOGITS = 3 * 2**20
 # Top-K candidates come from strided token columns of _GROUP tokens (see ``_column_candidates``);
 # vocabularies with fewer than _MIN_COLUMNS columns take every token as a candidate.
 _GROUP = 128

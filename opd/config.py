@@ -38,7 +38,7 @@ class TrainConfig:
     min_per_sequence: int = 1  # kept positions guaranteed per response (released code: 1)
     k: int = 0  # top-K of the signals; 0 = the pair's default (testbed 8, real models 16)
     # rollouts
-    steps: int = 40  # optimizer steps per arm; one fresh rollout batch per step
+    steps: int = 100  # optimizer steps per arm; one fresh rollout batch per step
     batch_size: int = 32  # prompts per step, over all processes
     samples_per_prompt: int = 1
     max_new_tokens: int = 0  # 0 = the testbed's response length, or 256 for real models
@@ -50,18 +50,18 @@ class TrainConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     optimizer: Literal["adamw", "adam"] = "adamw"
-    lr: float = 3e-4
+    lr: float = 1e-5  # testbed value from a sweep on the full baseline (configs/train.yaml)
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 0.0  # 0 = no clipping (the paper names none)
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole local batch
     # evaluation and the live selector check
-    eval_every: int = 10  # steps between held-out evaluations (also after the last step)
+    eval_every: int = 20  # steps between held-out evaluations (also after the last step)
     eval_problems: int = 500  # held-out problems for greedy exact match
     bank_sequences: int = 64  # held-out base-student rollouts: the common bank for KL and live gain
     bank_max_tokens: int = 192  # bank responses cut to this many tokens
     # checkpoints, output, machine
-    checkpoint_every: int = 10  # steps between checkpoints (0 = only at the end of an arm)
+    checkpoint_every: int = 25  # steps between checkpoints (0 = none)
     save_students: bool = True  # keep each arm's final student under arms/<arm>/student
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

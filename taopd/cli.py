@@ -95,6 +95,11 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
 
     tokens, manifest = load_run(run_dir)
     summary = summarize(tokens, n_boot=n_boot, seed=seed, manifest=manifest)
+    if "gain_first_order" in tokens.columns:  # mode=first-order: Proposition 1 vs the measured gain
+        from analysis.ranks import spearman
+
+        finite = tokens[["gain", "gain_first_order"]].dropna()
+        summary["first_order_agreement"] = {"spearman": spearman(finite["gain_first_order"].to_numpy(), finite["gain"].to_numpy()), "n": len(finite)}
     group_path = Path(run_dir) / "group.parquet"
     if group_path.is_file():
         summary["group"] = group_summary(group_path)
@@ -102,6 +107,9 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
     if json_path is not None:
         write_json(json_path, summary)
     console.print(format_report(summary), markup=False, highlight=False)
+    if "first_order_agreement" in summary:
+        agreement = summary["first_order_agreement"]
+        console.print(f"first-order estimate vs single-step gain: Spearman {agreement['spearman']:+.3f} over {agreement['n']} positions")
     if "group" in summary:
         table = Table(title="group variant: one update on each selector's kept set, gain over the whole bank")
         for col in ("selector", "ratio", "kept", "mean gain (all positions)", "mean gain (kept)"):
