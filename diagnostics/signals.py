@@ -22,6 +22,12 @@ Conventions shared by all functions (each is tested against a float64 reference)
 * Masking: -inf logits (log-probs) are allowed and mean probability 0. 0 * log 0 is 0 everywhere,
   KL terms where the first argument has probability 0 contribute 0, and KL(P || Q) is +inf when P
   puts mass where Q has none (mathematically right, not an error). NaN, +inf and all -inf rows raise.
+* Exact mode, per chunk of rows: strided column maxima give the row max (and flag NaN, +inf or
+  all -inf rows, so validation costs nothing on clean rows) and the top-K candidates; d = x - max
+  and e = exp(d) are written into reused buffers; one batched GEMM gives sum_v e (d_s, d_t, 1),
+  from which Z, both entropies and both KLs follow (spec 2 identities at ``_exact_signals``);
+  D, C and the proxies need only the log-probs at S and T. Extra memory: 5 x chunk x V float32.
+  Rows with -inf logits take a second GEMM (about +80% time for those chunks).
 * Simplifications: no autograd (signals are diagnostics; ``token_signals`` runs under
   ``torch.no_grad``), float32 throughout, and entropies and KL-type outputs are floored at 0 to
   drop float32 rounding (they are >= 0 mathematically; inputs themselves are never clamped).
@@ -192,9 +198,10 @@ def _column_candidates(cols: Tensor, nb: int, vocab: int) -> Tensor:
     include them all plus, for each chosen column whose max equals tau, a token equal to tau:
     enough to complete the top-m multiset.
     """
-    ids = (cols[:, :, None] + nb * torch.arange(_GROUP)).flatten(1)  # [r, m * _GROUP]
+    ids = (cols[:, :, None] + nb * torch.arange(_GROUP, device=cols.device)).flatten(1)  # [r, m * _GROUP]
     if nb * _GROUP < vocab:
-        ids = torch.cat([ids, torch.arange(nb * _GROUP, vocab).expand(len(ids), -1)], dim=1)
+        tail = torch.arange(nb * _GROUP, vocab, device=cols.device)
+        ids = torch.cat([ids, tail.expand(len(ids), -1)], dim=1)
     return ids
 
 
@@ -221,11 +228,12 @@ def _topk_ids_pair(s: Tensor, t: Tensor, cols: Tensor | None, k: int) -> Tensor:
     that row's set exactly. Both sides share one batched pipeline over [2c, ...] tensors.
     """
     c, vocab = s.shape
+    every = torch.arange(vocab, device=s.device).expand(2 * c, vocab)
     if k >= vocab:  # the whole vocabulary: only the order is needed
-        ids = _order_desc_id_asc(torch.cat([s, t]).float(), torch.arange(vocab).expand(2 * c, vocab))[1]
+        ids = _order_desc_id_asc(torch.cat([s, t]).float(), every)[1]
         return torch.stack([ids[:c], ids[c:]], dim=1)
     if cols is None:  # small vocabulary: every token is a candidate
-        cand = torch.arange(vocab).expand(2 * c, vocab)
+        cand = every
         vals = torch.cat([s, t]).float()
     else:
         cand = _column_candidates(cols, vocab // _GROUP, vocab)  # [2c, M]
@@ -317,11 +325,12 @@ class _RowStats:
     kl_inf: Tensor  # [N, 2] bool: KL(T||S), KL(S||T) infinite (mass on a masked token)
 
     @classmethod
-    def empty(cls, n: int, k_eff: int, with_sampled: bool) -> "_RowStats":
+    def empty(cls, n: int, k_eff: int, with_sampled: bool, device: torch.device) -> "_RowStats":
         m = 2 * k_eff + int(with_sampled)
         return cls(
-            torch.empty(n, 2, 2), torch.empty(n, 2), torch.empty(n, 2, k_eff, dtype=torch.long),
-            torch.empty(n, 2, m), torch.zeros(n, 2, dtype=torch.bool),
+            torch.empty(n, 2, 2, device=device), torch.empty(n, 2, device=device),
+            torch.empty(n, 2, k_eff, dtype=torch.long, device=device),
+            torch.empty(n, 2, m, device=device), torch.zeros(n, 2, dtype=torch.bool, device=device),
         )
 
 
@@ -397,12 +406,13 @@ def _chunk_pass(
     if not torch.isfinite(gz).all():
         # -inf logits: 0 * -inf = NaN above. Masked tokens have p = 0, so set d = 0 there
         # (0 log 0 = 0; the log-probs were gathered already) and redo the chunk's sums.
-        d1.nan_to_num_(nan=0.0, neginf=0.0)
+        masked = torch.isneginf(d1[:, :2])  # [c, 2, V]
+        d1[:, :2].nan_to_num_(nan=0.0, neginf=0.0)  # only -inf can be left (rows are valid)
         top = _own_topk_sums(e_at, d1_at.nan_to_num(neginf=0.0), ids.shape[2])
         gz = torch.bmm(e, d1.transpose(1, 2)) + top
-        # KL(P||Q) = +inf where P > 0 on a token Q masks: invisible to the sums, visible here.
-        ms, mt = s == NEG_INF, t == NEG_INF
-        out.kl_inf[rows] = torch.stack([(ms & ~mt).any(dim=1), (mt & ~ms).any(dim=1)], dim=1)
+        # KL(P||Q) = +inf where P > 0 on a token Q masks (invisible to the sums, visible here).
+        ms, mt = masked[:, 0], masked[:, 1]
+        out.kl_inf[rows] = torch.stack([(ms > mt).any(dim=1), (mt > ms).any(dim=1)], dim=1)
     z = gz[:, :, 2]  # [c, 2]
     log_z = z.log()
     out.moments[rows] = gz[:, :, :2] / z[:, :, None]  # E_{p_a}[d_b]
@@ -475,13 +485,16 @@ def token_signals(
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
     if sampled_ids is not None:
         _check_ids(sampled_ids, "sampled_ids", (n,), vocab)
-        sampled_ids = sampled_ids.long()
-    stats = _RowStats.empty(n, min(k, vocab), sampled_ids is not None)
+        sampled_ids = sampled_ids.long().to(student_logits.device)
+    device = student_logits.device
+    if teacher_logits.device != device:
+        raise ValueError(f"teacher_logits is on {teacher_logits.device}, student_logits on {device}")
+    stats = _RowStats.empty(n, min(k, vocab), sampled_ids is not None, device)
     chunk = max(1, min(chunk_size or DEFAULT_CHUNK_LOGITS // vocab, n))
     # Work buffers reused by every chunk (no page faults): (d_s, d_t, ones) and exp(d_s, d_t).
-    d1_buf = torch.empty(chunk, 3, vocab)
+    d1_buf = torch.empty(chunk, 3, vocab, device=device)
     d1_buf[:, 2] = 1.0
-    e_buf = torch.empty(chunk, 2, vocab)
+    e_buf = torch.empty(chunk, 2, vocab, device=device)
     with torch.no_grad():
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
@@ -712,12 +725,12 @@ def _soft_or(a: Tensor, b: Tensor) -> Tensor:
 
 @register_score("full", description="every valid position (full-token OPD baseline)")
 def _full(norm, valid, generator):
-    return torch.ones(valid.shape)
+    return torch.ones(valid.shape, device=valid.device)
 
 
 @register_score("random", description="uniform random")
 def _random(norm, valid, generator):
-    return torch.rand(valid.shape, generator=generator)
+    return torch.rand(valid.shape, generator=generator).to(valid.device)
 
 
 @register_score("entropy", description="H~, normalised student entropy", needs=("H",))
@@ -774,7 +787,7 @@ def _q3_incompatible(norm, valid, generator):
 
 @register_score("q3_only", description="uniform random inside Q3 (paper's Q3-only selector)", q3=True)
 def _q3_only(norm, valid, generator):
-    return torch.rand(valid.shape, generator=generator)
+    return torch.rand(valid.shape, generator=generator).to(valid.device)
 
 
 def _score_generator(seed: int, name: str) -> torch.Generator:
@@ -868,17 +881,18 @@ def select(
     cand = (flat > NEG_INF).view(b, t)
     # Global order: score descending, ties by position (stable sort) or by a seeded permutation.
     if seed is None:
-        perm = torch.arange(b * t)
-    else:
-        perm = torch.randperm(b * t, generator=torch.Generator().manual_seed(seed))
+        perm = torch.arange(b * t, device=score.device)
+    else:  # drawn on the CPU: the same permutation on every device
+        perm = torch.randperm(b * t, generator=torch.Generator().manual_seed(seed)).to(score.device)
     order = perm[flat[perm].sort(descending=True, stable=True).indices]  # positions, best first
-    rank = torch.empty(b * t, dtype=torch.long)
-    rank[order] = torch.arange(b * t)  # rank[pos] = place of pos in the global order
+    rank = torch.empty(b * t, dtype=torch.long, device=score.device)
+    rank[order] = torch.arange(b * t, device=score.device)  # rank[pos] = place of pos in the global order
     rank = rank.view(b, t)
     keep = cand & (rank < _budget(ratio, int(valid.sum())))
     if min_per_sequence > 0:
         # Within-row place in the global order; a row's kept set is always its best-ranked prefix.
         row_place = torch.empty_like(rank)
-        row_place.scatter_(1, rank.argsort(dim=1), torch.arange(t).expand(b, t).contiguous())
+        places = torch.arange(t, device=score.device).expand(b, t).contiguous()
+        row_place.scatter_(1, rank.argsort(dim=1), places)
         keep |= cand & (row_place < min_per_sequence)
     return keep

@@ -34,7 +34,7 @@ class TrainConfig:
     # arms
     selectors: list[str] = field(default_factory=lambda: ["full", "teachability", "entropy", "kl", "tip", "random"])
     ratios: list[float] = field(default_factory=lambda: [0.05])  # retention of every selector but full (1.0)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     min_per_sequence: int = 1  # kept positions guaranteed per response (released code: 1)
     k: int = 0  # top-K of the signals; 0 = the pair's default (testbed 8, real models 16)
     # rollouts

@@ -300,8 +300,9 @@ def opd_step(model: torch.nn.Module, teacher: KeptPositionLM, batch: TrainBatch,
                 clip_high=config.clip_high,
             )
             out = spec.fn(inputs)
-            if not torch.isfinite(out["loss"]).all():
-                raise NonFiniteError(_nonfinite_report(out["loss"], inputs, rows + start, pos))
+            local_bad = int((~torch.isfinite(out["loss"])).sum())
+            if world.sum(local_bad):  # every process stops at the same micro-batch (no hung all-reduce)
+                raise NonFiniteError(_nonfinite_report(out["loss"], inputs, rows + start, pos) if local_bad else "per-token loss non-finite on another process")
             weights = token_weights(rows, config.normalization, n_kept, n_seq, kept_per_seq[part].to(world.device))  # [n]
             loss = (weights.to(out["loss"].device) * out["loss"]).sum()
             world.backward(loss * world.size)  # DDP averages over processes; x size makes it the global sum

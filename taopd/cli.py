@@ -3,7 +3,7 @@
 Subcommands mirror the Makefile targets:
   taopd testbed   build (or reuse) the embedded teacher-student testbed and print its report
   taopd diagnose  the fixed-context diagnostic: rollouts -> bank -> per-token gains -> summary
-  taopd train     TA-OPD and baseline selective OPD runs
+  taopd train     TA-OPD and baseline selective OPD runs (metrics, comparison, live gain)
   taopd analyze   the full statistical report of a diagnostic run
   taopd figures   every figure for every run under results/
   taopd scores    the registered token scores/selectors
@@ -153,9 +153,32 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_built(args: argparse.Namespace) -> int:
-    console.print(f"[yellow]taopd {args.command}: not built yet[/yellow]")
-    return 2
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from diagnostics.config import load_config
+    from opd.config import TrainConfig
+    from opd.trainer import NonFiniteError, run_training
+
+    overrides = list(args.overrides)
+    if args.student or args.teacher:
+        overrides += [f"student={args.student or ''}", f"teacher={args.teacher or ''}"]
+    config = load_config(TrainConfig, args.config, overrides)
+    try:
+        run_dir = run_training(config, resume=args.resume)
+    except (FileExistsError, NonFiniteError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch / torchrun: rank 0 only
+        from analysis.figures import plot_learning_curves, plot_selector_comparison, save_figure
+        from analysis.io import load_train_run
+
+        metrics, comparison, manifest = load_train_run(run_dir)
+        paths = save_figure(plot_learning_curves(metrics, run_name=manifest["run_name"]), run_dir, "learning_curves")
+        if comparison is not None:
+            paths += save_figure(plot_selector_comparison(comparison, run_name=manifest["run_name"]), run_dir, "selector_comparison")
+        console.print(f"run: {run_dir}\nfigures: {', '.join(str(p) for p in paths)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,9 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000, help="cluster-bootstrap resamples (default 1000)")
     p.set_defaults(func=cmd_figures)
 
-    p = sub.add_parser("train", help="TA-OPD and baseline selective OPD training runs")
-    p.add_argument("rest", nargs="*")
-    p.set_defaults(func=cmd_not_built)
+    p = sub.add_parser("train", help="TA-OPD and baseline selective OPD runs: metrics, comparison table, live gain")
+    _add_config_args(p, "configs/train.yaml")
+    p.add_argument("--student", help="student model dir or hub id (default: the embedded testbed)")
+    p.add_argument("--teacher", help="teacher model dir or hub id (default: the embedded testbed)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the config's run directory from its last checkpoints")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

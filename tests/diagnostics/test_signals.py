@@ -181,6 +181,7 @@ def masked_logits(n, v, seed):
     t[0, :] = -INF
     s[0, :2], t[0, :2] = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])
     t[1] = s[1].clone()  # row 1: identical masks, finite KLs
+    t[2] = s[2].nan_to_num(neginf=0.0) * 0.5  # row 2: only the student masks: KL(S||T) finite
     return s, t
 
 
@@ -308,12 +309,16 @@ def test_k_at_least_vocab_is_whole_vocabulary():
     torch.testing.assert_close(out["student_entropy_topk"] * math.log(7), out["student_entropy"])
 
 
-def test_masked_teacher_mass_gives_infinite_forward_kl():
-    s = torch.tensor([[0.0, -INF, 1.0]])
-    t = torch.tensor([[0.0, 2.0, -INF]])
+def test_masked_tokens_give_one_sided_infinite_kl():
+    s = torch.tensor([[0.0, -INF, 1.0, 0.5], [0.0, 2.0, 1.0, 0.5], [0.0, -INF, 1.0, -INF]])
+    t = torch.tensor([[0.0, 2.0, 0.3, 0.5], [0.0, 2.0, -INF, 0.5], [0.0, -INF, 1.0, -INF]])
     out = token_signals(s, t, 3)
-    assert out["kl_forward"].item() == INF and out["kl_reverse"].item() == INF
-    assert out["disagreement"].item() == INF
+    # row 0: the student masks a teacher token; row 1: the reverse; row 2: shared masks only.
+    assert out["kl_forward"].tolist()[:2] == [INF, out["kl_forward"][1].item()] and out["kl_forward"][1] < INF
+    assert out["kl_reverse"][0] < INF and out["kl_reverse"][1] == INF
+    assert torch.isfinite(out["kl_forward"][2]) and torch.isfinite(out["kl_reverse"][2])
+    assert out["disagreement"][0] == INF  # token 1 is in T but masked for the student
+    assert_matches(out, ref_exact(s, t, 3))
 
 
 # ----------------------------------------------------------------------------------------------
