@@ -6,9 +6,8 @@ backend delivers. Prints both rates and their ratio; on CPU the figure is only r
 
     .venv/bin/python benchmarks/bench_rollouts.py [--student PATH] [--n-prompts 64]
 
-Default student: the default testbed's if it is built, else the small testbed's. vLLM's CPU attention
-supports only some head sizes; when the student's is not one of them, the benchmark says so and
-uses the small testbed with one attention head per model (head size 32) instead.
+Default student: the default testbed's if it is built, else the small testbed's (both use head
+size 32, which vLLM's CPU attention supports).
 """
 
 from __future__ import annotations
@@ -21,21 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Same overrides as tests/diagnostics/conftest.py: a small testbed vLLM's CPU attention can run.
-VLLM_TESTBED_OVERRIDES = [
-    "student.hidden_size=32",
-    "student.num_heads=1",
-    "teacher.num_heads=1",
-    "student.train_steps=150",
-    "teacher.train_steps=300",
-]
-
-
-def testbed_config(name: str, overrides: list[str] = ()):
+def testbed_config(name: str):
     from diagnostics.config import load_config
     from diagnostics.testbed import TestbedConfig
 
-    return load_config(TestbedConfig, ROOT / "configs" / name, [f"cache_dir={ROOT / '.cache/testbed'}", *overrides])
+    return load_config(TestbedConfig, ROOT / "configs" / name, [f"cache_dir={ROOT / '.cache/testbed'}"])
 
 
 def default_student() -> str:
@@ -47,18 +36,6 @@ def default_student() -> str:
     if (built / "report.json").is_file():
         return str(built / "student")
     return build_testbed(testbed_config("testbed_small.yaml"), progress=False).student_path
-
-
-def vllm_runnable_student(path: str) -> str:
-    from diagnostics.rollouts import check_vllm_supported
-    from diagnostics.testbed import build_testbed
-
-    try:
-        check_vllm_supported(path)
-        return path
-    except ValueError as exc:
-        print(f"note: {exc}; using the small testbed with head size 32 instead")
-        return build_testbed(testbed_config("testbed_small.yaml", VLLM_TESTBED_OVERRIDES), progress=False).student_path
 
 
 def prompts_for(path: str, n: int) -> list[str]:
@@ -92,9 +69,10 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from diagnostics.rollouts import SamplingConfig, generate_rollouts, max_positions, release_vllm_engine, render_prompts
+    from diagnostics.rollouts import SamplingConfig, check_vllm_supported, generate_rollouts, max_positions, release_vllm_engine, render_prompts
 
-    path = vllm_runnable_student(args.student or default_student())
+    path = args.student or default_student()
+    check_vllm_supported(path)
     prompts = prompts_for(path, args.n_prompts)
     longest = max(len(ids) for ids in render_prompts(AutoTokenizer.from_pretrained(path), prompts))
     max_new = args.max_new_tokens or min(256, max_positions(AutoConfig.from_pretrained(path)) - longest)

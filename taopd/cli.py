@@ -30,6 +30,14 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str) -> No
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
+def _with_model_overrides(args: argparse.Namespace) -> list[str]:
+    """--student/--teacher flags become config overrides (the config checks both are given)."""
+    overrides = list(args.overrides)
+    if args.student or args.teacher:
+        overrides += [f"student={args.student or ''}", f"teacher={args.teacher or ''}"]
+    return overrides
+
+
 def cmd_testbed(args: argparse.Namespace) -> int:
     from diagnostics.config import load_config
     from diagnostics.testbed import TestbedConfig, build_testbed
@@ -79,9 +87,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from diagnostics.config import load_config
     from diagnostics.diagnose import DiagnoseConfig, run_diagnose
 
-    overrides = list(args.overrides)
-    if args.student or args.teacher:
-        overrides += [f"student={args.student or ''}", f"teacher={args.teacher or ''}"]
+    overrides = _with_model_overrides(args)
     config = load_config(DiagnoseConfig, args.config, overrides)
     run_dir = run_diagnose(config)
     report_run(run_dir, n_boot=config.n_boot, seed=config.seed)
@@ -160,9 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from opd.config import TrainConfig
     from opd.trainer import NonFiniteError, run_training
 
-    overrides = list(args.overrides)
-    if args.student or args.teacher:
-        overrides += [f"student={args.student or ''}", f"teacher={args.teacher or ''}"]
+    overrides = _with_model_overrides(args)
     config = load_config(TrainConfig, args.config, overrides)
     try:
         run_dir = run_training(config, resume=args.resume)

@@ -1,8 +1,7 @@
 """Fixtures shared by the rollout, store and scoring tests.
 
-`vllm_testbed` is the small testbed with one attention head per model, so that both head sizes
-(32) are among those vLLM's CPU attention supports (the small testbed's own 8 and 16 are not).
-The student's and teacher's vocabularies still differ in LM-head rows (37 vs 48), so the padding
+`vllm_testbed` is the small testbed (head size 32, which vLLM's CPU attention supports), trained
+longer so that its responses end in EOS. The student's and teacher's vocabularies still differ in LM-head rows (37 vs 48), so the padding
 path is exercised. `vllm_rollouts` starts the process's vLLM engine once per session.
 """
 
@@ -14,9 +13,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_TESTBED_OVERRIDES = [
-    "student.hidden_size=32",
-    "student.num_heads=1",
-    "teacher.num_heads=1",
     # trained long enough to learn the answer format (responses end in EOS), still seconds
     "student.train_steps=150",
     "teacher.train_steps=300",
