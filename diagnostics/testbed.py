@@ -8,8 +8,10 @@ included, loads them exactly as it loads real Qwen models.
 - Tokenizer: a Qwen2 byte-level BPE (Qwen's pre-tokenizer, vocab and merges in tokenizer.json)
   whose merges make each task word one token; `AutoTokenizer` loads it as `Qwen2Tokenizer`, the
   class it forces for every qwen2 checkpoint, exactly as for real Qwen models.
-- Teacher: wide and trained long enough to sort almost perfectly. Student: smaller and trained
-  briefly, so it has room to learn. The teacher's LM head is padded to a multiple of 64 rows, as
+- Teacher: wide and trained long enough to sort almost perfectly. Student: one layer, too small to
+  sort reliably (capacity-limited, like a small model of a family, rather than under-trained): it
+  has room to learn, and its own samples at temperature 1 are sometimes right, so on-policy
+  rollouts carry signal. The teacher's LM head is padded to a multiple of 64 rows, as
   Qwen pads its bigger models, so the vocabulary-padding path is exercised for real.
 - Default top-K: 8. The tokenizer has 259 tokens (200 of them task words); top-8 is ~3% of it, a
   small part as top-16 is of Qwen's 152k, while leaving room for both top-K sets to disagree.
@@ -41,7 +43,7 @@ from diagnostics.evaluation import exact_match_accuracy
 from diagnostics.task import CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, Problem, sort_problems, task_words
 
 # Bump when the build procedure changes, so old caches are not reused.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 # vLLM's CPU attention kernels exist for these head sizes only; the testbed must run under vLLM.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # A minimal chat template so the chat-message path works on the testbed: the user turn is the prompt.
@@ -81,7 +83,7 @@ class TestbedConfig:
     k: int = 8  # default top-K of this model pair
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_multiple=64))
     student: ModelSpec = field(
-        default_factory=lambda: ModelSpec(hidden_size=96, num_layers=2, num_heads=3, intermediate_size=256, train_steps=240)
+        default_factory=lambda: ModelSpec(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, train_steps=600)
     )
     eval_problems: int = 500  # held-out problems for the accuracy report
     spread_problems: int = 200  # student samples for the C-spread report
