@@ -90,11 +90,13 @@ class DiagnoseConfig:
         check(bool(self.student) == bool(self.teacher), "teacher", "give both student and teacher, or neither (testbed)")
         check(self.mode != "checkpoint" or bool(self.checkpoint), "checkpoint", "mode=checkpoint needs a checkpoint path")
 
-    def run_id(self) -> str:
-        """The run directory name: stable for a config, so a rerun resumes it."""
+    def run_id(self, models: dict[str, str] | None = None) -> str:
+        """The run directory name: stable for a config and its resolved model paths, so a rerun
+        resumes it (and a rebuilt testbed, which lives under a new cache key, starts a new run)."""
         if self.run_name:
             return self.run_name
         payload = {k: v for k, v in config_to_dict(self).items() if k not in ("run_name", "out_dir", "n_boot")}
+        payload["models"] = models or {}
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.mode}-{digest}"
 
@@ -246,17 +248,23 @@ def add_scores(tokens: pd.DataFrame, ks: list[int], default_k: int, seed: int) -
     return tokens
 
 
-def run_dir_for(config: DiagnoseConfig) -> Path:
-    return Path(config.out_dir) / config.run_id()
+def resolved_models(config: DiagnoseConfig, resolved: ResolvedPair) -> dict[str, str]:
+    """The model paths a run actually used (the testbed's include its cache key)."""
+    return {"student_path": resolved.student_path, "teacher_path": resolved.teacher_path, "checkpoint_path": config.checkpoint}
 
 
-def check_resume(run_dir: Path, config: DiagnoseConfig) -> None:
-    """A run directory holds one config: resuming with another is an error naming the keys."""
+def saved_config(config: DiagnoseConfig, resolved: ResolvedPair) -> dict:
+    """What config.json records: the config and the resolved models (resuming must match both)."""
+    return {**json.loads(json.dumps(config_to_dict(config))), "resolved_models": resolved_models(config, resolved)}
+
+
+def check_resume(run_dir: Path, config: DiagnoseConfig, resolved: ResolvedPair) -> None:
+    """A run directory holds one config and model pair: resuming with another is an error naming the keys."""
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
-    current = json.loads(json.dumps(config_to_dict(config)))
+    current = saved_config(config, resolved)
     ignore = {"n_boot"}
     differing = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
     if differing:
@@ -273,10 +281,10 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True) -> Path:
     check_pair(resolved.student_path, resolved.teacher_path)  # cheap: tokenizers and configs only
     if config.mode == "checkpoint":
         check_pair(resolved.student_path, config.checkpoint)
-    run_dir = run_dir_for(config)
-    check_resume(run_dir, config)
+    run_dir = Path(config.out_dir) / config.run_id(resolved_models(config, resolved))
+    check_resume(run_dir, config, resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", config_to_dict(config))
+    write_json(run_dir / "config.json", saved_config(config, resolved))
     ks = [resolved.k] + [k for k in config.extra_k if k != resolved.k]
 
     # 1. rollouts (held-out prompts), reused on resume
@@ -368,7 +376,7 @@ def build_manifest(config, resolved: ResolvedPair, pair: ModelPair, ks, bank_pat
     from diagnostics.store import package_versions
 
     return {
-        "run_name": config.run_id(),
+        "run_name": Path(bank_path).parent.name,
         "student_path": resolved.student_path,
         "teacher_path": resolved.teacher_path,
         "checkpoint_path": config.checkpoint or None,

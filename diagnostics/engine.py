@@ -252,15 +252,20 @@ def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_ord
         part = bank.select(slice(start, start + chunk)).to(device)
         t_lp = teacher_logprobs[start : start + chunk].to(device)
         b, T = part.valid.shape
-        with torch.no_grad():
-            s_lp = torch.stack([_sequence_logprobs(model, params, part.ids[i], part.pred_idx[i], vocab_size) for i in range(b)])
+        s_lp = response_logprobs(model, part, vocab_size, batch_size=b)  # [b, T, V], one batched forward
         advantage = sampled_advantage(s_lp, t_lp, part.targets)
         validf = part.valid.float()
         args = (part.ids, part.pred_idx, t_lp, part.targets, advantage, validf)
         grads = vmap(jacrev(losses), in_dims=(None, 0, 0, 0, 0, 0, 0))(params, *args)  # name -> [b, T, *shape]
         directions = {name: update_direction(g, step.optimizer) for name, g in grads.items()}
-        # one updated parameter copy per (sequence, position): [b*T, *shape]
-        stacked = {name: (params[name] - step.lr * d).reshape(b * T, *params[name].shape) for name, d in directions.items()}
+        first_order_gain = None
+        if first_order:  # before the directions are overwritten below
+            fix_grads = vmap(jacrev(fwd_kls), in_dims=(None, 0, 0, 0, 0))(params, part.ids, part.pred_idx, t_lp, validf)
+            first_order_gain = step.lr * sum((fix_grads[n] * directions[n]).flatten(2).sum(-1) for n in params)  # [b, T]
+            del fix_grads
+        # one updated parameter copy per (sequence, position), theta - lr d, built in place in the
+        # direction tensors (one pass, no extra [b*T, *shape] allocation): [b*T, *shape]
+        stacked = {name: d.mul_(-step.lr).add_(params[name]).reshape(b * T, *params[name].shape) for name, d in directions.items()}
         repeat = lambda x: x.repeat_interleave(T, dim=0)  # noqa: E731  [b, ...] -> [b*T, ...]
         with torch.no_grad():
             kl_f, kl_r = vmap(measure, in_dims=(0, 0, 0, 0))(stacked, repeat(part.ids), repeat(part.pred_idx), repeat(t_lp))
@@ -269,10 +274,8 @@ def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_ord
         out["kl_forward_before"] = before_f
         out["kl_reverse_before"] = before_r
         out["kl_reverse_after"] = torch.diagonal(kl_r.reshape(b, T, T), dim1=1, dim2=2)
-        if first_order:
-            fix_grads = vmap(jacrev(fwd_kls), in_dims=(None, 0, 0, 0, 0))(params, part.ids, part.pred_idx, t_lp, validf)
-            dot = sum((fix_grads[n] * directions[n]).flatten(2).sum(-1) for n in params)  # [b, T]
-            out["gain_first_order"] = step.lr * dot
+        if first_order_gain is not None:
+            out["gain_first_order"] = first_order_gain
         for key, value in out.items():
             results.setdefault(key, []).append(value.detach().cpu())
         del grads, directions, stacked

@@ -106,3 +106,11 @@ def test_bank_validation_names_the_row():
     rollouts = pd.DataFrame({"prompt_id": [0], "prompt_ids": [[1, 2]], "response_ids": [[]]})
     with pytest.raises(ValueError, match="empty response_ids"):
         make_bank(rollouts, 8, 50)
+
+
+def test_run_id_follows_the_resolved_models():
+    config = DiagnoseConfig()
+    first = config.run_id({"student_path": ".cache/testbed/aaaa/student", "teacher_path": "t"})
+    assert first == config.run_id({"student_path": ".cache/testbed/aaaa/student", "teacher_path": "t"})
+    # a rebuilt testbed lives under a new cache key: its run must not resume the old one's shards
+    assert first != config.run_id({"student_path": ".cache/testbed/bbbb/student", "teacher_path": "t"})
