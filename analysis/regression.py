@@ -136,7 +136,7 @@ def _point_fit(
         r2=float(res.rsquared),
         n=int(len(y)),
         n_clusters=clusters.n_clusters,
-        summary_text=str(res.summary(xname=["const", *feats], yname=f"z(outcome)")),
+        summary_text=str(res.summary(xname=["const", *feats], yname="z(outcome)")),
     )
     return fit, np.asarray(res.resid) * y.std()
 

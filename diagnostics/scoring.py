@@ -28,7 +28,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from diagnostics.models import ModelPair
 from diagnostics.rollouts import iter_response_logits, logprob_entry, max_positions, vllm_engine

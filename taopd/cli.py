@@ -13,7 +13,6 @@ Every subcommand takes `--config FILE` and `key=value` overrides of that config'
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
