@@ -77,6 +77,8 @@ class ModelSpec:
 class TestbedConfig:
     """Config of `taopd testbed`; `configs/testbed.yaml` mirrors it key for key."""
 
+    __test__ = False  # not a pytest test class despite its name
+
     seed: int = 0
     n_items: int = 8  # words per problem; a response is n_items + 1 tokens
     n_words: int = 200  # size of the task's word vocabulary, each word one token
