@@ -50,6 +50,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 
 from diagnostics.config import check
 from diagnostics.evaluation import left_pad
+from diagnostics.forward import sampled_token_logprobs
 from diagnostics.models import check_path, load_model, resolve_device, resolve_dtype
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
@@ -173,139 +174,6 @@ def max_positions(config) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Teacher-forced logits at response positions (shared with diagnostics.scoring)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ResponseChunk:
-    """Logits at a chunk of response positions: position `pos` of row `row` predicts `targets`.
-
-    rows, pos, targets: [n] long. logits: one [n, V] float32 tensor per model (V = all LM-head
-    rows, or `vocab_size` when given), on each model's device.
-    """
-
-    rows: torch.Tensor
-    pos: torch.Tensor
-    targets: torch.Tensor
-    logits: list[torch.Tensor]
-
-
-def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Row indices grouped so that rows x longest row <= max_tokens (a longer row goes alone).
-
-    Rows are taken longest first, so each batch pads little.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def _check_head_path(model: torch.nn.Module, ids: torch.Tensor) -> None:
-    """The decoder + LM-head route must equal the model's own logits (no soft-capping or scaling)."""
-    full = model(input_ids=ids).logits.float()
-    split = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state).float()
-    if not torch.allclose(full, split, atol=1e-3, rtol=1e-3):
-        raise NotImplementedError(
-            f"{type(model).__name__}: logits are not lm_head(decoder hidden states); "
-            "position-chunked logits are not supported for this architecture"
-        )
-
-
-@torch.no_grad()
-def iter_response_logits(
-    models: Sequence[torch.nn.Module],
-    prompts: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
-    *,
-    vocab_size: int | None = None,
-    max_tokens_per_batch: int = 16384,
-    position_chunk: int = 256,
-    progress: bool = False,
-) -> Iterator[ResponseChunk]:
-    """Teacher-forced logits of every model at every response position, memory-bounded.
-
-    Row i is prompts[i] + responses[i]; its position `pos` is the distribution at index
-    len(prompt) - 1 + pos, which predicts responses[i][pos] from prompt + response[:pos]. Rows are
-    right-padded into batches of at most `max_tokens_per_batch` tokens; each model runs its decoder
-    once per batch (hidden states [b, L, H]) and its LM head over chunks of `position_chunk` response
-    positions, so no [b, L, V] tensor ever exists. Logits are sliced to `vocab_size` if given.
-    """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    checked = False
-    for batch in tqdm(token_batches(lengths, max_tokens_per_batch), desc="teacher forcing", disable=not progress, leave=False):
-        seqs = [list(prompts[i]) + list(responses[i]) for i in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        # gather index: (batch row j, sequence index) of each response position
-        b_idx = torch.cat([torch.full((len(responses[i]),), j) for j, i in enumerate(batch)])
-        pos = torch.cat([torch.arange(len(responses[i])) for i in batch])
-        t_idx = torch.cat([len(prompts[i]) - 1 + torch.arange(len(responses[i])) for i in batch])
-        rows = torch.tensor(batch)[b_idx]
-        targets = ids[b_idx, t_idx + 1]
-        hidden = []
-        for model in models:
-            device = next(model.parameters()).device
-            if not checked:
-                _check_head_path(model, ids[:1, : lengths[batch[0]]].to(device))
-            states = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            hidden.append(states[b_idx.to(device), t_idx.to(device)])  # [n, H]: response positions only
-        checked = True
-        for start in range(0, len(pos), position_chunk):
-            sel = slice(start, start + position_chunk)
-            logits = [m.get_output_embeddings()(h[sel]).float()[:, :vocab_size] for m, h in zip(models, hidden)]
-            yield ResponseChunk(rows[sel], pos[sel], targets[sel], logits)
-
-
-def response_logprobs(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
-    *,
-    temperature: float = 1.0,
-    k: int = 0,
-    max_tokens_per_batch: int = 16384,
-    progress: bool = False,
-) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]:
-    """Teacher-forced log_softmax(logits / temperature) at each response token, and its top-K.
-
-    Returns per row: sampled-token log-probs float32 [R], and (if k > 0) top-K ids int32 [R, K] and
-    log-probs float32 [R, K] in descending order (else None, None).
-    """
-    parts: dict[str, list[torch.Tensor]] = {"rows": [], "pos": [], "lp": [], "ids": [], "top": []}
-    chunks = iter_response_logits([model], prompts, responses, max_tokens_per_batch=max_tokens_per_batch, progress=progress)
-    for chunk in chunks:
-        logp = torch.log_softmax(chunk.logits[0] / temperature, dim=-1)  # [n, V], on the model's device
-        parts["rows"].append(chunk.rows)
-        parts["pos"].append(chunk.pos)
-        parts["lp"].append(logp.gather(1, chunk.targets[:, None].to(logp.device))[:, 0].cpu())
-        if k:
-            top = logp.topk(k, dim=-1)
-            parts["ids"].append(top.indices.cpu())
-            parts["top"].append(top.values.cpu())
-    # chunks arrive batch by batch in length order: put positions back in (row, pos) order
-    rows, pos = torch.cat(parts["rows"]).numpy(), torch.cat(parts["pos"]).numpy()
-    order = np.lexsort((pos, rows))
-    splits = np.cumsum([len(r) for r in responses])[:-1]
-
-    def per_row(key: str, dtype: type) -> list[np.ndarray]:
-        return np.split(torch.cat(parts[key]).numpy()[order].astype(dtype), splits)
-
-    if not k:
-        return per_row("lp", np.float32), None, None
-    return per_row("lp", np.float32), per_row("ids", np.int32), per_row("top", np.float32)
-
-
-# --------------------------------------------------------------------------------------------
 # HF backend
 # --------------------------------------------------------------------------------------------
 
@@ -381,7 +249,7 @@ def _rollouts_hf(
 ) -> list[dict]:
     """Sampled responses with their teacher-forced log-probs (and top-K), one record per response."""
     samples = _sample_hf(model, prompts, sampling, stop_ids, pad_id, batch_size, progress)
-    sampled, top_ids, top_lps = response_logprobs(
+    sampled, top_ids, top_lps = sampled_token_logprobs(
         model,
         [prompts[i] for i, _, _, _ in samples],
         [r for _, _, r, _ in samples],

@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 
 from diagnostics.models import ModelPair
-from diagnostics.rollouts import iter_response_logits, logprob_entry, max_positions, vllm_engine
+from diagnostics.forward import iter_response_logits
+from diagnostics.rollouts import logprob_entry, max_positions, vllm_engine
 from diagnostics.signals import token_signals, token_signals_topk
 
 # Tokens per teacher-forcing batch and positions per LM-head chunk (memory: each chunk holds

@@ -8,16 +8,15 @@ import torch
 from transformers import AutoTokenizer
 
 from diagnostics.config import ConfigError
+from diagnostics.forward import iter_response_logits, sampled_token_logprobs
 from diagnostics.models import load_model
 from diagnostics.rollouts import (
     SamplingConfig,
     cut_at_stop,
     fit_prompts,
     generate_rollouts,
-    iter_response_logits,
     render_prompts,
     resolve_backend,
-    response_logprobs,
     vllm_logprobs_mode,
 )
 from diagnostics.store import ROLLOUT_SCHEMA, read_store, write_store
@@ -214,7 +213,7 @@ def test_vllm_logprobs_match_hf_teacher_forcing(vllm_rollouts, student):
     df = vllm_rollouts
     assert df.attrs["backend"] == "vllm" and len(df) == 32
     assert list(df.sample_idx[:4]) == [0, 1, 0, 1]
-    lps, _, _ = response_logprobs(student, list(df.prompt_ids), list(df.response_ids))
+    lps, _, _ = sampled_token_logprobs(student, list(df.prompt_ids), list(df.response_ids))
     diff = max(np.abs(a - b).max() for a, b in zip(lps, df.response_logprobs))
     assert diff <= PARITY_TOL, f"sampled-token log-probs differ by {diff}"
     full = hf_full_logprobs(student, df)
@@ -246,6 +245,6 @@ def test_vllm_same_seed_same_rollouts_and_tempered_logprobs(vllm_testbed, rollou
     warm = SamplingConfig(max_new_tokens=5, n=1, seed=4, temperature=0.5)
     df = generate_rollouts(vllm_testbed.student_path, None, rollout_prompts[:8], warm, backend="vllm", progress=False)
     assert _ENGINE["key"][2] == "processed_logprobs"
-    lps, _, _ = response_logprobs(student, list(df.prompt_ids), list(df.response_ids), temperature=0.5)
+    lps, _, _ = sampled_token_logprobs(student, list(df.prompt_ids), list(df.response_ids), temperature=0.5)
     assert max(np.abs(a - b).max() for a, b in zip(lps, df.response_logprobs)) <= PARITY_TOL
     assert "topk_ids" not in df.columns

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diagnostics.models import load_pair
-from diagnostics.rollouts import SamplingConfig, generate_rollouts, response_logprobs
+from diagnostics.forward import sampled_token_logprobs
+from diagnostics.rollouts import SamplingConfig, generate_rollouts
 from diagnostics.scoring import ScoredBatch, score_rollouts_hf, score_rollouts_vllm, teacher_prompt_topk, valid_mask
 from diagnostics.signals import FULL_VOCAB_KEYS, token_signals
 
@@ -112,7 +113,7 @@ def test_vllm_prompt_logprobs_match_hf_teacher(vllm_rollouts, pair, vllm_testbed
     df = vllm_rollouts
     sampled, ids, lps = teacher_prompt_topk(vllm_testbed.teacher_path, list(df.prompt_ids), list(df.response_ids), 4, progress=False)
     # vLLM normalises over every LM-head row (padding included): compare with HF over every row
-    hf_sampled, _, _ = response_logprobs(pair.teacher, list(df.prompt_ids), list(df.response_ids))
+    hf_sampled, _, _ = sampled_token_logprobs(pair.teacher, list(df.prompt_ids), list(df.response_ids))
     diff = max(np.abs(a - b).max() for a, b in zip(sampled, hf_sampled))
     assert diff <= PARITY_TOL, f"teacher log-probs differ by {diff}"
     full = hf_full_logprobs(pair.teacher, df)
