@@ -1,0 +1,64 @@
+"""Per-token teacher/student signals, batch-robust normalisation, selection scores and selection (spec 2).
+
+One module per concept:
+
+* ``exact``: ``token_signals``, every signal from full ``[N, V]`` logits of both models (entropies,
+  full-vocabulary KLs, the top-K disagreement D, the compatibility mass C and the support proxies),
+  computed exactly in float32, chunked over rows.
+* ``topk``: ``token_signals_topk``, the same signals when only each side's top-K log-probabilities
+  are known (a teacher served by vLLM ``prompt_logprobs``).
+* ``sets``: what both modes share (``SignalDict``, the key sets, the signals of the two top-K sets).
+* ``normalize``: ``normalize_batch``, the spec's clip((z - Q05) / (Q95 - Q05 + eps), 0, 1).
+* ``scores``: the score registry (``register_score``, ``register_q3_variant``, ``get_score``,
+  ``list_scores``), the registered scores, and ``selection_scores``, which normalises H, D, C over
+  a rollout batch and evaluates every registered score by name. A new score is one function plus
+  one ``@register_score`` there.
+* ``selection``: ``select``, the budgeted top-ceil(rho * |I|) mask over the whole batch.
+* ``checks``: input validation shared by the modules.
+
+Conventions shared by all functions (each is tested against a float64 reference):
+
+* Top-K sets: the K largest logits, equal logits ordered by lower token id first. The same rule
+  orders the set, so the "top-1" is the lowest id among the maximal logits. K >= V means the whole
+  vocabulary; the effective K = min(K, V) is used for the sets, for ``overlap`` = |S cap T| / K_eff
+  and for the log K of ``student_entropy_topk``.
+* Masking: -inf logits (log-probs) are allowed and mean probability 0. 0 * log 0 is 0 everywhere,
+  KL terms where the first argument has probability 0 contribute 0, and KL(P || Q) is +inf when P
+  puts mass where Q has none (mathematically right, not an error). NaN, +inf and all -inf rows raise.
+* Simplifications: no autograd, float32 throughout, and entropies and KL-type outputs are floored
+  at 0 to drop float32 rounding (they are >= 0 mathematically; inputs themselves are never clamped).
+"""
+
+from diagnostics.signals.exact import DEFAULT_CHUNK_LOGITS, token_signals
+from diagnostics.signals.normalize import normalize_batch
+from diagnostics.signals.scores import (
+    ScoreFn,
+    ScoreSpec,
+    get_score,
+    list_scores,
+    register_q3_variant,
+    register_score,
+    selection_scores,
+)
+from diagnostics.signals.selection import select
+from diagnostics.signals.sets import FULL_VOCAB_KEYS, SAMPLED_KEYS, TOPK_KEYS, SignalDict
+from diagnostics.signals.topk import token_signals_topk
+
+__all__ = [
+    "SignalDict",
+    "ScoreSpec",
+    "ScoreFn",
+    "token_signals",
+    "token_signals_topk",
+    "normalize_batch",
+    "register_score",
+    "register_q3_variant",
+    "get_score",
+    "list_scores",
+    "selection_scores",
+    "select",
+    "FULL_VOCAB_KEYS",
+    "TOPK_KEYS",
+    "SAMPLED_KEYS",
+    "DEFAULT_CHUNK_LOGITS",
+]
