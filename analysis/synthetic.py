@@ -8,8 +8,10 @@ diagnostic's ``tokens.parquet`` (raw signals, bank-robust-normalised signals, ev
 
 with a random intercept u and a random D^L slope v per prompt, so tokens of one prompt are
 correlated (the reason the analysis bootstraps prompts). b_L == b_I makes G independent of C given D.
-Scores follow the spec's section 2 table; the normalisation is the spec's batch-robust one over
-the whole table. `synthetic_training` draws ``metrics.parquet`` / ``comparison.parquet`` tables.
+The normalised signals, every registered selector score and the Q3 flag come from the score registry
+(``diagnostics.signals.selection_scores`` over the whole table as one batch, as the diagnostic does
+over its bank), so a newly registered score appears here too. `synthetic_training` draws
+``metrics.parquet`` / ``comparison.parquet`` tables.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+
+from diagnostics.signals import normalize_batch, selection_scores
 
 _WORDS = (
     "the", " of", " and", " to", " a", " in", " is", " we", " that", " x", " =", " +", " 2", " 3",
@@ -26,40 +31,25 @@ _WORDS = (
 )
 
 
-def robust_norm(z: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Spec section 2: clip((z - Q05) / (Q95 - Q05 + eps), 0, 1); all zeros when Q95 - Q05 is ~0."""
-    q05, q95 = np.quantile(z, [0.05, 0.95])
-    if q95 - q05 < eps:
-        return np.zeros_like(z)
-    return np.clip((z - q05) / (q95 - q05 + eps), 0.0, 1.0)
+def _as_batch(x: np.ndarray) -> torch.Tensor:
+    """A table column as one [1, n] float32 batch (the diagnostic's bank grid holds float32)."""
+    return torch.tensor(x, dtype=torch.float32)[None]
 
 
-def _scores(rng: np.random.Generator, hn: np.ndarray, dn: np.ndarray, cn: np.ndarray, q3: np.ndarray) -> dict[str, np.ndarray]:
-    """Every registered selector score of spec section 2 (as the diagnostic writes them, per K)."""
-    dl, di = dn * cn, dn * (1.0 - cn)
-    out = {
-        "score_full": np.ones_like(hn),
-        "score_random": rng.uniform(size=hn.size),
-        "score_entropy": hn,
-        "score_kl": dn,
-        "score_compat": cn,
-        "score_teachability": dl,
-        "score_incompatible": di,
-        "score_tip": hn + dn - hn * dn,
-        "score_teachability_entropy": hn + dl - hn * dl,
-    }
-    # Q3 variants: -inf outside Q3; Q3-only is uniform random inside Q3 (the paper's selector).
-    for name, v in {"compat": cn, "teachability": dl, "incompatible": di, "only": rng.uniform(size=hn.size)}.items():
-        out[f"score_q3_{name}"] = np.where(q3, v, -np.inf)
-    return out
+def _registry_columns(h_raw: np.ndarray, d_raw: np.ndarray, c_raw: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """norm_entropy/disagreement/compat, every registered ``score_<name>`` and ``q3``, from the registry."""
+    signals = {"student_entropy": _as_batch(h_raw), "disagreement": _as_batch(d_raw), "compat_mass": _as_batch(c_raw)}
+    valid = torch.ones(1, h_raw.size, dtype=torch.bool)  # the whole table is one batch
+    scores, norm = selection_scores(signals, valid, seed=seed, return_normalized=True)
+    out = {"norm_entropy": norm["H"], "norm_disagreement": norm["D"], "norm_compat": norm["C"]}
+    out.update({name if name == "q3" else f"score_{name}": score for name, score in scores.items()})
+    return {name: v[0].numpy() if v.dtype == torch.bool else v[0].double().numpy() for name, v in out.items()}
 
 
 def _topk_block(rng: np.random.Generator, d_raw: np.ndarray, c_raw: np.ndarray, h_raw: np.ndarray,
-                hn: np.ndarray, k: int) -> dict[str, np.ndarray]:
+                k: int, seed: int) -> dict[str, np.ndarray]:
     """Raw and normalised K-dependent columns plus scores and the Q3 flag at one K."""
     n = d_raw.size
-    dn, cn = robust_norm(d_raw), robust_norm(c_raw)
-    q3 = (hn < np.median(hn)) & (dn >= np.median(dn))
     overlap = np.clip(np.round(c_raw * k + rng.normal(0, 1, n)), 0, k) / k
     block = {
         "disagreement": d_raw,
@@ -71,12 +61,8 @@ def _topk_block(rng: np.random.Generator, d_raw: np.ndarray, c_raw: np.ndarray, 
         "teacher_top1_in_student_topk": (rng.uniform(size=n) < c_raw).astype(np.float64),
         "student_entropy_topk": np.minimum(h_raw, np.log(k)) / np.log(k),
         "sampled_in_student_topk": (rng.uniform(size=n) < 0.9 + 0.01 * np.log2(k)).astype(np.float64),
-        "norm_entropy": hn,
-        "norm_disagreement": dn,
-        "norm_compat": cn,
-        "q3": q3,
     }
-    block.update(_scores(rng, hn, dn, cn, q3))
+    block.update(_registry_columns(h_raw, d_raw, c_raw, seed))
     return block
 
 
@@ -116,24 +102,24 @@ def synthetic_tokens(
     kl_f = d_raw * 1.3 + rng.gamma(1.0, 0.1, n)
     kl_r = d_raw * 1.1 + rng.gamma(1.0, 0.1, n)
 
-    hn, htn = robust_norm(h_raw), robust_norm(ht_raw)
+    everywhere = torch.ones(1, n, dtype=torch.bool)
     cols: dict[str, np.ndarray] = {
         "seq_id": seq_id, "prompt_id": prompt_id, "pos": pos, "resp_len": resp_len, "rel_pos": pos / resp_len,
         "token_id": rng.integers(0, len(_WORDS), n),
         "student_entropy": h_raw, "teacher_entropy": ht_raw, "kl_forward": kl_f, "kl_reverse": kl_r,
-        "norm_teacher_entropy": htn,
+        "norm_teacher_entropy": normalize_batch(_as_batch(ht_raw), everywhere)[0].double().numpy(),
     }
     cols["token"] = np.asarray(_WORDS, dtype=object)[cols["token_id"]]
-    base = _topk_block(rng, d_raw, c_raw, h_raw, hn, k)
+    base = _topk_block(rng, d_raw, c_raw, h_raw, k, seed)
     cols.update(base)
     for kk in extra_k:
         grow = (k / kk) ** 0.5  # a larger K covers more teacher mass (C^grow > C) and changes D a little
         d_k = d_raw ** (0.9 + 0.1 * grow) * np.exp(rng.normal(0, 0.1, n))
         c_k = np.clip(c_raw**grow + rng.normal(0, 0.03, n), 0.0, 1.0)
-        block = _topk_block(rng, d_k, c_k, h_raw, hn, kk)
+        block = _topk_block(rng, d_k, c_k, h_raw, kk, seed)
         cols.update({f"{name}_k{kk}": v for name, v in block.items()})
 
-    dl, di = base["score_teachability"], base["score_incompatible"]
+    dl, di, hn = base["score_teachability"], base["score_incompatible"], base["norm_entropy"]
     u = rng.normal(0, prompt_sd, n_prompts)[prompt_id]
     v = rng.normal(0, slope_sd, n_prompts)[prompt_id]
     gain = scale * (b_l * dl + b_i * di + b_h * (hn - 0.5) + u + v * dl + rng.normal(0, noise_sd, n))
