@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from diagnostics import engine  # noqa: E402
 from diagnostics.config import load_config  # noqa: E402
+from diagnostics.forward import ResponseBatch, full_logprobs  # noqa: E402
 from diagnostics.models import load_pair  # noqa: E402
 from diagnostics.testbed import TestbedConfig, build_testbed, encode_problem, heldout_problems  # noqa: E402
 
@@ -36,8 +37,8 @@ def main() -> None:
     pair = load_pair(testbed.student_path, testbed.teacher_path, device="cpu", dtype="float32")
     problems = heldout_problems(testbed.config, args.sequences, split_seed=3)
     encoded = [encode_problem(pair.tokenizer, p) for p in problems]
-    bank = engine.bank_tensors([e[0] for e in encoded], [e[1] for e in encoded], pair.tokenizer.pad_token_id)
-    teacher_lp = engine.response_logprobs(pair.teacher, bank, pair.vocab_size)
+    bank = ResponseBatch.from_ids([e[0] for e in encoded], [e[1] for e in encoded], pair.tokenizer.pad_token_id)
+    teacher_lp = full_logprobs(pair.teacher, bank, pair.vocab_size)
     step = engine.StepConfig(loss="reverse_kl", optimizer="sgd", lr=1e-5)
     n_positions = int(bank.valid.sum())
 

@@ -37,10 +37,10 @@ CONFIGS = {
 
 
 def build(name: str, device: str = "cpu"):
-    """(student, vocab size, TrainBatch, signals) for a configuration; deterministic."""
+    """(student, vocab size, ResponseBatch, signals) for a configuration; deterministic."""
     import torch
 
-    from opd.batch import TrainBatch
+    from diagnostics.forward import ResponseBatch
 
     spec = CONFIGS[name]
     if name == "testbed":
@@ -64,7 +64,7 @@ def build(name: str, device: str = "cpu"):
     prompts = torch.randint(0, vocab, (spec["n"], spec["prompt"]), generator=gen).tolist()
     responses = torch.randint(0, vocab, (spec["n"], spec["response"]), generator=gen).tolist()
     valid = torch.ones(spec["n"], spec["response"], dtype=torch.bool)
-    batch = TrainBatch.from_ids(prompts, responses, valid, pad_id=0)
+    batch = ResponseBatch.from_ids(prompts, responses, 0, valid)
     signals = {"student_logprob_sampled": -torch.rand(valid.shape, generator=gen) * 5 - 1,
                "teacher_logprob_sampled": -torch.rand(valid.shape, generator=gen) * 5 - 1}
     return student.train(), vocab, batch, signals
@@ -85,7 +85,7 @@ def measure(name: str, ratio: float, mode: str, device: str = "cpu") -> dict:
 
     torch.set_num_threads(1)
     dev = torch.device(device)
-    from opd.batch import KeptPositionLM, kept_index
+    from diagnostics.forward import PositionLM, kept_index
     from opd.config import TrainConfig
     from opd.distributed import World
     from opd.memory import peak_mb, reset_peak
@@ -97,7 +97,7 @@ def measure(name: str, ratio: float, mode: str, device: str = "cpu") -> dict:
     batch = batch.to(dev)
     keep = keep.to(dev)
     config = TrainConfig()
-    model = KeptPositionLM(student, vocab)
+    model = PositionLM(student, vocab)
     optimizer = make_optimizer(student, config)
 
     def run() -> None:

@@ -7,9 +7,10 @@ predicts `response_ids[i][t]` from `prompt_ids[i] + response_ids[i][:t]` (spec s
 update on the OPD loss of that position alone, and re-score the SAME context:
     gain[i, t]      = KL(pT || pS_before) - KL(pT || pS_after)           (forward KL, full vocabulary)
     spillover[i, t] = mean over the other valid positions t' of sequence i of the same reduction at t'.
-Losses (`loss`): `reverse_kl`, the full per-token OPD loss l_t = KL(pS || pT) (spec section 1), or
-`sampled`, the policy-gradient loss -A_t log pS(y_t) with A_t = log pT(y_t) - log pS_old(y_t) detached
-(at the first step the PPO ratio is 1, so clipping is inactive and this is the exact first-step loss).
+Losses (`loss`): any loss of the registry `diagnostics.losses` (the trainer's), at its FIRST step:
+old log-probs = the base student's, so a PPO ratio is 1 and clipping inactive. `reverse_kl` is the full
+per-token OPD loss l_t = KL(pS || pT) (spec section 1); `sampled_pg` is then the policy-gradient loss
+-A_t log pS(y_t) with A_t = log pT(y_t) - log pS_old(y_t) detached.
 Update rules (`optimizer`): `sgd` (theta - lr g) or `adam` (Adam's first step from zero moments:
 theta - lr g / (|g| + eps), since the bias-corrected moments are g and g^2).
 
@@ -19,6 +20,7 @@ Two implementations compute the same numbers:
   that the stacked gradients fit a memory budget. Fast for small models.
 - `method="loop"`: for large models, one position at a time: backward, in-place update, forward,
   restore the saved parameters. Memory: one extra copy of the parameters.
+Every forward is `diagnostics.forward`'s (decoder, then the LM head at response positions only).
 `single_step_reference` is the plain oracle (deep copy, torch.optim step, forward) the tests hold
 both against.
 
@@ -36,59 +38,11 @@ from typing import Literal
 import torch
 from torch.func import functional_call, jacrev, vmap
 
-Loss = Literal["reverse_kl", "sampled"]
+from diagnostics.forward import PositionLM, ResponseBatch, full_logprobs
+from diagnostics.losses import LossInputs, LossSpec, get_loss, kl_divergence, list_losses
+
 Optimizer = Literal["sgd", "adam"]
 ADAM_EPS = 1e-8  # torch.optim.Adam's default
-
-
-@dataclass
-class BankTensors:
-    """A padded batch of bank sequences.
-
-    ids:       [B, L] prompt + response ids, right-padded (causal attention: padding after a position
-               never affects it, so no attention mask is needed).
-    pred_idx:  [B, T] index into the sequence of the logit that predicts response token t
-               (= prompt_len - 1 + t); 0 at invalid positions.
-    targets:   [B, T] response token ids (0 at invalid positions).
-    valid:     [B, T] bool, True for t < response length.
-    """
-
-    ids: torch.Tensor
-    pred_idx: torch.Tensor
-    targets: torch.Tensor
-    valid: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def select(self, rows: slice | torch.Tensor) -> "BankTensors":
-        return BankTensors(self.ids[rows], self.pred_idx[rows], self.targets[rows], self.valid[rows])
-
-    def to(self, device: torch.device) -> "BankTensors":
-        return BankTensors(*(x.to(device) for x in (self.ids, self.pred_idx, self.targets, self.valid)))
-
-
-def bank_tensors(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> BankTensors:
-    """Pad a list of (prompt, response) pairs into `BankTensors`."""
-    if len(prompt_ids) != len(response_ids):
-        raise ValueError(f"prompt_ids has {len(prompt_ids)} rows but response_ids has {len(response_ids)}")
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    width, horizon = max(lengths), max(len(r) for r in response_ids)
-    n = len(prompt_ids)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    pred_idx = torch.zeros((n, horizon), dtype=torch.long)
-    targets = torch.zeros((n, horizon), dtype=torch.long)
-    valid = torch.zeros((n, horizon), dtype=torch.bool)
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt_ids[{row}] is empty: the first response token needs a context")
-        seq = list(prompt) + list(response)
-        ids[row, : len(seq)] = torch.tensor(seq)
-        t = len(response)
-        pred_idx[row, :t] = torch.arange(len(prompt) - 1, len(prompt) - 1 + t)
-        targets[row, :t] = torch.tensor(response)
-        valid[row, :t] = True
-    return BankTensors(ids, pred_idx, targets, valid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,35 +51,37 @@ def bank_tensors(prompt_ids: list[list[int]], response_ids: list[list[int]], pad
 
 
 def forward_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(pT || pS) over the last dim. [..., V] -> [...]. Terms with pT = 0 contribute 0."""
-    p_t = teacher_logprobs.exp()
-    return torch.where(p_t > 0, p_t * (teacher_logprobs - student_logprobs), 0.0).sum(-1)
+    """KL(pT || pS) over the last dim, the gain's metric. [..., V] -> [...]."""
+    return kl_divergence(teacher_logprobs, student_logprobs)
 
 
 def reverse_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(pS || pT) over the last dim: the full per-token OPD loss l_t (spec section 1)."""
-    p_s = student_logprobs.exp()
-    return torch.where(p_s > 0, p_s * (student_logprobs - teacher_logprobs), 0.0).sum(-1)
+    """KL(pS || pT) over the last dim (the full per-token OPD loss). [..., V] -> [...]."""
+    return kl_divergence(student_logprobs, teacher_logprobs)
+
+
+def token_logprobs(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(y_t) of the target tokens, detached. [..., V] log-probs, [...] targets -> [...]."""
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).detach()
 
 
 def position_loss(
+    spec: LossSpec,
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     targets: torch.Tensor,
-    advantage: torch.Tensor,
-    loss: Loss,
+    old_logprobs: torch.Tensor,
 ) -> torch.Tensor:
-    """The OPD loss per position. [..., V] log-probs, [...] targets/advantage -> [...]."""
-    if loss == "reverse_kl":
-        return reverse_kl(teacher_logprobs, student_logprobs)
-    # sampled-token policy gradient at the first step: -A_t log pS(y_t), A_t detached
-    return -advantage * student_logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def sampled_advantage(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """A_t = log pT(y_t) - log pS_old(y_t), detached. [..., V] -> [...]."""
-    index = targets.unsqueeze(-1)
-    return (teacher_logprobs.gather(-1, index) - student_logprobs.gather(-1, index)).squeeze(-1).detach()
+    """The registered loss at n positions, at its first step. [n, V] log-probs, [n] targets and
+    old log-probs (the base student's log pS(y_t)) -> [n]."""
+    inputs = LossInputs(
+        student_logprobs=student_logprobs,
+        targets=targets,
+        old_logprobs=old_logprobs,
+        teacher_token_logprobs=token_logprobs(teacher_logprobs, targets),
+        teacher_logprobs=teacher_logprobs,
+    )
+    return spec.fn(inputs)["loss"]
 
 
 def update_direction(grad: torch.Tensor, optimizer: Optimizer) -> torch.Tensor:
@@ -140,23 +96,11 @@ def update_direction(grad: torch.Tensor, optimizer: Optimizer) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def response_logprobs(model: torch.nn.Module, bank: BankTensors, vocab_size: int, batch_size: int = 16) -> torch.Tensor:
-    """log pS(. | context) at every response position, float32. -> [B, T, V] (V = shared vocabulary)."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(bank), batch_size):
-        chunk = bank.select(slice(start, start + batch_size)).to(device)
-        logits = model(input_ids=chunk.ids, use_cache=False).logits  # [b, L, rows]
-        picked = logits.gather(1, chunk.pred_idx.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        out.append(torch.log_softmax(picked[..., :vocab_size].float(), dim=-1).cpu())
-    return torch.cat(out)
-
-
-def _sequence_logprobs(model, params, ids, pred_idx, vocab_size: int) -> torch.Tensor:
+def _sequence_logprobs(lm: PositionLM, params, ids, pred_idx) -> torch.Tensor:
     """Functional forward of ONE sequence: [L] ids, [T] pred_idx -> [T, V] float32 log-probs."""
-    logits = functional_call(model, params, (ids.unsqueeze(0),), {"use_cache": False}).logits[0]
-    return torch.log_softmax(logits[pred_idx, :vocab_size].float(), dim=-1)
+    rows = torch.zeros_like(pred_idx)  # the one sequence of the [1, L] batch
+    logits = functional_call(lm, params, (ids.unsqueeze(0), None, rows, pred_idx))
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _detached_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -170,13 +114,13 @@ def _detached_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @dataclass
 class StepConfig:
-    loss: Loss = "reverse_kl"
+    loss: str = "reverse_kl"  # a name in diagnostics.losses
     optimizer: Optimizer = "sgd"
     lr: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.loss not in ("reverse_kl", "sampled"):
-            raise ValueError(f"loss: must be 'reverse_kl' or 'sampled', got {self.loss!r}")
+        if self.loss not in list_losses():
+            raise ValueError(f"loss: must be a registered loss ({', '.join(list_losses())}), got {self.loss!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer: must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not self.lr > 0:
@@ -205,7 +149,7 @@ def _chunk_size(model: torch.nn.Module, horizon: int, memory_budget_bytes: float
 
 def single_step_vmap(
     model: torch.nn.Module,
-    bank: BankTensors,
+    bank: ResponseBatch,
     teacher_logprobs: torch.Tensor,
     step: StepConfig,
     vocab_size: int,
@@ -232,19 +176,21 @@ def single_step_vmap(
 
 
 def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_order, memory_budget_bytes, device):
-    params = _detached_params(model)
+    lm = PositionLM(model, vocab_size)
+    params = _detached_params(lm)
+    spec = get_loss(step.loss)
     horizon = bank.valid.shape[1]
     chunk = _chunk_size(model, horizon, memory_budget_bytes)
 
-    def losses(p, ids, pred_idx, t_lp, targets, advantage, valid):  # one sequence -> [T]
-        s_lp = _sequence_logprobs(model, p, ids, pred_idx, vocab_size)
-        return position_loss(s_lp, t_lp, targets, advantage, step.loss) * valid
+    def losses(p, ids, pred_idx, t_lp, targets, old_lp, valid):  # one sequence -> [T]
+        s_lp = _sequence_logprobs(lm, p, ids, pred_idx)
+        return position_loss(spec, s_lp, t_lp, targets, old_lp) * valid
 
     def fwd_kls(p, ids, pred_idx, t_lp, valid):  # one sequence -> [T] forward KL (for first order)
-        return forward_kl(t_lp, _sequence_logprobs(model, p, ids, pred_idx, vocab_size)) * valid
+        return forward_kl(t_lp, _sequence_logprobs(lm, p, ids, pred_idx)) * valid
 
     def measure(p, ids, pred_idx, t_lp):  # one updated copy -> ([T] forward KL, [T] reverse KL)
-        s_lp = _sequence_logprobs(model, p, ids, pred_idx, vocab_size)
+        s_lp = _sequence_logprobs(lm, p, ids, pred_idx)
         return forward_kl(t_lp, s_lp), reverse_kl(t_lp, s_lp)
 
     results: dict[str, list[torch.Tensor]] = {}
@@ -252,10 +198,10 @@ def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_ord
         part = bank.select(slice(start, start + chunk)).to(device)
         t_lp = teacher_logprobs[start : start + chunk].to(device)
         b, T = part.valid.shape
-        s_lp = response_logprobs(model, part, vocab_size, batch_size=b)  # [b, T, V], one batched forward
-        advantage = sampled_advantage(s_lp, t_lp, part.targets)
+        s_lp = full_logprobs(model, part, vocab_size, batch_size=b).to(device)  # [b, T, V], one batched forward
+        old_lp = token_logprobs(s_lp, part.targets)  # [b, T] the base student's log pS(y_t)
         validf = part.valid.float()
-        args = (part.ids, part.pred_idx, t_lp, part.targets, advantage, validf)
+        args = (part.ids, part.pred_idx, t_lp, part.targets, old_lp, validf)
         grads = vmap(jacrev(losses), in_dims=(None, 0, 0, 0, 0, 0, 0))(params, *args)  # name -> [b, T, *shape]
         directions = {name: update_direction(g, step.optimizer) for name, g in grads.items()}
         first_order_gain = None
@@ -289,7 +235,7 @@ def _masked(table: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, to
 
 def single_step_loop(
     model: torch.nn.Module,
-    bank: BankTensors,
+    bank: ResponseBatch,
     teacher_logprobs: torch.Tensor,
     step: StepConfig,
     vocab_size: int,
@@ -298,6 +244,7 @@ def single_step_loop(
 ) -> dict[str, torch.Tensor]:
     """Single-step gains one position at a time (large models). Same outputs as `single_step_vmap`."""
     device = next(model.parameters()).device
+    lm, spec = PositionLM(model, vocab_size), get_loss(step.loss)
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     B, T = bank.valid.shape
@@ -308,19 +255,20 @@ def single_step_loop(
     for i in range(B):
         seq = bank.select(slice(i, i + 1)).to(device)
         t_lp = teacher_logprobs[i : i + 1].to(device)
-        base_lp = response_logprobs(model, seq, vocab_size).to(device)  # [1, T, V]
-        advantage = sampled_advantage(base_lp, t_lp, seq.targets)
+        base_lp = full_logprobs(model, seq, vocab_size).to(device)  # [1, T, V]
+        old_lp = token_logprobs(base_lp, seq.targets)  # [1, T]
         before_f[i], before_r[i] = forward_kl(t_lp, base_lp)[0].cpu(), reverse_kl(t_lp, base_lp)[0].cpu()
+        row = torch.zeros(1, dtype=torch.long, device=device)
         for t in range(int(seq.valid.sum())):
             # a fresh forward per position: the in-place update below invalidates any retained graph
-            logits = model(input_ids=seq.ids, use_cache=False).logits
-            s_lp = torch.log_softmax(logits[0, seq.pred_idx[0, t], :vocab_size].float(), dim=-1)  # [V]
-            loss = position_loss(s_lp, t_lp[0, t], seq.targets[0, t], advantage[0, t], step.loss)
+            at = slice(t, t + 1)
+            s_lp = torch.log_softmax(lm(seq.ids, None, row, seq.pred_idx[0, at]).float(), dim=-1)  # [1, V]
+            loss = position_loss(spec, s_lp, t_lp[0, at], seq.targets[0, at], old_lp[0, at])[0]
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_(step.lr * update_direction(g, step.optimizer))
-                new_lp = response_logprobs(model, seq, vocab_size)[0].to(device)  # [T, V]
+                new_lp = full_logprobs(model, seq, vocab_size)[0].to(device)  # [T, V]
                 kl_after[i, t] = forward_kl(t_lp[0], new_lp).cpu()
                 rev_after[i, t] = reverse_kl(t_lp[0, t], new_lp[t]).cpu()
                 for p, original in zip(params, saved):
@@ -334,7 +282,7 @@ def single_step_loop(
 
 def single_step_reference(
     model: torch.nn.Module,
-    bank: BankTensors,
+    bank: ResponseBatch,
     teacher_logprobs: torch.Tensor,
     step: StepConfig,
     vocab_size: int,
@@ -342,7 +290,8 @@ def single_step_reference(
     """The plain oracle: for each position, deep-copy the student, take one torch.optim step on that
     position's loss, and re-score the same sequence. Slow; used by tests and the benchmark."""
     B, T = bank.valid.shape
-    before_lp = response_logprobs(model, bank, vocab_size)
+    spec = get_loss(step.loss)
+    before_lp = full_logprobs(model, bank, vocab_size)
     kl_after = torch.full((B, T, T), torch.nan)
     rev_after = torch.full((B, T), torch.nan)
     for i in range(B):
@@ -352,12 +301,13 @@ def single_step_reference(
             student = copy.deepcopy(model)
             optimizer_cls = torch.optim.SGD if step.optimizer == "sgd" else torch.optim.Adam
             optimizer = optimizer_cls(student.parameters(), lr=step.lr)
-            logits = student(input_ids=seq.ids, use_cache=False).logits
-            s_lp = torch.log_softmax(logits[0, seq.pred_idx[0], :vocab_size].float(), dim=-1)  # [T, V]
-            advantage = sampled_advantage(before_lp[i], t_lp[0], seq.targets[0])
-            position_loss(s_lp[t], t_lp[0, t], seq.targets[0, t], advantage[t], step.loss).backward()
+            logits = PositionLM(student, vocab_size)(seq.ids, None, torch.zeros(T, dtype=torch.long), seq.pred_idx[0])
+            s_lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+            at = slice(t, t + 1)
+            old_lp = token_logprobs(before_lp[i, at], seq.targets[0, at])  # [1]
+            position_loss(spec, s_lp[at], t_lp[0, at], seq.targets[0, at], old_lp)[0].backward()
             optimizer.step()
-            new_lp = response_logprobs(student, seq, vocab_size)[0]
+            new_lp = full_logprobs(student, seq, vocab_size)[0]
             kl_after[i, t] = forward_kl(t_lp[0], new_lp)
             rev_after[i, t] = reverse_kl(t_lp[0, t], new_lp[t])
     before_f = forward_kl(teacher_logprobs, before_lp)
@@ -387,15 +337,19 @@ def finish_gains(table: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def group_step_gains(
     model: torch.nn.Module,
-    bank: BankTensors,
-    teacher_logprobs: torch.Tensor,
+    bank: ResponseBatch,
+    teacher: torch.nn.Module,
     keep: torch.Tensor,
     step: StepConfig,
     vocab_size: int,
     batch_size: int = 16,
 ) -> torch.Tensor:
     """One update on the mean loss over the kept positions `keep` [B, T] (the kept_global
-    normalisation), then the forward-KL reduction at EVERY bank position. -> [B, T] (NaN invalid)."""
+    normalisation), then the forward-KL reduction at EVERY bank position. -> [B, T] (NaN invalid).
+
+    The teacher's (and the students') [b, T, V] log-probs exist for one batch of `batch_size`
+    sequences at a time, never for the whole bank (the teacher runs twice: before and after the update).
+    """
     if keep.shape != bank.valid.shape:
         raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {tuple(bank.valid.shape)}")
     n_kept = int((keep & bank.valid).sum())
@@ -403,39 +357,48 @@ def group_step_gains(
         raise ValueError("keep: no valid position is kept")
     device = next(model.parameters()).device
     student = copy.deepcopy(model)
-    before_lp = response_logprobs(model, bank, vocab_size, batch_size)
+    lm, spec = PositionLM(student, vocab_size), get_loss(step.loss)
+    starts = range(0, len(bank), batch_size)
+    before_f = []  # [b, T] forward KLs of the base student, per batch
     student.zero_grad(set_to_none=True)
-    for start in range(0, len(bank), batch_size):  # accumulate sum over kept / n_kept
-        part = bank.select(slice(start, start + batch_size)).to(device)
-        mask = (keep[start : start + batch_size] & bank.valid[start : start + batch_size]).to(device)
+    for start in starts:  # accumulate sum over kept / n_kept
+        part = bank.select(slice(start, start + batch_size))
+        t_lp = full_logprobs(teacher, part, vocab_size, batch_size)  # [b, T, V]
+        before_lp = full_logprobs(model, part, vocab_size, batch_size)
+        before_f.append(forward_kl(t_lp, before_lp))
+        mask = (keep[start : start + batch_size] & part.valid).to(device)
         if not mask.any():
             continue
-        t_lp = teacher_logprobs[start : start + batch_size].to(device)
-        logits = student(input_ids=part.ids, use_cache=False).logits
-        picked = logits.gather(1, part.pred_idx.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        s_lp = torch.log_softmax(picked[..., :vocab_size].float(), dim=-1)
-        advantage = sampled_advantage(before_lp[start : start + batch_size].to(device), t_lp, part.targets)
-        loss = (position_loss(s_lp, t_lp, part.targets, advantage, step.loss) * mask).sum() / n_kept
+        part, t_lp = part.to(device), t_lp.to(device)
+        b, horizon = part.pred_idx.shape
+        rows = torch.arange(b, device=device).repeat_interleave(horizon)  # every position, row-major: [b*T]
+        s_lp = torch.log_softmax(lm(part.ids, None, rows, part.pred_idx.reshape(-1)).float(), dim=-1)  # [b*T, V]
+        old_lp = token_logprobs(before_lp.to(device), part.targets)  # [b, T]
+        flat = (s_lp, t_lp.reshape(b * horizon, -1), part.targets.reshape(-1), old_lp.reshape(-1))
+        loss = (position_loss(spec, *flat).reshape(b, horizon) * mask).sum() / n_kept
         loss.backward()
     with torch.no_grad():
         for p in student.parameters():
             if p.grad is not None:
                 p.sub_(step.lr * update_direction(p.grad, step.optimizer))
-    after_lp = response_logprobs(student, bank, vocab_size, batch_size)
-    gain = forward_kl(teacher_logprobs, before_lp) - forward_kl(teacher_logprobs, after_lp)
-    return torch.where(bank.valid, gain, torch.nan)
+    gains = []
+    for start, before in zip(starts, before_f):
+        part = bank.select(slice(start, start + batch_size))
+        t_lp = full_logprobs(teacher, part, vocab_size, batch_size)
+        gains.append(before - forward_kl(t_lp, full_logprobs(student, part, vocab_size, batch_size)))
+    return torch.where(bank.valid, torch.cat(gains), torch.nan)
 
 
 def checkpoint_gains(
     base: torch.nn.Module,
     trained: torch.nn.Module,
-    bank: BankTensors,
+    bank: ResponseBatch,
     teacher_logprobs: torch.Tensor,
     vocab_size: int,
 ) -> dict[str, torch.Tensor]:
     """The paper's protocol: G = KL(pT || pS_base) - KL(pT || pS_trained) at every bank position."""
-    before_lp = response_logprobs(base, bank, vocab_size)
-    after_lp = response_logprobs(trained, bank, vocab_size)
+    before_lp = full_logprobs(base, bank, vocab_size)
+    after_lp = full_logprobs(trained, bank, vocab_size)
     before_f, after_f = forward_kl(teacher_logprobs, before_lp), forward_kl(teacher_logprobs, after_lp)
     out = {
         "kl_forward_before": before_f,

@@ -9,6 +9,14 @@ only on the selected positions, so no [b, L, V] tensor exists. That is only righ
 logits ARE lm_head(last hidden state) (no soft-capping, no logit scaling): `check_head_path` holds a
 model to it, with one tolerance, `HEAD_PATH_TOL`.
 
+* `ResponseBatch`: the one padded batch of prompt + response sequences (ids, attention mask, the
+  sequence index that predicts each response token, targets, valid positions); the engine's bank and
+  the trainer's rollouts are both one.
+* `PositionLM`: an `nn.Module` wrapping a causal LM whose forward returns the logits at given
+  (row, sequence index) pairs only; the trainer's kept-position forward (DDP/FSDP can wrap it) and
+  the engine's functional per-sequence forward (`torch.func.functional_call` on it).
+* `full_logprobs`: [B, T, V] log-probs at every response position of a `ResponseBatch` (engine,
+  diagnose recipe, training evaluation).
 * `iter_response_logits`: memory-bounded streaming over unpadded prompt/response lists (rows batched by
   token count, LM head over chunks of positions), for one or several models at once; used by teacher
   scoring (`diagnostics.scoring`) and the HF rollouts' log-prob recompute (`sampled_token_logprobs`).
@@ -21,11 +29,123 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 # |logits - lm_head(decoder hidden)| allowed by `check_head_path` (float32 or bfloat16 logits of the same
 # matmul; an architecture that soft-caps or scales its logits is off by far more).
 HEAD_PATH_TOL = 1e-3
+
+
+@dataclass
+class ResponseBatch:
+    """B prompt + response sequences, right-padded.
+
+    ids:            [B, L] long, prompt + response, right-padded with the pad id.
+    attention_mask: [B, L] long, 1 on real tokens. (The engine's forwards pass no mask: with right
+                    padding and causal attention, padding never reaches a real position.)
+    pred_idx:       [B, T] long, index in the sequence of the hidden state that predicts response
+                    token t (= len(prompt) - 1 + t); 0 beyond the response.
+    targets:        [B, T] long, response token ids (0 beyond the response).
+    valid:          [B, T] bool, the positions to score: every response position by default, or the
+                    caller's mask (e.g. up to and including the first stop token).
+    """
+
+    ids: Tensor
+    attention_mask: Tensor
+    pred_idx: Tensor
+    targets: Tensor
+    valid: Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def select(self, rows: slice | Tensor) -> "ResponseBatch":
+        """The sub-batch of the given rows (same widths L and T)."""
+        fields = (self.ids, self.attention_mask, self.pred_idx, self.targets, self.valid)
+        return ResponseBatch(*(x[rows] for x in fields))
+
+    def to(self, device: torch.device) -> "ResponseBatch":
+        fields = (self.ids, self.attention_mask, self.pred_idx, self.targets, self.valid)
+        return ResponseBatch(*(x.to(device) for x in fields))
+
+    @classmethod
+    def from_ids(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        pad_id: int,
+        valid: Tensor | None = None,
+    ) -> "ResponseBatch":
+        """Pad prompt/response id lists. `valid` [B, T] (T >= the longest response) marks the scored
+        positions; None: every response position, T = the longest response."""
+        if len(prompts) != len(responses) or (valid is not None and len(prompts) != valid.shape[0]):
+            rows = "" if valid is None else f" and {valid.shape[0]} valid rows"
+            raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses{rows} differ")
+        lengths = torch.tensor([len(r) for r in responses])
+        n, horizon = (len(prompts), int(lengths.max())) if valid is None else tuple(valid.shape)
+        width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        pred_idx = torch.zeros((n, horizon), dtype=torch.long)
+        targets = torch.zeros((n, horizon), dtype=torch.long)
+        for row, (prompt, response) in enumerate(zip(prompts, responses)):
+            if len(prompt) == 0:
+                raise ValueError(f"prompts[{row}] is empty: the first response token needs a context")
+            seq = [int(x) for x in prompt] + [int(x) for x in response]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            t = len(response)
+            pred_idx[row, :t] = torch.arange(len(prompt) - 1, len(prompt) - 1 + t)
+            targets[row, :t] = torch.tensor(seq[len(prompt) :])
+        in_response = torch.arange(horizon) < lengths[:, None]  # [B, T]
+        if valid is None:
+            valid = in_response
+        elif (valid & ~in_response).any():
+            raise ValueError("valid marks a position beyond the end of its response")
+        return cls(ids, mask, pred_idx, targets, valid.clone())
+
+
+def kept_index(batch: ResponseBatch, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows [n], response positions [n], sequence indices [n]) of the positions `keep` [B, T] marks, row-major."""
+    rows, pos = keep.nonzero(as_tuple=True)
+    return rows, pos, batch.pred_idx[rows, pos]
+
+
+class PositionLM(nn.Module):
+    """A causal LM whose forward returns logits only at given positions.
+
+    forward(ids [b, L], attention_mask [b, L] or None, rows [n], cols [n]) -> [n, V] logits (model
+    dtype), V = `vocab_size` (LM-head padding rows dropped): decoder hidden states [b, L, H], the n
+    rows (rows[i], cols[i]) gathered BEFORE the LM head, then lm_head on [n, H]. So the logits, their
+    log-softmax and a loss scale with n, not with b x L (the trainer at 5% retention pays ~5%).
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int):
+        super().__init__()
+        self.model = model
+        self.vocab_size = vocab_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor:
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        picked = hidden[rows, cols]  # [n, H]: the selected positions only
+        return self.model.get_output_embeddings()(picked)[:, : self.vocab_size]
+
+
+@torch.no_grad()
+def full_logprobs(model: nn.Module, batch: ResponseBatch, vocab_size: int, batch_size: int = 16) -> Tensor:
+    """log p(. | context) at every response position (valid or not), float32 on the CPU. -> [B, T, V]."""
+    device = next(model.parameters()).device
+    lm = PositionLM(model, vocab_size)
+    out = []
+    for start in range(0, len(batch), batch_size):
+        chunk = batch.select(slice(start, start + batch_size)).to(device)
+        b, horizon = chunk.pred_idx.shape
+        rows = torch.arange(b, device=device).repeat_interleave(horizon)  # [b*T], row-major like pred_idx
+        logits = lm(chunk.ids, None, rows, chunk.pred_idx.reshape(-1))  # [b*T, V]
+        out.append(torch.log_softmax(logits.float(), dim=-1).reshape(b, horizon, -1).cpu())
+    return torch.cat(out)
 
 
 @dataclass
@@ -64,7 +184,8 @@ def check_head_path(model: torch.nn.Module, ids: torch.Tensor) -> None:
     """
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits.float()
-        split = model.get_output_embeddings()(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state).float()
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        split = model.get_output_embeddings()(hidden).float()
     if not torch.allclose(full, split, atol=HEAD_PATH_TOL, rtol=HEAD_PATH_TOL):
         raise NotImplementedError(
             f"{type(model).__name__}: logits are not lm_head(decoder hidden states); "
@@ -93,20 +214,15 @@ def iter_response_logits(
     """
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     checked = False
-    for batch in tqdm(token_batches(lengths, max_tokens_per_batch), desc="teacher forcing", disable=not progress, leave=False):
-        seqs = [list(prompts[i]) + list(responses[i]) for i in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        # gather index: (batch row j, sequence index) of each response position
-        b_idx = torch.cat([torch.full((len(responses[i]),), j) for j, i in enumerate(batch)])
-        pos = torch.cat([torch.arange(len(responses[i])) for i in batch])
-        t_idx = torch.cat([len(prompts[i]) - 1 + torch.arange(len(responses[i])) for i in batch])
+    batches = token_batches(lengths, max_tokens_per_batch)
+    for batch in tqdm(batches, desc="teacher forcing", disable=not progress, leave=False):
+        padded = ResponseBatch.from_ids([prompts[i] for i in batch], [responses[i] for i in batch], 0)
+        ids, mask = padded.ids, padded.attention_mask
+        # gather index, row-major: (batch row b_idx, sequence index t_idx) of each response position pos
+        b_idx, pos = padded.valid.nonzero(as_tuple=True)
+        t_idx = padded.pred_idx[b_idx, pos]
         rows = torch.tensor(batch)[b_idx]
-        targets = ids[b_idx, t_idx + 1]
+        targets = padded.targets[b_idx, pos]
         hidden = []
         for model in models:
             device = next(model.parameters()).device
@@ -137,7 +253,8 @@ def sampled_token_logprobs(
     top-K ids int32 [R, K] and log-probs float32 [R, K] in descending order (else None, None).
     """
     parts: dict[str, list[torch.Tensor]] = {"rows": [], "pos": [], "lp": [], "ids": [], "top": []}
-    chunks = iter_response_logits([model], prompts, responses, max_tokens_per_batch=max_tokens_per_batch, progress=progress)
+    chunks = iter_response_logits([model], prompts, responses, max_tokens_per_batch=max_tokens_per_batch,
+                                  progress=progress)
     for chunk in chunks:
         logp = torch.log_softmax(chunk.logits[0] / temperature, dim=-1)  # [n, V], on the model's device
         parts["rows"].append(chunk.rows)

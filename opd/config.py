@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from diagnostics.config import check, config_to_dict
+from diagnostics.losses import list_losses
 from diagnostics.signals import list_scores
-from opd.losses import NORMALIZATIONS, list_losses
+from opd.normalization import NORMALIZATIONS
 
 # Keys that do not change what a run computes: a resume may differ in them.
 RESUME_IGNORED = ("progress",)

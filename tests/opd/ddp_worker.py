@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from diagnostics.forward import PositionLM, ResponseBatch
 from diagnostics.models import load_model
 from diagnostics.scoring import score_rollouts_hf
-from opd.batch import KeptPositionLM, TrainBatch
 from opd.config import Arm, TrainConfig
 from opd.distributed import World
 from opd.trainer import make_optimizer, opd_step, select_kept
@@ -44,15 +44,15 @@ def main(out: str, student_path: str, teacher_path: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
-    teacher = KeptPositionLM(load_model(teacher_path, world.device, torch.float32), vocab)
+    teacher = PositionLM(load_model(teacher_path, world.device, torch.float32), vocab)
     rollouts = fixed_rollouts(vocab, tokenizer.eos_token_id).iloc[world.local_rows(N_ROWS)].reset_index(drop=True)
     for normalization in ("kept_global", "per_sequence_mean"):
         config = TrainConfig(testbed_config="configs/testbed_small.yaml", normalization=normalization, micro_batch_size=2, lr=1e-3)
         student = load_model(student_path, world.device, torch.float32).train()
-        model, optimizer = world.prepare(KeptPositionLM(student, vocab), make_optimizer(student, config))
+        model, optimizer = world.prepare(PositionLM(student, vocab), make_optimizer(student, config))
         scored = score_rollouts_hf(rollouts, student=student, teacher=teacher.model, vocab_size=vocab, stop_ids=[tokenizer.eos_token_id], k=4, progress=False)
         student.train()
-        batch = TrainBatch.from_ids([list(p) for p in rollouts["prompt_ids"]], [list(r) for r in rollouts["response_ids"]], scored.valid, tokenizer.pad_token_id)
+        batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]), tokenizer.pad_token_id, scored.valid)
         keep = select_kept(scored.signals, scored.valid, Arm("teachability", 0.3, 0), 1, world, seed=0)
         stats = opd_step(model, teacher, batch, scored.signals, keep, config, world)
         optimizer.step()

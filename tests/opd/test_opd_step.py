@@ -1,4 +1,5 @@
-"""The kept-position student forward against the naive full-logits path: same loss, same gradients."""
+"""`opd_step` (the kept-position forward) against the naive full-logits path; a loss registered once is
+both trainable here and diagnosable by the engine."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from opd.batch import KeptPositionLM, TrainBatch, check_head_path, kept_index
+from diagnostics import engine
+from diagnostics.forward import PositionLM, ResponseBatch, full_logprobs
+from diagnostics.losses import LossInputs, get_loss, register_loss
 from opd.config import TrainConfig
 from opd.distributed import World
-from opd.losses import LossInputs, get_loss
 from opd.trainer import opd_step
 
 V_ROWS, V = 40, 37  # LM-head rows vs shared vocabulary: padding rows are sliced away
@@ -27,14 +29,14 @@ def world():
     return World.create("cpu")
 
 
-def make_batch(seed: int = 0) -> tuple[TrainBatch, dict[str, torch.Tensor]]:
+def make_batch(seed: int = 0) -> tuple[ResponseBatch, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (3, 5, 2, 4)]
     responses = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (6, 2, 5, 4)]
     valid = torch.zeros(4, 6, dtype=torch.bool)
     for i, r in enumerate(responses):
         valid[i, : len(r)] = True
-    batch = TrainBatch.from_ids(prompts, responses, valid, pad_id=0)
+    batch = ResponseBatch.from_ids(prompts, responses, 0, valid)
     signals = {"student_logprob_sampled": -torch.rand(4, 6, generator=gen) * 3, "teacher_logprob_sampled": -torch.rand(4, 6, generator=gen) * 3}
     return batch, signals
 
@@ -67,7 +69,7 @@ def test_kept_path_equals_naive_path(world, loss, normalization, micro):
     keep[1, 0] = True  # every row keeps something
     config = TrainConfig(loss=loss, normalization=normalization, micro_batch_size=micro)
     student, teacher = tiny_model(0), tiny_model(1)
-    stats = opd_step(KeptPositionLM(student, V), KeptPositionLM(teacher, V), batch, signals, keep, config, world)
+    stats = opd_step(PositionLM(student, V), PositionLM(teacher, V), batch, signals, keep, config, world)
     fast = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
     reference = naive_loss(student, teacher, batch, signals, keep, config)
@@ -81,27 +83,37 @@ def test_kept_path_equals_naive_path(world, loss, normalization, micro):
 def test_nothing_kept_gives_zero_loss_and_gradient(world):
     batch, signals = make_batch()
     student = tiny_model(0)
-    stats = opd_step(KeptPositionLM(student, V), KeptPositionLM(tiny_model(1), V), batch, signals, torch.zeros_like(batch.valid), TrainConfig(), world)
+    stats = opd_step(PositionLM(student, V), PositionLM(tiny_model(1), V), batch, signals, torch.zeros_like(batch.valid), TrainConfig(), world)
     assert stats["loss"] == 0 and stats["kept_tokens"] == 0
     assert all(p.grad is None or not p.grad.any() for p in student.parameters())
 
 
-def test_kept_logits_rows_match_full_logits():
-    batch, _ = make_batch()
-    model = tiny_model(0)
-    rows, pos, cols = kept_index(batch, batch.valid)
-    kept = KeptPositionLM(model, V)(batch.ids, batch.attention_mask, rows, cols)  # [n, V]
-    full = model(input_ids=batch.ids, attention_mask=batch.attention_mask).logits[rows, cols, :V]
-    assert kept.shape == (int(batch.valid.sum()), V)
-    assert torch.allclose(kept, full, atol=1e-5)
-    check_head_path(model, batch.ids[:1])
+# A toy loss, registered once: squared error between the student's and the teacher's log-prob of the
+# sampled token. Nothing else is written for it, yet the trainer and the engine both take it by name.
+@register_loss("test_token_sq", description="(log pS(y) - log pT(y))^2, registered by a test")
+def _token_sq(x: LossInputs) -> dict[str, torch.Tensor]:
+    logp = x.student_logprobs.gather(1, x.targets[:, None])[:, 0]
+    return {"loss": (logp - x.teacher_token_logprobs) ** 2}
 
 
-def test_train_batch_positions_and_errors():
-    batch = TrainBatch.from_ids([[5, 6, 7]], [[8, 9]], torch.tensor([[True, True, False]]), pad_id=0)
-    assert batch.ids.tolist() == [[5, 6, 7, 8, 9]]
-    assert batch.pred_idx[0, :2].tolist() == [2, 3] and batch.targets[0, :2].tolist() == [8, 9]
-    with pytest.raises(ValueError, match="beyond the end"):
-        TrainBatch.from_ids([[5]], [[8]], torch.tensor([[True, True]]), pad_id=0)
-    with pytest.raises(ValueError, match="empty"):
-        TrainBatch.from_ids([[]], [[8]], torch.tensor([[True]]), pad_id=0)
+def test_a_registered_loss_is_trainable_and_diagnosable(world):
+    batch, signals = make_batch()
+    student, teacher = tiny_model(0), tiny_model(1)
+    # trainable: TrainConfig accepts the name; one opd_step + optimizer step changes the parameters
+    config = TrainConfig(loss="test_token_sq")
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    stats = opd_step(PositionLM(student, V), PositionLM(teacher, V), batch, signals, batch.valid, config, world)
+    assert stats["kept_tokens"] == int(batch.valid.sum()) and stats["loss"] > 0
+    torch.optim.SGD(student.parameters(), lr=0.1).step()
+    assert any(not torch.equal(before[n], p.detach()) for n, p in student.named_parameters())
+    # diagnosable: the engine's single-step gains, vmap equal to the plain oracle
+    student.load_state_dict(before)
+    student.set_attn_implementation("eager")
+    t_lp = full_logprobs(teacher, batch, V)
+    step = engine.StepConfig(loss="test_token_sq", optimizer="sgd", lr=1e-3)
+    fast = engine.single_step_vmap(student, batch, t_lp, step, V)
+    oracle = engine.single_step_reference(student, batch, t_lp, step, V)
+    valid = batch.valid
+    assert fast["gain"][valid].abs().max() > 0
+    assert torch.allclose(fast["gain"][valid], oracle["gain"][valid], atol=1e-6, rtol=1e-4)
+    assert torch.equal(fast["gain"].isnan(), ~valid)
