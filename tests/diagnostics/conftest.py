@@ -51,5 +51,5 @@ def _release_vllm_engine():
     yield
     import sys
 
-    if "diagnostics.rollouts" in sys.modules:
-        sys.modules["diagnostics.rollouts"].release_vllm_engine()
+    if "diagnostics.backends.vllm" in sys.modules:
+        sys.modules["diagnostics.backends.vllm"].release_vllm_engine()

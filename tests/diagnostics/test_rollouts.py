@@ -10,15 +10,10 @@ from transformers import AutoTokenizer
 from diagnostics.config import ConfigError
 from diagnostics.forward import iter_response_logits, sampled_token_logprobs
 from diagnostics.models import load_model
-from diagnostics.rollouts import (
-    SamplingConfig,
-    cut_at_stop,
-    fit_prompts,
-    generate_rollouts,
-    render_prompts,
-    resolve_backend,
-    vllm_logprobs_mode,
-)
+from diagnostics.backends import get_backend, list_backends, register_backend, resolve_backend
+from diagnostics.backends.vllm import vllm_logprobs_mode
+from diagnostics.prompts import cut_at_stop, fit_prompts, render_prompts, render_text
+from diagnostics.rollouts import SamplingConfig, generate_rollouts
 from diagnostics.store import ROLLOUT_SCHEMA, read_store, write_store
 
 PARITY_TOL = 1e-3  # float32, as required of vLLM vs HF
@@ -194,6 +189,45 @@ def test_backend_choice_and_vllm_logprob_modes(student):
     assert vllm_logprobs_mode(SamplingConfig(temperature=0.7)) == "processed_logprobs"
     with pytest.raises(ValueError, match="use backend='hf'"):
         vllm_logprobs_mode(SamplingConfig(temperature=0.7, top_p=0.9))
+    with pytest.raises(ValueError, match="needs a model directory"):
+        resolve_backend("vllm", student)
+
+
+def test_backend_registry_by_name(student, tokenizer):
+    """A backend registered by name is what generate_rollouts runs; unknown names list the known ones."""
+    assert list_backends() == ["hf", "vllm"]
+    assert (get_backend("hf").signal_mode, get_backend("vllm").signal_mode) == ("exact", "topk")
+    with pytest.raises(ValueError, match="unknown backend 'sglang'; known: auto, hf, vllm"):
+        get_backend("sglang")
+
+    @register_backend("echo")
+    class Echo:  # every response is the prompt's last token, then stop
+        signal_mode = "exact"
+
+        def generate(self, model, prompts, sampling, stop_ids, options):
+            return [{"prompt": i, "sample_idx": 0, "response_ids": [p[-1]], "response_logprobs": [0.0],
+                     "finish_reason": "length"} for i, p in enumerate(prompts)]
+
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_backend("echo")(Echo)
+        df = generate_rollouts(student, tokenizer, [[5, 6], [7]], SamplingConfig(max_new_tokens=4), backend="echo",
+                               progress=False)
+        assert df["response_ids"].map(list).tolist() == [[6], [7]] and df.attrs["backend"] == "echo"
+    finally:
+        from diagnostics import backends
+
+        backends._BACKENDS.pop("echo")  # noqa: SLF001 - keep the registry as other tests expect it
+
+
+def test_render_text_and_render_prompts_agree(tokenizer, monkeypatch):
+    text = render_text(tokenizer, "sort ab :")  # the testbed template writes the content as it is
+    assert render_prompts(tokenizer, ["sort ab :"]) == [tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert render_text(tokenizer, [{"role": "user", "content": "sort ab :"}]) == text
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    assert render_text(tokenizer, "sort ab :") == "sort ab :"
+    with pytest.raises(ValueError, match="chat template"):
+        render_text(tokenizer, [{"role": "user", "content": "x"}])
 
 
 def test_cut_at_stop():
@@ -236,7 +270,7 @@ def test_vllm_rollouts_stop_at_eos_and_fit_the_store(vllm_rollouts, tokenizer, t
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_same_seed_same_rollouts_and_tempered_logprobs(vllm_testbed, rollout_prompts, vllm_rollouts, student):
-    from diagnostics.rollouts import _ENGINE  # noqa: PLC2701 - inspect the engine cache
+    from diagnostics.backends.vllm import _ENGINE  # noqa: PLC2701 - inspect the engine cache
 
     sampling = SamplingConfig(max_new_tokens=vllm_testbed.config.max_new_tokens + 2, n=2, seed=3, logprobs_k=4)
     again = generate_rollouts(vllm_testbed.student_path, None, rollout_prompts, sampling, backend="vllm", progress=False)

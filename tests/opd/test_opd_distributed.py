@@ -56,7 +56,7 @@ def test_two_processes_make_the_single_process_update(tmp_path, small_testbed):
 
 def test_trainer_runs_under_two_processes(tmp_path, small_testbed):
     """The whole recipe under torchrun: batch split 4 + 4, selection and evaluation across ranks."""
-    torchrun(2, "-m", "opd.trainer", "--config", str(ROOT / "configs/train_quick.yaml"),
+    torchrun(2, "-m", "taopd.cli", "train", "--config", str(ROOT / "configs/train_quick.yaml"),
              f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", "steps=3", "selectors=[teachability]")
     metrics = pd.read_parquet(tmp_path / "quick" / "metrics.parquet")
     assert metrics["step"].tolist() == [0, 1, 2, 3]

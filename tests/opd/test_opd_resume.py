@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def command(out_dir: Path, *extra: str) -> list[str]:
     overrides = [f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={out_dir}", "selectors=[teachability]",
                  "steps=24", "checkpoint_every=3", "eval_every=4"]
-    return [sys.executable, "-m", "opd.trainer", "--config", str(ROOT / "configs/train_quick.yaml"), *extra, *overrides]
+    return [sys.executable, "-m", "taopd.cli", "train", "--config", str(ROOT / "configs/train_quick.yaml"), *extra, *overrides]
 
 
 def run(cmd: list[str]) -> None:

@@ -13,9 +13,10 @@ import torch
 from diagnostics.config import ConfigError, load_config
 from diagnostics.models import IncompatibleModelsError
 from diagnostics.signals import list_scores
-from opd import losses
+from diagnostics import losses
 from opd.config import TrainConfig
-from opd.trainer import NonFiniteError, run_training
+from analysis.training import run_comparison
+from opd.trainer import LIVE_GAIN_COLUMNS, NonFiniteError, run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 METRIC_COLUMNS = ["step", "selector", "ratio", "seed", "loss", "kept_tokens", "accuracy", "kl_to_teacher", "wall_time_s", "peak_mem_mb"]
@@ -25,15 +26,23 @@ COMPARISON_COLUMNS = ["selector", "ratio", "n_seeds", "acc_before_mean", "acc_be
 pytestmark = pytest.mark.slow
 
 
+def quick_overrides(out_dir: Path, *overrides: str) -> list[str]:
+    return [f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={out_dir}", *overrides]
+
+
 def quick_config(out_dir: Path, *overrides: str) -> TrainConfig:
-    base = [f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={out_dir}"]
-    return load_config(TrainConfig, ROOT / "configs/train_quick.yaml", base + list(overrides))
+    return load_config(TrainConfig, ROOT / "configs/train_quick.yaml", quick_overrides(out_dir, *overrides))
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, small_testbed):
-    config = quick_config(tmp_path_factory.mktemp("train"), "seeds=[0, 1]")
-    return config, run_training(config)
+    """The run through `taopd train`: the trainer's raw tables, then the comparison from analysis."""
+    from taopd.cli import main
+
+    overrides = quick_overrides(tmp_path_factory.mktemp("train"), "seeds=[0, 1]")
+    assert main(["train", "--config", str(ROOT / "configs/train_quick.yaml"), *overrides]) == 0
+    config = load_config(TrainConfig, ROOT / "configs/train_quick.yaml", overrides)
+    return config, Path(config.out_dir) / config.run_id()
 
 
 def test_outputs_and_schema(quick_run):
@@ -49,6 +58,8 @@ def test_outputs_and_schema(quick_run):
     assert (full["kept_tokens"] == full["valid_tokens"]).all()
     sel = metrics[(metrics["selector"] == "teachability") & (metrics["step"] > 0)]
     assert (sel["kept_tokens"] < sel["valid_tokens"]).all()
+    gains = pd.read_parquet(run_dir / "live_gain.parquet")
+    assert list(gains.columns) == LIVE_GAIN_COLUMNS and len(gains) == len(config.arms()) * config.bank_sequences
     comparison = pd.read_parquet(run_dir / "comparison.parquet")
     assert set(COMPARISON_COLUMNS) <= set(comparison.columns)
     assert list(comparison["selector"]) == ["full", "teachability"] and list(comparison["n_seeds"]) == [2, 2]
@@ -142,7 +153,7 @@ def test_nan_loss_stops_with_a_checkpoint(tmp_path, small_testbed, monkeypatch):
 def test_every_registered_selector_trains(tmp_path, small_testbed):
     config = quick_config(tmp_path, f"selectors={list_scores()}", "steps=1", "eval_every=1", "ratios=[0.2]", "checkpoint_every=0")
     run_dir = run_training(config)
-    comparison = pd.read_parquet(run_dir / "comparison.parquet")
+    comparison, _ = run_comparison(run_dir)
     assert list(comparison["selector"]) == list_scores()
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     step1 = metrics[metrics["step"] == 1].set_index("selector")
@@ -162,14 +173,14 @@ def test_kept_positions_of_old_policy_match_current(small_testbed):
     from diagnostics.models import load_pair
     from diagnostics.rollouts import SamplingConfig, generate_rollouts
     from diagnostics.scoring import score_rollouts_hf
-    from opd.batch import KeptPositionLM, TrainBatch, kept_index
+    from diagnostics.forward import PositionLM, ResponseBatch, kept_index
 
     pair = load_pair(small_testbed.student_path, small_testbed.teacher_path, device="cpu", dtype="float32")
     rollouts = generate_rollouts(pair.student, pair.tokenizer, ["sort ab ad ag aj :"] * 4, SamplingConfig(max_new_tokens=5), backend="hf", progress=False)
     scored = score_rollouts_hf(rollouts, pair, k=4, progress=False)
-    batch = TrainBatch.from_ids([list(map(int, p)) for p in rollouts["prompt_ids"]], [list(map(int, r)) for r in rollouts["response_ids"]], scored.valid, 0)
+    batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]), 0, scored.valid)
     rows, pos, cols = kept_index(batch, batch.valid)
     with torch.no_grad():
-        lp = torch.log_softmax(KeptPositionLM(pair.student, pair.vocab_size)(batch.ids, batch.attention_mask, rows, cols), -1)
+        lp = torch.log_softmax(PositionLM(pair.student, pair.vocab_size)(batch.ids, batch.attention_mask, rows, cols), -1)
     now = lp.gather(1, batch.targets[rows, pos][:, None])[:, 0]
     assert torch.allclose(now, scored.signals["student_logprob_sampled"][rows, pos], atol=1e-5)

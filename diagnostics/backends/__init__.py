@@ -1,0 +1,116 @@
+"""Rollout backends behind one seam: `generate` (sample responses) and `score` (teacher signals).
+
+A backend is an object with a `name`, the `signal_mode` of its scores ("exact": full-vocabulary
+logits of both models in this process; "topk": the teacher's top-K log-probs only) and two methods:
+
+    generate(model, prompts, sampling, stop_ids, options) -> list of records, one per response:
+        {"prompt": index, "sample_idx", "response_ids", "response_logprobs", "finish_reason"
+         (+ "topk_ids", "topk_logprobs" when sampling.logprobs_k > 0)}
+    score(rollouts, *, teacher, k, stop_ids, student=None, vocab_size=None, progress=True)
+        -> diagnostics.scoring.ScoredBatch
+
+Two are built in, registered by name: `hf` (transformers `generate`, also on the trainer's live
+in-memory student; exact scores) and `vllm` (a model directory served by one cached vLLM engine per
+process; top-K scores from `prompt_logprobs`). A new backend is one class with `@register_backend`
+in a module of this package (or anywhere imported before use). Implementations are imported on
+first use, so `import diagnostics.rollouts` never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import pandas as pd
+import torch
+
+if TYPE_CHECKING:
+    from diagnostics.rollouts import SamplingConfig
+    from diagnostics.scoring import ScoredBatch
+
+BUILTIN = {"hf": "diagnostics.backends.hf", "vllm": "diagnostics.backends.vllm"}  # name -> module
+_BACKENDS: dict[str, "Backend"] = {}
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How a backend runs `generate` (each uses what applies to it).
+
+    pad_id: left-padding id (hf). max_model_len: the context length to enforce (vllm engine).
+    batch_size: sequences per `generate` call (hf). max_tokens_per_batch: tokens per batch of the
+    teacher-forced log-prob recompute (hf). device, dtype: when hf loads a model directory.
+    """
+
+    pad_id: int = 0
+    max_model_len: int | None = None
+    batch_size: int = 64
+    max_tokens_per_batch: int = 16384
+    device: str = "auto"
+    dtype: str = "auto"
+    progress: bool = True
+
+
+class Backend(Protocol):
+    """What `generate_rollouts` and the scorers need from a backend (see the module docstring)."""
+
+    name: str
+    signal_mode: str
+
+    def generate(self, model: Any, prompts: list[list[int]], sampling: "SamplingConfig", stop_ids: list[int],
+                 options: GenerateOptions) -> list[dict]: ...
+
+    def score(self, rollouts: pd.DataFrame, *, teacher: Any, k: int, stop_ids: list[int] | None,
+              student: torch.nn.Module | None = None, vocab_size: int | None = None,
+              progress: bool = True) -> "ScoredBatch": ...
+
+
+def register_backend(name: str) -> Callable[[type], type]:
+    """Class decorator: register one instance of the class under `name`; a duplicate name raises."""
+
+    def decorator(cls: type) -> type:
+        if name in _BACKENDS:
+            raise ValueError(f"backend {name!r} is already registered")
+        instance = cls()
+        instance.name = name
+        _BACKENDS[name] = instance
+        return cls
+
+    return decorator
+
+
+def list_backends() -> list[str]:
+    """Every backend name: the built-in ones and any registered since."""
+    return sorted(set(BUILTIN) | set(_BACKENDS))
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered as `name` (a built-in one is imported on first use); unknown names raise."""
+    if name not in _BACKENDS and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
+    if name not in _BACKENDS:
+        raise ValueError(f"backend: unknown backend {name!r}; known: {', '.join(['auto', *list_backends()])}")
+    return _BACKENDS[name]
+
+
+def vllm_available() -> bool:
+    """Whether the vllm package can be imported."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, model: Any) -> str:
+    """`auto`: vLLM when a CUDA device and vLLM are present and the model is a path, else HF.
+    An in-memory model can only be sampled by hf."""
+    is_path = isinstance(model, (str, Path))
+    if backend == "auto":
+        return "vllm" if is_path and torch.cuda.is_available() and vllm_available() else "hf"
+    if backend not in list_backends():
+        raise ValueError(f"backend: must be one of {['auto', *list_backends()]}, got {backend!r}")
+    if backend == "vllm" and not is_path:
+        raise ValueError("backend='vllm' needs a model directory, not an in-memory model (use backend='hf')")
+    return backend

