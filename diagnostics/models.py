@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from diagnostics.progress import quiet_library_bars
+
 
 class IncompatibleModelsError(ValueError):
     """The teacher and student cannot be compared token by token."""
@@ -122,6 +124,8 @@ def check_pair(student_path: str, teacher_path: str) -> tuple[PreTrainedTokenize
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A causal LM in eval mode on `device` in `dtype` (hub id or local directory)."""
+    quiet_library_bars()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device).eval()
 

@@ -173,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         comparison, markdown = run_comparison(run_dir)  # opd writes raw tables; the statistics are analysis'
         write_parquet(run_dir / "comparison.parquet", comparison)
         atomic_write(run_dir / "comparison.md", lambda tmp: Path(tmp).write_text(markdown))
-        console.print(markdown, markup=False, highlight=False)
+        console.print(markdown, markup=False, highlight=False, soft_wrap=True)
         metrics, comparison, manifest = load_train_run(run_dir)
         paths = save_figure(plot_learning_curves(metrics, run_name=manifest["run_name"]), run_dir, "learning_curves")
         if comparison is not None:
