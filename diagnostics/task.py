@@ -57,6 +57,42 @@ def sort_problems(n: int, *, seed: int, n_items: int, n_words: int) -> list[Prob
     return problems
 
 
+# Separators of the selection-sort trace: ` |` after the step's minimum, ` ;` between steps.
+TRACE_SYMBOLS = ("|", ";")
+
+
+def selection_trace(words: list[str]) -> str:
+    """The selection-sort trace of `words`: each step writes the smallest remaining word, ` |`, the
+    words still left (in prompt order), and ` ;`; the last step writes the last word alone.
+
+    `kd ab xq` -> `ab | kd xq ; kd | xq ; xq`. Most tokens copy the previous step's list (predictable
+    once the step's minimum is known); the minima and the skipped word are the decisions.
+    """
+    remaining = list(words)
+    steps = []
+    while remaining:
+        smallest = min(remaining)
+        remaining.remove(smallest)
+        steps.append(" ".join([smallest, "|", *remaining]) if remaining else smallest)
+    return " ; ".join(steps)
+
+
+def trace_length(n_items: int) -> int:
+    """Tokens in a selection-trace response of `n_items` words, EOS included."""
+    return sum(n_items - j + 3 for j in range(1, n_items)) + 2
+
+
+def trace_problems(n: int, *, seed: int, n_items: int, n_words: int) -> list[Problem]:
+    """`n` problems `sort w1 .. wn :` whose answer is the selection-sort trace. Seeded."""
+    words = task_words(n_words)
+    rng = np.random.default_rng(seed)
+    problems = []
+    for i in range(n):
+        picked = [words[j] for j in rng.choice(n_words, size=n_items, replace=False)]
+        problems.append(Problem(prompt_id=i, prompt="sort " + " ".join(picked) + " :", answer=selection_trace(picked)))
+    return problems
+
+
 def load_problems(path: str | Path) -> list[Problem]:
     """Read a JSONL prompt set: one `{"prompt": str, "answer": str}` object per line."""
     path = Path(path)

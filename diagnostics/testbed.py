@@ -29,6 +29,7 @@ import os
 import shutil
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,17 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from diagnostics.config import check, config_to_dict
 from diagnostics.evaluation import exact_match_accuracy
-from diagnostics.task import CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, Problem, sort_problems, task_words
+from diagnostics.task import (
+    CHAT_TOKENS,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    TRACE_SYMBOLS,
+    Problem,
+    sort_problems,
+    task_words,
+    trace_length,
+    trace_problems,
+)
 
 # Bump when the build procedure changes, so old caches are not reused.
 BUILD_VERSION = 4
@@ -80,7 +91,8 @@ class TestbedConfig:
     __test__ = False  # not a pytest test class despite its name
 
     seed: int = 0
-    n_items: int = 8  # words per problem; a response is n_items + 1 tokens
+    task: str = "sort"  # sort (the answer is the sorted list) | trace (the selection-sort trace, then the answer)
+    n_items: int = 8  # words per problem
     n_words: int = 200  # size of the task's word vocabulary, each word one token
     k: int = 8  # default top-K of this model pair
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_multiple=64))
@@ -89,9 +101,16 @@ class TestbedConfig:
     )
     eval_problems: int = 500  # held-out problems for the accuracy report
     spread_problems: int = 200  # student samples for the C-spread report
+    capacity_steps: int = 0  # >0: keep training the student to this step and report its accuracy
     cache_dir: str = ".cache/testbed"
 
     def __post_init__(self) -> None:
+        check(self.task in TASKS, "task", f"must be one of {sorted(TASKS)}, got {self.task!r}")
+        check(
+            self.capacity_steps == 0 or self.capacity_steps > self.student.train_steps,
+            "capacity_steps",
+            f"must be 0 or > student.train_steps ({self.student.train_steps}), got {self.capacity_steps}",
+        )
         check(self.n_items >= 2, "n_items", f"must be >= 2, got {self.n_items}")
         check(self.n_items <= self.n_words <= 226, "n_words", f"must be in [n_items, 226], got {self.n_words}")
         check(self.k >= 1, "k", f"must be >= 1, got {self.k}")
@@ -100,14 +119,25 @@ class TestbedConfig:
 
     @property
     def max_new_tokens(self) -> int:
-        return self.n_items + 1
+        """Response length in tokens, EOS included (every problem of a task has the same length)."""
+        return trace_length(self.n_items) if self.task == "trace" else self.n_items + 1
+
+    def problems(self, n: int, seed: int) -> list[Problem]:
+        """`n` problems of this testbed's task from the seeded stream `seed`."""
+        return TASKS[self.task](n, seed=seed, n_items=self.n_items, n_words=self.n_words)
 
     def cache_key(self) -> str:
         payload = config_to_dict(self)
         payload.pop("cache_dir")
+        # fields added after version 4 stay out of the hash at their defaults, so older caches stay valid
+        for key, default in (("task", "sort"), ("capacity_steps", 0)):
+            if payload[key] == default:
+                payload.pop(key)
         payload["build_version"] = BUILD_VERSION
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+
+TASKS = {"sort": sort_problems, "trace": trace_problems}
 
 # Held-out problems use seeds far from the training streams.
 TRAIN_SEED_OFFSET = {"teacher": 1_000, "student": 2_000}
@@ -116,11 +146,12 @@ HELDOUT_SEED = 7_777_777
 
 def heldout_problems(config: TestbedConfig, n: int, *, split_seed: int = 0) -> list[Problem]:
     """Held-out problems (never trained on in practice: drawn from a separate seed stream)."""
-    return sort_problems(n, seed=HELDOUT_SEED + split_seed, n_items=config.n_items, n_words=config.n_words)
+    return config.problems(n, HELDOUT_SEED + split_seed)
 
 
-def build_tokenizer(n_words: int) -> Qwen2Tokenizer:
-    """A Qwen2 byte-level BPE tokenizer in which `sort`, ` :` and every ` word` are single tokens.
+def build_tokenizer(n_words: int, symbols: tuple[str, ...] = ()) -> Qwen2Tokenizer:
+    """A Qwen2 byte-level BPE tokenizer in which `sort`, ` :`, every ` word` and every ` symbol` are
+    single tokens.
 
     Vocabulary: special tokens, the byte-level characters used, then each merge result. Merges are
     left-to-right chains (`Ġ`+`a` -> `Ġa`, `Ġa`+`b` -> `Ġab`), so every word merges completely and
@@ -129,9 +160,10 @@ def build_tokenizer(n_words: int) -> Qwen2Tokenizer:
     space = "\u0120"  # byte-level BPE's visible space, `Ġ`
     vocab: dict[str, int] = {}
     merges: list[tuple[str, str]] = []
-    for token in (EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS, space, ":", *string.ascii_lowercase):
+    for token in (EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS, space, ":", *string.ascii_lowercase, *symbols):
         vocab.setdefault(token, len(vocab))
-    for pieces in (list("sort"), [space, ":"], *([space, *word] for word in task_words(n_words))):
+    words = ([space, *word] for word in task_words(n_words))
+    for pieces in (list("sort"), [space, ":"], *words, *([space, symbol] for symbol in symbols)):
         current = pieces[0]
         for piece in pieces[1:]:
             if (current, piece) not in merges:
@@ -184,20 +216,28 @@ def train_on_task(
     config: TestbedConfig,
     seed: int,
     desc: str,
+    *,
+    steps: int | None = None,
+    snapshot: Callable[[int, Qwen2ForCausalLM], None] | None = None,
 ) -> Qwen2ForCausalLM:
-    """Supervised training on fresh problems each step; loss on response tokens only."""
+    """Supervised training on fresh problems each step; loss on response tokens only.
+
+    The schedule (linear warmup, cosine decay to 10%) spans `steps` (default `spec.train_steps`);
+    `snapshot(step, model)` is called after every step, so one run can save an early checkpoint.
+    """
+    steps = spec.train_steps if steps is None else steps
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
+    def lr_at(step: int) -> float:
         if step < spec.warmup_steps:
             return (step + 1) / spec.warmup_steps
-        progress = (step - spec.warmup_steps) / max(1, spec.train_steps - spec.warmup_steps)
+        progress = (step - spec.warmup_steps) / max(1, steps - spec.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    problems = sort_problems(spec.train_steps * spec.batch_size, seed=seed, n_items=config.n_items, n_words=config.n_words)
-    bar = tqdm(range(spec.train_steps), desc=desc, leave=False)
+    problems = config.problems(steps * spec.batch_size, seed)
+    bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
         batch = [encode_problem(tokenizer, p) for p in problems[step * spec.batch_size : (step + 1) * spec.batch_size]]
         ids = torch.tensor([prompt + response for prompt, response in batch])  # [B, L]: all the same length
@@ -211,6 +251,8 @@ def train_on_task(
         optimizer.zero_grad(set_to_none=True)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if snapshot is not None:
+            snapshot(step + 1, model)
     return model.eval()
 
 
@@ -250,16 +292,26 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer = build_tokenizer(config.n_words)
-    n_positions = 2 * config.n_items + 3
+    tokenizer = build_tokenizer(config.n_words, TRACE_SYMBOLS if config.task == "trace" else ())
+    n_positions = config.n_items + 2 + config.max_new_tokens  # `sort`, the words, ` :`, the response
     durations = {}
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(config, role)
         seed = config.seed + TRAIN_SEED_OFFSET[role]
         t0 = time.perf_counter()
         model = make_model(spec, tokenizer, n_positions, seed)
-        train_on_task(model, spec, tokenizer, config, seed, desc=f"training {role}")
-        save_checkpoint(model, tokenizer, tmp / role)
+        if role == "student" and config.capacity_steps:
+            # one run to capacity_steps; the student is its snapshot at student.train_steps
+            def save_student(step: int, model: Qwen2ForCausalLM) -> None:
+                if step == spec.train_steps:
+                    save_checkpoint(model.eval(), tokenizer, tmp / "student")
+                    model.train()
+
+            train_on_task(model, spec, tokenizer, config, seed, "training student", steps=config.capacity_steps, snapshot=save_student)
+            save_checkpoint(model, tokenizer, tmp / "student_capacity")
+        else:
+            train_on_task(model, spec, tokenizer, config, seed, desc=f"training {role}")
+            save_checkpoint(model, tokenizer, tmp / role)
         durations[f"{role}_train_s"] = round(time.perf_counter() - t0, 1)
     report = measure_testbed(tmp / "student", tmp / "teacher", config)
     report.update(durations, build_s=round(time.perf_counter() - started, 1), cache_key=config.cache_key())
@@ -288,12 +340,20 @@ def measure_testbed(student_path: Path, teacher_path: Path, config: TestbedConfi
                 model, pair.tokenizer, problems, max_new_tokens=config.max_new_tokens, greedy=mode == "greedy", seed=config.seed
             )
     spread = support_spread(pair, config)
+    capacity = student_path.parent / "student_capacity"
+    if capacity.is_dir():  # the same student trained to capacity_steps: shows it has room to learn
+        from diagnostics.models import load_model
+
+        long_student = load_model(str(capacity), torch.device("cpu"), torch.float32)
+        acc["capacity_acc_greedy"] = exact_match_accuracy(
+            long_student, pair.tokenizer, problems, max_new_tokens=config.max_new_tokens, greedy=True, seed=config.seed
+        )
     return {
         **acc,
         "vocab_size": pair.vocab_size,
         "student_vocab_rows": pair.student.config.vocab_size,
         "teacher_vocab_rows": pair.teacher.config.vocab_size,
-        "response_tokens": config.n_items + 1,
+        "response_tokens": config.max_new_tokens,
         "k": config.k,
         **spread,
     }
@@ -301,7 +361,8 @@ def measure_testbed(student_path: Path, teacher_path: Path, config: TestbedConfi
 
 @torch.no_grad()
 def support_spread(pair, config: TestbedConfig, top_fraction: float = 0.2) -> dict:
-    """On the student's own samples (temperature 1): the spread of C among the top-20% D positions.
+    """On the student's own samples (temperature 1): their lengths, and the spread of C among the
+    top-20% D positions.
 
     Both kinds of disagreement must occur side by side: learnable (high D, high C) and incompatible
     (high D, low C). Reports the 10%/90% quantiles of C over those positions and their range.
@@ -332,12 +393,16 @@ def support_spread(pair, config: TestbedConfig, top_fraction: float = 0.2) -> di
     valid = ~after_eos
     logits_s = pair.student(out).logits[:, prompt_len - 1 : -1, : pair.vocab_size]
     logits_t = pair.teacher(out).logits[:, prompt_len - 1 : -1, : pair.vocab_size]
+    lengths = valid.sum(dim=1).float()  # [B] tokens per sampled response, EOS included
     sig = token_signals(logits_s[valid], logits_t[valid], k=config.k)
     d, c = sig["disagreement"], sig["compat_mass"]
     top = d >= torch.quantile(d, 1 - top_fraction)
     c_top = c[top]
     q10, q90 = torch.quantile(c_top, 0.1).item(), torch.quantile(c_top, 0.9).item()
     return {
+        "response_tokens_q10": torch.quantile(lengths, 0.1).item(),  # the student's own samples at T = 1
+        "response_tokens_median": torch.quantile(lengths, 0.5).item(),
+        "response_tokens_q90": torch.quantile(lengths, 0.9).item(),
         "spread_positions": int(valid.sum()),
         "c_top20d_q10": round(q10, 4),
         "c_top20d_q90": round(q90, 4),

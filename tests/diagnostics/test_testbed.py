@@ -56,11 +56,38 @@ def test_cache_key_changes_with_config(tmp_path):
 
 @pytest.mark.slow
 def test_default_testbed_meets_the_criteria(default_testbed):
+    """The criteria the testbed exists for (issue: a testbed where on-policy distillation teaches)."""
     report = default_testbed.report
     assert report["vocab_size"] >= 200
-    assert report["response_tokens"] >= 8
-    assert report["teacher_acc_greedy"] >= 0.90, report
-    assert 0.10 <= report["student_acc_greedy"] <= 0.60, report
+    assert report["response_tokens_median"] >= 48  # so 5% keeps >= 2 tokens per response
+    assert report["teacher_acc_greedy"] >= 0.95, report
+    # an under-trained student with room to learn, whose own samples are sometimes right
+    assert 0.10 <= report["student_acc_greedy"] <= 0.50, report
+    assert report["student_acc_sampled"] >= 0.05, report
+    assert report["capacity_acc_greedy"] >= 0.80, report  # the same student, trained on, learns the task
     # learnable and incompatible disagreement side by side among the high-D positions
     assert report["c_top20d_range"] >= 0.3, report
     assert report["k"] < report["vocab_size"] / 10
+
+
+def test_selection_trace_and_its_length():
+    from diagnostics.task import selection_trace, trace_length, trace_problems
+
+    assert selection_trace(["kd", "ab", "xq"]) == "ab | kd xq ; kd | xq ; xq"
+    for n in (2, 5, 8):
+        (problem,) = trace_problems(1, seed=n, n_items=n, n_words=50)
+        words = problem.prompt.split()[1:-1]
+        steps = problem.answer.split(" ; ")
+        assert [step.split()[0] for step in steps] == sorted(words)  # the minima, in order, are the sorted list
+        assert len(problem.answer.split()) + 1 == trace_length(n)  # every word and symbol one token, + EOS
+
+
+def test_trace_tokens_are_single_tokens():
+    from diagnostics.task import TRACE_SYMBOLS, trace_problems
+    from diagnostics.testbed import build_tokenizer, encode_problem
+
+    tokenizer = build_tokenizer(40, TRACE_SYMBOLS)
+    (problem,) = trace_problems(1, seed=0, n_items=6, n_words=40)
+    prompt, response = encode_problem(tokenizer, problem)
+    assert len(prompt) == 6 + 2 and len(response) == len(problem.answer.split()) + 1
+    assert tokenizer.decode(response, skip_special_tokens=True) == " " + problem.answer
