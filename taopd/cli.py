@@ -37,6 +37,15 @@ def _with_model_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _percent(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.1%}"
+
+
+def _quantiles(report: dict, name: str) -> str:
+    values = [report.get(f"{name}_{q}") for q in ("q10", "median", "q90")]
+    return "not measured" if None in values else " / ".join(f"{v:g}" for v in values)
+
+
 def cmd_testbed(args: argparse.Namespace) -> int:
     from diagnostics.config import load_config
     from diagnostics.testbed import TestbedConfig, build_testbed
@@ -54,7 +63,9 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         ("student exact match (sampled, T=1)", f"{report['student_acc_sampled']:.1%}"),
         ("vocabulary (tokenizer length)", str(report["vocab_size"])),
         ("LM-head rows student / teacher", f"{report['student_vocab_rows']} / {report['teacher_vocab_rows']}"),
+        ("same student trained to capacity_steps (greedy)", _percent(report.get("capacity_acc_greedy"))),
         ("response tokens (incl. EOS)", str(report["response_tokens"])),
+        ("student samples' tokens: q10 / median / q90", _quantiles(report, "response_tokens")),
         ("default top-K", str(report["k"])),
         ("C among top-20% D: q10 .. q90", f"{report['c_top20d_q10']:.3f} .. {report['c_top20d_q90']:.3f}"),
         ("C among top-20% D: 10-90% range", f"{report['c_top20d_range']:.3f}"),
