@@ -1,11 +1,13 @@
-"""The testbed's synthetic verifiable task: sort a list of single-token words alphabetically.
+"""The testbed's synthetic verifiable tasks over single-token words: sorting, and its written trace.
 
-A problem is `sort kd ab xq ... :` and its answer is the same words in alphabetical order followed by
-the end-of-text token. Every word is one token (the testbed tokenizer is a Qwen2-style byte-level
+A problem is `sort kd ab xq ... :`. Task `sort`: the answer is the words in alphabetical order, then
+the end-of-text token (`n_items + 1` tokens). Task `trace`: the answer is the selection-sort trace
+(`selection_trace`): each step writes the smallest remaining word, ` |`, the words still left, ` ;`
+(51 tokens for 8 words). Every word is one token (the testbed tokenizer is a Qwen2-style byte-level
 BPE whose merges build each two-letter word, with its leading space, into one token; Qwen's
-pre-tokenizer splits digits one by one, so numbers could not be single tokens). A response has
-`n_words + 1` tokens. Positions differ in difficulty: the first and last answers (min, max) are
-easy, the middle ones need the whole list, and a wrong earlier choice makes later ones ambiguous.
+pre-tokenizer splits digits one by one, so numbers could not be single tokens). Positions differ in
+difficulty: copying the previous list is predictable, each step's minimum and the skipped word are
+decisions, and a wrong earlier choice makes later ones ambiguous.
 
 `Problem` is also the shape of any verifiable prompt set (real models read a JSONL of
 `{"prompt": ..., "answer": ...}`), so evaluation code never depends on this particular task.

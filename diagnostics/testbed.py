@@ -1,20 +1,24 @@
-"""The embedded testbed: a tiny Qwen2 teacher and student trained from scratch on a sorting task.
+"""The embedded testbed: a tiny Qwen2 teacher and student trained from scratch on a verifiable task.
 
 On a machine with no GPU and no model downloads, every command runs on this pair. Both are standard
 Hugging Face checkpoints (config.json, model.safetensors, tokenizer.json), so every code path, vLLM
 included, loads them exactly as it loads real Qwen models.
 
-- Task: `sort w1 .. wn :` -> the words in alphabetical order, then EOS (see `diagnostics.task`).
+- Task (`task: trace`, the default): `sort w1 .. w8 :` -> the selection-sort trace, 51 tokens with
+  EOS (`diagnostics.task.selection_trace`): most tokens copy the previous step's list, a minority
+  are decisions (each step's minimum, the word to skip). `task: sort` writes the sorted list only
+  (9 tokens; configs/testbed_sort.yaml, the first testbed).
 - Tokenizer: a Qwen2 byte-level BPE (Qwen's pre-tokenizer, vocab and merges in tokenizer.json)
-  whose merges make each task word one token; `AutoTokenizer` loads it as `Qwen2Tokenizer`, the
-  class it forces for every qwen2 checkpoint, exactly as for real Qwen models.
-- Teacher: wide and trained long enough to sort almost perfectly. Student: one layer, too small to
-  sort reliably (capacity-limited, like a small model of a family, rather than under-trained): it
-  has room to learn, and its own samples at temperature 1 are sometimes right, so on-policy
-  rollouts carry signal. The teacher's LM head is padded to a multiple of 64 rows, as
-  Qwen pads its bigger models, so the vocabulary-padding path is exercised for real.
-- Default top-K: 8. The tokenizer has 259 tokens (200 of them task words); top-8 is ~3% of it, a
-  small part as top-16 is of Qwen's 152k, while leaving room for both top-K sets to disagree.
+  whose merges make each task word and symbol one token; `AutoTokenizer` loads it as
+  `Qwen2Tokenizer`, the class it forces for every qwen2 checkpoint, as for real Qwen models.
+- Teacher: trained until it writes the trace almost perfectly. Student: the same family, smaller,
+  and UNDER-TRAINED: the snapshot after `student.train_steps` of a supervised run that continues to
+  `capacity_steps`; the report gives that continued student's accuracy (the capacity check: the
+  student can learn the task, so on-policy distillation has something to teach), and its own
+  samples at temperature 1 are sometimes right, so on-policy rollouts carry signal. The teacher's
+  LM head is padded to a multiple of 64 rows, as Qwen pads its models, so the padding path runs.
+- Default top-K of the pair: the config's `k` (trace: 4, chosen by the spread of C among the
+  highest-disagreement positions; see configs/testbed.yaml).
 
 A build is cached under `cache_dir/<hash of the config>`; the second call reuses it in seconds.
 Builds are written to a temporary directory and renamed, so a killed build leaves nothing half-done.
