@@ -16,7 +16,7 @@ CONFIG ?=
 ARGS ?=
 MODEL_ARGS := $(if $(STUDENT),--student $(STUDENT)) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(CONFIG),--config $(CONFIG))
 
-.PHONY: venv test test-fast testbed diagnose train-taopd analyze figures bench scores clean
+.PHONY: venv lint test test-fast testbed diagnose train-taopd analyze figures bench scores clean
 
 # The venv is keyed on pyproject.toml: editing it reinstalls on the next make call.
 $(STAMP): pyproject.toml
@@ -37,6 +37,10 @@ endif
 	@touch $@
 
 venv: $(STAMP)
+
+# ruff (pinned in the dev extras; rules in pyproject.toml's [tool.ruff]): style, imports, unused code
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(ARGS)

@@ -9,7 +9,10 @@ Modules, each one concept:
     ranks       Spearman / partial Spearman / Kendall with cluster-bootstrap CIs
     stats       support gap, matched gap, bucket curves, correlation table, AUROC
     selectors   exact top-N selection, gain per keep, precision / AUROC, kept-set overlap
-    report      summarize(df) -> dict, format_report(dict) -> str, checks, verdict
+    checks      the paper's claims tested on a summary: checks, verdict; how numbers are written
+    report      summarize(df) -> dict, format_report(dict) -> str, summary_tables(dict) -> DataFrames
+    training    the comparison table of a training run (over seeds), its checks and markdown
+    variants    first-order vs exact gain, and the group (multi-token) gains per selector
     figures     house-style figures; make_all_figures(results_dir, out_dir)
     tokenview   write_token_view(df, out_html): the HTML token view
     synthetic   schema-faithful synthetic tables with planted effects (tests, fixture)

@@ -143,15 +143,17 @@ def _grid_mean(px: np.ndarray, py: np.ndarray, v: np.ndarray, bins: int) -> np.n
 
 
 @house_style
-def plot_gain_heatmap(df: pd.DataFrame, *, outcome: str = "gain", bins: int = 10, run_name: str | None = None) -> Figure:
+def plot_gain_heatmap(
+    df: pd.DataFrame, *, outcome: str = "gain", bins: int = 10, run_name: str | None = None
+) -> Figure:
     """Mean gain over the D^L percentile x D^I percentile grid (diverging colours centred at 0)."""
     df, _ = finite_outcome(df, outcome)
     v = bucket_variables(df)
     grid = _grid_mean(_percentile(v["D^I"]), _percentile(v["D^L"]), df[outcome].to_numpy(np.float64), bins)
     fig = Figure(figsize=(5.2, 4.4))
     ax = fig.add_subplot()
-    im = ax.imshow(grid, origin="lower", extent=(0, 100, 0, 100), cmap=cmap_with_missing(GAIN_CMAP), norm=gain_norm(grid),
-                   aspect="auto")
+    im = ax.imshow(grid, origin="lower", extent=(0, 100, 0, 100), cmap=cmap_with_missing(GAIN_CMAP),
+                   norm=gain_norm(grid), aspect="auto")
     fig.colorbar(im, ax=ax, label=f"mean {GAIN_LABEL}")
     ax.set_xlabel("incompatible disagreement D^I percentile (%)")
     ax.set_ylabel("learnable disagreement D^L percentile (%)")
@@ -234,7 +236,8 @@ def plot_top_n(table: pd.DataFrame, *, mean_gain_all: float | None = None, run_n
     """Left: mean G of each selector's kept tokens per ratio (95% CI); right: gain per keep vs ratio."""
     require_columns(table, ["selector", "ratio", "mean_gain", "ci_low", "ci_high", "gain_per_keep"], "top-N figure")
     ratios = sorted(table["ratio"].unique())
-    order = (table[table["ratio"] == ratios[len(ratios) // 2]].sort_values("mean_gain", ascending=False)["selector"].tolist())
+    middle = table[table["ratio"] == ratios[len(ratios) // 2]]
+    order = middle.sort_values("mean_gain", ascending=False)["selector"].tolist()
     colors = selector_colors(order)
     fig = Figure(figsize=(11.0, 4.2))
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
@@ -264,7 +267,9 @@ def plot_top_n(table: pd.DataFrame, *, mean_gain_all: float | None = None, run_n
 
 
 @house_style
-def plot_bucket_curves(buckets: pd.DataFrame, residuals: pd.DataFrame | None = None, *, run_name: str = "run") -> Figure:
+def plot_bucket_curves(
+    buckets: pd.DataFrame, residuals: pd.DataFrame | None = None, *, run_name: str = "run"
+) -> Figure:
     """Mean G by quartile of D^L, D^I, C~ inside Q3 (left) and mean residual G by decile (right), 95% CI bands."""
     panels = [("mean G inside Q3", buckets, "mean gain G (nats)")]
     if residuals is not None and len(residuals):
@@ -375,8 +380,8 @@ def plot_selector_comparison(comparison: pd.DataFrame, *, run_name: str = "run")
     x = np.arange(len(comparison))
     ax = axes[0]
     for j, (stage, color) in enumerate((("before", "#bababa"), ("after", "#2166ac"))):
-        ax.bar(x + (j - 0.5) * 0.38, comparison[f"acc_{stage}_mean"], 0.38, yerr=comparison[f"acc_{stage}_std"].fillna(0),
-               capsize=3, color=color, label=stage)
+        ax.bar(x + (j - 0.5) * 0.38, comparison[f"acc_{stage}_mean"], 0.38,
+               yerr=comparison[f"acc_{stage}_std"].fillna(0), capsize=3, color=color, label=stage)
     ax.set_xticks(x, labels)
     ax.set_xlabel("selector @ retention ratio")
     ax.set_ylabel("accuracy (fraction correct)")
@@ -388,7 +393,8 @@ def plot_selector_comparison(comparison: pd.DataFrame, *, run_name: str = "run")
         hi = comparison.get("live_gain_ci_high", pd.Series(mean)).to_numpy(np.float64)
         err = np.abs(np.vstack([lo, hi]) - mean[None, :])
         colors = [mpl.colormaps[GAIN_CMAP](gain_norm(mean)(v)) for v in mean]
-        ax.bar(x, mean, 0.6, yerr=np.where(np.isfinite(err), err, 0.0), capsize=3, color=colors, edgecolor="black", linewidth=0.5)
+        ax.bar(x, mean, 0.6, yerr=np.where(np.isfinite(err), err, 0.0), capsize=3, color=colors, edgecolor="black",
+               linewidth=0.5)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(x, labels)
         ax.set_xlabel("selector @ retention ratio")
@@ -461,10 +467,11 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path, *, n_boot: in
         try:
             metrics, comparison, manifest = load_train_run(run)
             name = str(manifest.get("run_name", run.name))
-            paths += save_figure(plot_learning_curves(metrics, run_name=name), out_dir / "train" / run.name, "learning_curves")
+            train_dir = out_dir / "train" / run.name
+            paths += save_figure(plot_learning_curves(metrics, run_name=name), train_dir, "learning_curves")
             if comparison is not None and len(comparison):
-                paths += save_figure(plot_selector_comparison(comparison, run_name=name),
-                                     out_dir / "train" / run.name, "selector_comparison")
+                paths += save_figure(plot_selector_comparison(comparison, run_name=name), train_dir,
+                                     "selector_comparison")
         except (ValueError, OSError, KeyError) as err:
             warnings.warn(f"figures: skipped training run {run}: {err}", stacklevel=2)
     if not paths:

@@ -35,17 +35,10 @@ from analysis.bootstrap import (
 )
 from analysis.io import require_columns
 
-# Feature name -> how it is built from the normalised columns.
-FEATURE_COLUMNS: tuple[str, ...] = ("norm_entropy", "norm_disagreement", "norm_compat", "norm_teacher_entropy", "rel_pos")
-FEATURE_LABELS: dict[str, str] = {
-    "H": "student entropy H~",
-    "D": "disagreement D~",
-    "HxD": "H~ x D~",
-    "DL": "learnable disagreement D^L = D~ C~",
-    "DI": "incompatible disagreement D^I = D~ (1 - C~)",
-    "pos": "relative position",
-    "HT": "teacher entropy H^T~",
-}
+# The table columns the features are built from (`design_features`), and each model's features.
+FEATURE_COLUMNS: tuple[str, ...] = (
+    "norm_entropy", "norm_disagreement", "norm_compat", "norm_teacher_entropy", "rel_pos"
+)
 MODELS: dict[str, tuple[str, ...]] = {
     "base": ("H", "D", "HxD", "pos", "HT"),
     "decomposed": ("H", "DL", "DI", "pos", "HT"),
@@ -212,9 +205,8 @@ def fit_teachability_ols(
     if ok:
         W = resample_weights(clusters.n_clusters, n_boot, seed)
         col = {f: i for i, f in enumerate(_ALL_FEATURES)}
-        boots = bootstrap_standardized(
-            X[list(_ALL_FEATURES)].to_numpy(), y, {m: [col[f] for f in feats] for m, feats in models.items()}, clusters, W
-        )
+        columns = {m: [col[f] for f in feats] for m, feats in models.items()}
+        boots = bootstrap_standardized(X[list(_ALL_FEATURES)].to_numpy(), y, columns, clusters, W)
         for m in ("base", "decomposed"):
             betas, _ = boots[m]
             for j, f in enumerate(models[m]):

@@ -177,7 +177,8 @@ def kept_overlap(
     for ratio in ratios:
         masks = {name: kept_mask(df, col, ratio) for name, col in sel.items()}
         for a in masks:
-            rows.append(dict(ratio=float(ratio), selector_a=a, selector_b=a, jaccard=1.0 if masks[a].any() else float("nan")))
+            jaccard = 1.0 if masks[a].any() else float("nan")
+            rows.append(dict(ratio=float(ratio), selector_a=a, selector_b=a, jaccard=jaccard))
         for a, b in combinations(masks, 2):
             union = (masks[a] | masks[b]).sum()
             j = float((masks[a] & masks[b]).sum() / union) if union else float("nan")

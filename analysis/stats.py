@@ -19,7 +19,7 @@ Every function drops rows with a non-finite outcome and says so in its ``notes``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,13 +49,6 @@ from analysis.regression import base_residuals
 
 DEFAULT_KENDALL_N_BOOT = 200
 MATCH_FEATURES: tuple[str, ...] = ("norm_entropy", "norm_disagreement", "rel_pos")
-
-# Variables of the bucket curves: name -> function of the table.
-BUCKET_VARIABLES: dict[str, str] = {
-    "D^L": "learnable disagreement D^L = D~ C~",
-    "D^I": "incompatible disagreement D^I = D~ (1 - C~)",
-    "C~": "compatibility mass C~",
-}
 
 
 @dataclass
@@ -246,29 +239,41 @@ def _bucket_table(
                                        "mean_gain", "ci_low", "ci_high"])
 
 
+def _curves(
+    df: pd.DataFrame, outcome: str, what: str, values: Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]],
+    n_buckets: int, n_boot: int, seed: int,
+) -> pd.DataFrame:
+    """The bucket table of ``values(df) -> (y, mask)`` over the finite-outcome rows, notes in ``attrs``."""
+    df, notes = finite_outcome(df, outcome)
+    clusters = clusters_of(df)
+    W = _boot(clusters, n_boot, seed, notes, what)
+    y, mask = values(df)
+    out = _bucket_table(bucket_variables(df), y, mask, n_buckets, clusters, W)
+    out.attrs["notes"] = notes
+    return out
+
+
 def bucket_curves(
     df: pd.DataFrame, *, outcome: str = "gain", n_buckets: int = 4, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
 ) -> pd.DataFrame:
     """Mean G by quartile (default) of D^L, D^I and C~ among Q3 tokens; tidy frame, notes in ``attrs``."""
-    df, notes = finite_outcome(df, outcome)
-    clusters = clusters_of(df)
-    W = _boot(clusters, n_boot, seed, notes, "bucket curves")
-    out = _bucket_table(bucket_variables(df), df[outcome].to_numpy(np.float64), q3_mask(df), n_buckets, clusters, W)
-    out.attrs["notes"] = notes
-    return out
+
+    def gain_in_q3(d: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        return d[outcome].to_numpy(np.float64), q3_mask(d)
+
+    return _curves(df, outcome, "bucket curves", gain_in_q3, n_buckets, n_boot, seed)
 
 
 def residual_curves(
     df: pd.DataFrame, *, outcome: str = "gain", n_buckets: int = 10, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
 ) -> pd.DataFrame:
     """Mean residual G after the base OLS model [H, D, H*D, pos, H^T] by decile of D^L, D^I, C~ (all tokens)."""
-    df, notes = finite_outcome(df, outcome)
-    clusters = clusters_of(df)
-    W = _boot(clusters, n_boot, seed, notes, "residual curves")
-    resid = base_residuals(df, outcome=outcome)
-    out = _bucket_table(bucket_variables(df), resid, np.isfinite(resid), n_buckets, clusters, W)
-    out.attrs["notes"] = notes
-    return out
+
+    def finite_residuals(d: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        resid = base_residuals(d, outcome=outcome)
+        return resid, np.isfinite(resid)
+
+    return _curves(df, outcome, "residual curves", finite_residuals, n_buckets, n_boot, seed)
 
 
 def correlation_table(
@@ -336,12 +341,13 @@ def correlation_table(
             row["kendall"] = kendall(vals[name][keep], y[keep])
             row["kendall_ci_low"], row["kendall_ci_high"] = ci_or_nan(kd_boot.get(name))
         else:
-            for k in ("spearman", "spearman_ci_low", "spearman_ci_high", "kendall", "kendall_ci_low", "kendall_ci_high"):
-                row[k] = float("nan")
+            row.update(dict.fromkeys(("spearman", "spearman_ci_low", "spearman_ci_high",
+                                      "kendall", "kendall_ci_low", "kendall_ci_high"), float("nan")))
         paired = (ref_ok and name in sp_boot and reference in sp_boot
                   and usable[name].tobytes() == usable[reference].tobytes())
         if ref_ok and name in usable:
-            row["spearman_minus_ref"] = row["spearman"] - spearman(vals[reference][usable[reference]], y[usable[reference]])
+            ref = usable[reference]
+            row["spearman_minus_ref"] = row["spearman"] - spearman(vals[reference][ref], y[ref])
         else:
             row["spearman_minus_ref"] = float("nan")
         row["diff_ci_low"], row["diff_ci_high"] = ci_or_nan(sp_boot[name] - sp_boot[reference] if paired else None)

@@ -10,12 +10,13 @@ table, as in `analysis.selectors`) are underlined and boxed. Hovering a token sh
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-from matplotlib.colors import Normalize, TwoSlopeNorm, to_hex
+from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm, to_hex
 
 from analysis.io import canonical_order, require_columns
 from analysis.selectors import kept_mask, n_keep
@@ -25,7 +26,8 @@ SEQ_CMAP = "YlOrBr"  # light-to-dark, text stays readable
 DIV_CMAP = "RdBu"  # same diverging map as the figures: red < 0 < blue
 
 _CSS = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px; color: #222; background: #fff; }
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px; color: #222;
+       background: #fff; }
 h1 { font-size: 20px; margin-bottom: 4px; }
 .meta { color: #555; font-size: 13px; margin-bottom: 14px; }
 .legend { display: flex; align-items: center; gap: 18px; font-size: 13px; margin: 10px 0 18px 0; flex-wrap: wrap; }
@@ -33,9 +35,11 @@ h1 { font-size: 20px; margin-bottom: 4px; }
 .ticks { display: flex; justify-content: space-between; width: 260px; font-size: 11px; color: #444; }
 .seq { border-top: 1px solid #ddd; padding: 8px 0 10px 0; }
 .seqhead { font-size: 12px; color: #666; margin-bottom: 4px; font-family: monospace; }
-.toks { font-family: 'DejaVu Sans Mono', Menlo, Consolas, monospace; font-size: 14px; line-height: 1.9; white-space: pre-wrap; word-break: break-word; }
+.toks { font-family: 'DejaVu Sans Mono', Menlo, Consolas, monospace; font-size: 14px; line-height: 1.9;
+        white-space: pre-wrap; word-break: break-word; }
 .t { padding: 1px 0; border-radius: 2px; }
-.kept { outline: 2px solid #111; outline-offset: -1px; text-decoration: underline; text-decoration-thickness: 2px; font-weight: bold; }
+.kept { outline: 2px solid #111; outline-offset: -1px; text-decoration: underline; text-decoration-thickness: 2px;
+        font-weight: bold; }
 .nc { background: repeating-linear-gradient(45deg, #f4f4f4, #f4f4f4 3px, #e4e4e4 3px, #e4e4e4 6px); color: #888; }
 .sample { padding: 2px 6px; }
 """
@@ -87,6 +91,80 @@ def _sample_sequences(seq: np.ndarray, kept: np.ndarray, n_seqs: int, seed: int)
     return np.sort(np.concatenate([first, rng.choice(rest, size=n - k, replace=False)]))
 
 
+@dataclass(frozen=True)
+class _Shading:
+    """Per-row arrays of the (canonically ordered) table and how a value maps to a colour."""
+
+    df: pd.DataFrame
+    values: np.ndarray  # [N] the shading column
+    gain: np.ndarray  # [N] G, NaN when the table has none
+    tokens: np.ndarray  # [N] token text (or id)
+    kept: np.ndarray  # [N] bool, kept by the selector at the ratio
+    norm: Normalize
+    cmap: Colormap
+    signed: bool
+    score: str
+    selector: str
+    ratio: float
+
+
+def _shading(df: pd.DataFrame, score: str, selector: str, ratio: float) -> _Shading:
+    """The arrays and colour scale of the token view over the whole table."""
+    values = df[score].to_numpy(np.float64)
+    finite = values[np.isfinite(values)]
+    signed = score in SIGNED_COLUMNS or (finite.size > 0 and finite.min() < 0 < finite.max())
+    norm, cmap_name = _scale(values, signed)
+    kept = kept_mask(df, f"score_{selector}", ratio)
+    gain = df["gain"].to_numpy(np.float64) if "gain" in df.columns else np.full(len(df), np.nan)
+    tokens = (df["token"].astype(str) if "token" in df.columns
+              else df.get("token_id", pd.Series(["?"] * len(df))).astype(str)).to_numpy()
+    return _Shading(df, values, gain, tokens, kept, norm, mpl.colormaps[cmap_name], signed, score, selector, ratio)
+
+
+def _token_span(view: _Shading, i: int) -> str:
+    """One token of row i as a shaded <span>, its values in the hover title."""
+    v = view.values[i]
+    title = (f"pos {int(view.df['pos'].iat[i])} | token {view.tokens[i]!r} | {view.score} = {_fmt(v)} | "
+             f"gain G = {_fmt(view.gain[i])} nats | "
+             f"kept by {view.selector} at {view.ratio:.0%}: {'yes' if view.kept[i] else 'no'}")
+    cls = "t kept" if view.kept[i] else "t"
+    if np.isfinite(v):
+        rgba = view.cmap(view.norm(v))
+        style = f' style="background:{to_hex(rgba)};color:{_text_color(rgba)}"'
+    else:  # NaN, or -inf (not a candidate of a Q3 variant)
+        cls += " nc"
+        style = ""
+    return f'<span class="{cls}"{style} title="{html.escape(title)}">{_token_text(view.tokens[i])}</span>'
+
+
+def _sequence_block(view: _Shading, sid: int, a: int, b: int) -> str:
+    """Rows [a, b) (one response) as a headed paragraph of token spans."""
+    spans = [_token_span(view, i) for i in range(a, b)]
+    gain = view.gain[a:b]
+    pid = f" prompt {int(view.df['prompt_id'].iat[a])}" if "prompt_id" in view.df.columns else ""
+    head = (f"seq {int(sid)}{pid} | {b - a} tokens | kept {int(view.kept[a:b].sum())} | "
+            f"mean G {_fmt(float(np.nanmean(gain)) if np.isfinite(gain).any() else float('nan'))} nats")
+    return (f'<div class="seq"><div class="seqhead">{html.escape(head)}</div>'
+            f'<div class="toks">{"".join(spans)}</div></div>')
+
+
+def _legend(view: _Shading) -> str:
+    """The colour bar with its ticks, and what the kept and hatched marks mean."""
+    stops = ", ".join(to_hex(view.cmap(x)) for x in np.linspace(0, 1, 11))
+    ticks = [_fmt(float(view.norm.inverse(x))) for x in (0.0, 0.5, 1.0)]
+    unit = " (nats)" if view.score in ("gain", "spillover", "kl_reverse_change") else ""
+    n = len(view.df)
+    return (
+        f'<div class="legend"><div><div class="bar" style="background:linear-gradient(to right, {stops})"></div>'
+        f'<div class="ticks">{"".join(f"<span>{t}</span>" for t in ticks)}</div>'
+        f'<div>{html.escape(view.score)}{unit}{" (diverging, centred at 0)" if view.signed else ""}; '
+        "colours clipped to the 1st-99th percentile</div></div>"
+        f'<div><span class="t kept sample">kept</span> = in the top {n_keep(n, view.ratio)} of {n} positions by '
+        f'{html.escape(f"score_{view.selector}")} ({view.ratio:.0%}, whole table)</div>'
+        f'<div><span class="t nc sample">hatched</span> = no value (not a candidate)</div></div>'
+    )
+
+
 def write_token_view(
     df: pd.DataFrame,
     out_html: str | Path,
@@ -106,72 +184,26 @@ def write_token_view(
     Responses are drawn with `seed` (up to half among those holding a kept position, so the marks are
     visible) and shown in seq_id order.
     """
-    sel_col = f"score_{selector}"
-    require_columns(df, ["seq_id", "pos", score, sel_col], "token view")
+    require_columns(df, ["seq_id", "pos", score, f"score_{selector}"], "token view")
     if len(df) == 0:
         raise ValueError("token view: the table is empty")
     df = canonical_order(df)
     run_name = run_name or str(df.attrs.get("run_name", "run"))
-    values = df[score].to_numpy(np.float64)
-    finite = values[np.isfinite(values)]
-    signed = score in SIGNED_COLUMNS or (finite.size > 0 and finite.min() < 0 < finite.max())
-    norm, cmap_name = _scale(values, signed)
-    cmap = mpl.colormaps[cmap_name]
-    kept = kept_mask(df, sel_col, ratio)
-    gain = df["gain"].to_numpy(np.float64) if "gain" in df.columns else np.full(len(df), np.nan)
-    tokens = (df["token"].astype(str) if "token" in df.columns
-              else df.get("token_id", pd.Series(["?"] * len(df))).astype(str)).to_numpy()
-
-    seq_ids = df["seq_id"].unique()
-    shown = _sample_sequences(df["seq_id"].to_numpy(), kept, n_seqs, seed)
-    starts = np.searchsorted(df["seq_id"].to_numpy(), shown, side="left")
-    ends = np.searchsorted(df["seq_id"].to_numpy(), shown, side="right")
-
-    blocks = []
-    n_kept_shown = 0
-    for sid, a, b in zip(shown, starts, ends):
-        spans = []
-        for i in range(a, b):
-            v = values[i]
-            title = (f"pos {int(df['pos'].iat[i])} | token {tokens[i]!r} | {score} = {_fmt(v)} | "
-                     f"gain G = {_fmt(gain[i])} nats | kept by {selector} at {ratio:.0%}: {'yes' if kept[i] else 'no'}")
-            cls = "t kept" if kept[i] else "t"
-            if np.isfinite(v):
-                rgba = cmap(norm(v))
-                style = f' style="background:{to_hex(rgba)};color:{_text_color(rgba)}"'
-            else:  # NaN, or -inf (not a candidate of a Q3 variant)
-                cls += " nc"
-                style = ""
-            spans.append(f'<span class="{cls}"{style} title="{html.escape(title)}">{_token_text(tokens[i])}</span>')
-        n_k = int(kept[a:b].sum())
-        n_kept_shown += n_k
-        pid = f" prompt {int(df['prompt_id'].iat[a])}" if "prompt_id" in df.columns else ""
-        head = (f"seq {int(sid)}{pid} | {b - a} tokens | kept {n_k} | "
-                f"mean G {_fmt(float(np.nanmean(gain[a:b])) if np.isfinite(gain[a:b]).any() else float('nan'))} nats")
-        blocks.append(f'<div class="seq"><div class="seqhead">{html.escape(head)}</div>'
-                      f'<div class="toks">{"".join(spans)}</div></div>')
-
-    stops = ", ".join(to_hex(cmap(x)) for x in np.linspace(0, 1, 11))
-    lo, hi = norm.inverse(0.0), norm.inverse(1.0)
-    mid = norm.inverse(0.5)
-    unit = " (nats)" if score in ("gain", "spillover", "kl_reverse_change") else ""
-    legend = (
-        f'<div class="legend"><div><div class="bar" style="background:linear-gradient(to right, {stops})"></div>'
-        f'<div class="ticks"><span>{_fmt(float(lo))}</span><span>{_fmt(float(mid))}</span><span>{_fmt(float(hi))}</span></div>'
-        f'<div>{html.escape(score)}{unit}{" (diverging, centred at 0)" if signed else ""}; '
-        "colours clipped to the 1st-99th percentile</div></div>"
-        f'<div><span class="t kept sample">kept</span> = in the top {n_keep(len(df), ratio)} of {len(df)} positions by '
-        f'{html.escape(sel_col)} ({ratio:.0%}, whole table)</div>'
-        f'<div><span class="t nc sample">hatched</span> = no value (not a candidate)</div></div>'
-    )
+    view = _shading(df, score, selector, ratio)
+    seq = df["seq_id"].to_numpy()
+    shown = _sample_sequences(seq, view.kept, n_seqs, seed)
+    starts = np.searchsorted(seq, shown, side="left")
+    ends = np.searchsorted(seq, shown, side="right")
+    blocks = [_sequence_block(view, sid, a, b) for sid, a, b in zip(shown, starts, ends)]
+    n_kept_shown = sum(int(view.kept[a:b].sum()) for a, b in zip(starts, ends))
     page = (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(run_name)}: token view</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(run_name)}: token view</h1>"
-        f'<div class="meta">{len(shown)} of {seq_ids.size} responses sampled (seed {seed}; up to half among responses '
-        f'with kept positions); {n_kept_shown} kept positions shown. '
+        f'<div class="meta">{len(shown)} of {df["seq_id"].unique().size} responses sampled (seed {seed}; '
+        f"up to half among responses with kept positions); {n_kept_shown} kept positions shown. "
         "Hover a token for its position, values and selection.</div>"
-        f"{legend}{''.join(blocks)}</body></html>"
+        f"{_legend(view)}{''.join(blocks)}</body></html>"
     )
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,9 +56,13 @@ def main() -> None:
     t_oracle, oracle = timed(oracle_fn)
     t_prod, prod = timed(prod_fn)
     diff = max((prod[k] - oracle[k]).abs().nan_to_num(0).max().item() for k in oracle)
-    print(f"testbed student: {sum(p.numel() for p in pair.student.parameters()):,} parameters, {n_positions} bank positions, torch threads {torch.get_num_threads()}")
-    print(f"oracle (deep copy, torch.optim step, forward): {t_oracle:.2f} s  ({1e3 * t_oracle / n_positions:.2f} ms/position)")
-    print(f"production (jacrev + vmap functional forward): {t_prod:.3f} s  ({1e3 * t_prod / n_positions:.3f} ms/position)")
+    n_params = sum(p.numel() for p in pair.student.parameters())
+    print(f"testbed student: {n_params:,} parameters, {n_positions} bank positions, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"oracle (deep copy, torch.optim step, forward): {t_oracle:.2f} s  "
+          f"({1e3 * t_oracle / n_positions:.2f} ms/position)")
+    print(f"production (jacrev + vmap functional forward): {t_prod:.3f} s  "
+          f"({1e3 * t_prod / n_positions:.3f} ms/position)")
     print(f"speed ratio oracle/production: {t_oracle / t_prod:.1f}x   (target >= 20x)")
     print(f"max |production - oracle| over all outputs: {diff:.2e}")
 

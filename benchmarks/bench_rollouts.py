@@ -79,7 +79,8 @@ def main() -> None:
     longest = max(len(ids) for ids in render_prompts(AutoTokenizer.from_pretrained(path), prompts))
     max_new = args.max_new_tokens or min(256, max_positions(AutoConfig.from_pretrained(path)) - longest)
     sampling = SamplingConfig(max_new_tokens=max_new, n=args.n, seed=0)
-    print(f"student {path}\n{len(prompts)} prompts x {args.n} samples, max_new_tokens {max_new}, torch threads {torch.get_num_threads()}")
+    print(f"student {path}\n{len(prompts)} prompts x {args.n} samples, max_new_tokens {max_new}, "
+          f"torch threads {torch.get_num_threads()}")
 
     t0 = time.perf_counter()
     generate_rollouts(path, None, prompts[:2], sampling, backend="vllm", progress=False)  # engine start + warm-up
@@ -90,7 +91,8 @@ def main() -> None:
     hf_s, hf_tokens = timed("hf", path, prompts, sampling)
 
     vllm_rate, hf_rate = vllm_tokens / vllm_s, hf_tokens / hf_s
-    print(f"vllm: {vllm_rate:9.1f} tokens/s ({vllm_tokens} tokens in {vllm_s:.2f} s; engine start + warm-up {engine_s:.1f} s)")
+    print(f"vllm: {vllm_rate:9.1f} tokens/s ({vllm_tokens} tokens in {vllm_s:.2f} s; "
+          f"engine start + warm-up {engine_s:.1f} s)")
     print(f"hf:   {hf_rate:9.1f} tokens/s ({hf_tokens} tokens in {hf_s:.2f} s, incl. the log-prob recompute)")
     print(f"ratio vllm / hf: {vllm_rate / hf_rate:.2f}x")
 

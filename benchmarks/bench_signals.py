@@ -138,7 +138,7 @@ def compare_times(student, teacher, args) -> None:
     times = time_interleaved(fns, args.repeats)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name, label in labels.items():
-        print(f"{label:30s} median {med[name]:7.3f} s  {['%.3f' % x for x in times[name]]}")
+        print(f"{label:30s} median {med[name]:7.3f} s  {[f'{x:.3f}' for x in times[name]]}")
     if not args.no_floor:
         print(f"ratio token_signals / floor: {med['signals'] / med['floor']:.2f} (target <= 2.0); "
               f"/ out= floor (no output allocation): {med['signals'] / med['floor_out']:.2f}")

@@ -8,7 +8,7 @@ Two configurations:
 For each configuration and ratio (0.05, 1.0), every measurement runs in a FRESH subprocess (so the
 resident-set high-water mark is clean; torch has no CPU allocator statistics), with a random kept
 mask of the ratio and the default loss (sampled_pg, kept_global):
-  step   `opd.trainer.opd_step` + AdamW step: wall time (second call) and peak RSS (first call);
+  step   `opd.step.opd_step` + AdamW step: wall time (second call) and peak RSS (first call);
   loss   `opd_step` alone (forward of the kept positions, loss, backward): peak RSS above the start;
   base   the same decoder forward + backward with a dummy loss on the kept hidden states, no LM head.
 LM-head + loss memory = peak(loss) - peak(base): the memory of the [n, V] logits, their
@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 RATIOS = (0.05, 1.0)
 CONFIGS = {
     "testbed": {"n": 32, "prompt": 10, "response": 9},
-    "large": {"n": 64, "prompt": 16, "response": 240, "vocab": 50_000, "hidden": 256, "layers": 2, "heads": 4, "intermediate": 512},
+    "large": {"n": 64, "prompt": 16, "response": 240, "vocab": 50_000, "hidden": 256, "layers": 2, "heads": 4,
+              "intermediate": 512},
 }
 
 
@@ -57,8 +58,8 @@ def build(name: str, device: str = "cpu"):
         torch.manual_seed(0)
         vocab = spec["vocab"]
         config = Qwen2Config(vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                             num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-                             max_position_embeddings=512, tie_word_embeddings=False)
+                             num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                             num_key_value_heads=spec["heads"], max_position_embeddings=512, tie_word_embeddings=False)
         student = Qwen2ForCausalLM(config).to(device)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, vocab, (spec["n"], spec["prompt"]), generator=gen).tolist()
@@ -89,7 +90,8 @@ def measure(name: str, ratio: float, mode: str, device: str = "cpu") -> dict:
     from opd.config import TrainConfig
     from opd.distributed import World
     from opd.memory import peak_mb, reset_peak
-    from opd.trainer import make_optimizer, opd_step
+    from opd.step import opd_step
+    from opd.trainer import make_optimizer
 
     student, vocab, batch, signals = build(name, device)
     keep = keep_mask(batch.valid, ratio)
@@ -103,8 +105,9 @@ def measure(name: str, ratio: float, mode: str, device: str = "cpu") -> dict:
     def run() -> None:
         if mode == "base":
             rows, _, cols = kept_index(batch, keep)
-            hidden = student.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-            hidden[rows, cols].sum().backward()
+            decoder = student.get_decoder()
+            out = decoder(input_ids=batch.ids, attention_mask=batch.attention_mask, use_cache=False)
+            out.last_hidden_state[rows, cols].sum().backward()
         else:
             opd_step(model, model, batch, signals, keep, config, world)
             if mode == "step":
@@ -124,8 +127,8 @@ def measure(name: str, ratio: float, mode: str, device: str = "cpu") -> dict:
         run()
         _sync(dev)
         seconds = time.perf_counter() - started
-    return {"config": name, "ratio": ratio, "mode": mode, "kept": int(keep.sum()), "positions": int(batch.valid.sum()), "vocab": vocab,
-            "seconds": seconds, "peak_mb": peak, "added_mb": peak - start, "loaded_mb": before}
+    return {"config": name, "ratio": ratio, "mode": mode, "kept": int(keep.sum()), "positions": int(batch.valid.sum()),
+            "vocab": vocab, "seconds": seconds, "peak_mb": peak, "added_mb": peak - start, "loaded_mb": before}
 
 
 def _sync(device) -> None:
@@ -152,25 +155,30 @@ def main(device: str = "cpu") -> None:
     for name in CONFIGS:
         for ratio in RATIOS:
             for mode in ("step", "loss", "base"):
-                out = subprocess.run([sys.executable, __file__, "--one", name, str(ratio), mode, device], capture_output=True, text=True, cwd=ROOT)
+                out = subprocess.run([sys.executable, __file__, "--one", name, str(ratio), mode, device],
+                                     capture_output=True, text=True, cwd=ROOT)
                 if out.returncode != 0:
                     raise SystemExit(f"{name} ratio={ratio} {mode} failed:\n{out.stderr[-3000:]}")
-                results[(name, ratio, mode)] = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"  measured {name:8s} ratio {ratio:<5} {mode:5s}: {results[(name, ratio, mode)]['seconds']:.3f} s, "
-                      f"+{results[(name, ratio, mode)]['added_mb']:.0f} MB", flush=True)
+                result = results[(name, ratio, mode)] = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"  measured {name:8s} ratio {ratio:<5} {mode:5s}: {result['seconds']:.3f} s, "
+                      f"+{result['added_mb']:.0f} MB", flush=True)
     memory = "CUDA max allocated" if device.startswith("cuda") else "RSS high-water"
-    print(f"\none training step (opd_step + AdamW) on {device}, sampled_pg, kept_global; memory = {memory} in a fresh process")
-    print(f"{'config':8s} {'ratio':>6s} {'kept':>6s} {'step s':>8s} {'peak MB':>8s} {'LM-head+loss MB':>16s} {'[n, V] fp32 MB':>15s}")
+    print(f"\none training step (opd_step + AdamW) on {device}, sampled_pg, kept_global; "
+          f"memory = {memory} in a fresh process")
+    print(f"{'config':8s} {'ratio':>6s} {'kept':>6s} {'step s':>8s} {'peak MB':>8s} {'LM-head+loss MB':>16s} "
+          f"{'[n, V] fp32 MB':>15s}")
     for name in CONFIGS:
         head = {}
         for ratio in RATIOS:
             step, loss, base = (results[(name, ratio, m)] for m in ("step", "loss", "base"))
             head[ratio] = loss["added_mb"] - base["added_mb"]
             logits_mb = step["kept"] * step["vocab"] * 4 / 2**20  # one [n, V] float32 tensor
-            print(f"{name:8s} {ratio:6.2f} {step['kept']:6d} {step['seconds']:8.3f} {step['peak_mb']:8.0f} {head[ratio]:16.1f} {logits_mb:15.2f}")
+            print(f"{name:8s} {ratio:6.2f} {step['kept']:6d} {step['seconds']:8.3f} {step['peak_mb']:8.0f} "
+                  f"{head[ratio]:16.1f} {logits_mb:15.2f}")
         s5, s1 = results[(name, 0.05, "step")], results[(name, 1.0, "step")]
         verdict = "(target <= 15%)" if head[1.0] >= 16 else "(below the measurement's MB resolution: not meaningful)"
-        print(f"{name:8s} 5% / full: step time {s5['seconds'] / s1['seconds']:.2f}x, step peak memory {s5['peak_mb'] / s1['peak_mb']:.2f}x, "
+        print(f"{name:8s} 5% / full: step time {s5['seconds'] / s1['seconds']:.2f}x, "
+              f"step peak memory {s5['peak_mb'] / s1['peak_mb']:.2f}x, "
               f"added step memory {s5['added_mb'] / max(s1['added_mb'], 1e-9):.2f}x, "
               f"LM-head+loss memory {head[0.05] / max(head[1.0], 1e-9):.1%} {verdict}")
 

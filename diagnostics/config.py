@@ -32,6 +32,13 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def check_at_least(config: Any, minimum: int, *keys: str) -> None:
+    """`check` that each named field of `config` is >= `minimum`, in order ("must be >= minimum, got value")."""
+    for key in keys:
+        value = getattr(config, key)
+        check(value >= minimum, key, f"must be >= {minimum}, got {value}")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against the type `annotation`; allow int -> float. Raise naming the key."""
     origin = typing.get_origin(annotation)

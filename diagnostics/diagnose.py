@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 
 from diagnostics import engine
-from diagnostics.config import check, config_to_dict
+from diagnostics.backends import list_backends
+from diagnostics.config import check, check_at_least, config_to_dict
 from diagnostics.files import atomic_write, write_json, write_parquet
 from diagnostics.forward import ResponseBatch, full_logprobs
 from diagnostics.losses import list_losses
@@ -72,7 +73,7 @@ class DiagnoseConfig:
     temperature: float = 1.0  # rollout sampling temperature (the paper's 1.0)
     top_p: float = 1.0
     max_new_tokens: int = 0  # 0 = the testbed's response length, or 256 for real models
-    backend: Literal["auto", "hf", "vllm"] = "auto"
+    backend: str = "auto"  # "auto" or a registered backend (`diagnostics.backends.list_backends`)
     mode: Literal["single-step", "checkpoint", "first-order"] = "single-step"
     loss: str = "reverse_kl"  # a registered loss (diagnostics.losses), at its first step
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -95,12 +96,13 @@ class DiagnoseConfig:
     n_boot: int = 1000  # cluster-bootstrap resamples for the summary
 
     def __post_init__(self) -> None:
-        check(self.n_sequences >= 1, "n_sequences", f"must be >= 1, got {self.n_sequences}")
-        check(self.max_response_tokens >= 1, "max_response_tokens", f"must be >= 1, got {self.max_response_tokens}")
+        check_at_least(self, 1, "n_sequences", "max_response_tokens")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        backends = ["auto", *list_backends()]
+        check(self.backend in backends, "backend", f"must be one of {backends}, got {self.backend!r}")
         check(self.loss in list_losses(), "loss", f"unknown loss {self.loss!r}; registered: {', '.join(list_losses())}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+        check_at_least(self, 0, "max_new_tokens")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.k >= 0, "k", f"must be >= 1 (or 0 for the pair's default), got {self.k}")
         check(all(k >= 1 for k in self.extra_k), "extra_k", f"every K must be >= 1, got {self.extra_k}")
@@ -108,9 +110,9 @@ class DiagnoseConfig:
               f"each ratio must be in (0, 1], got {self.group_ratios}")
         unknown = [s for s in self.group_selectors if s not in list_scores()]
         check(not unknown, "group_selectors", f"unknown selector {unknown[:1]}; registered: {', '.join(list_scores())}")
-        check(self.shard_sequences >= 1, "shard_sequences", f"must be >= 1, got {self.shard_sequences}")
+        check_at_least(self, 1, "shard_sequences")
         check(self.memory_budget_gb > 0, "memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
-        check(self.n_boot >= 0, "n_boot", f"must be >= 0, got {self.n_boot}")
+        check_at_least(self, 0, "n_boot")
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
         check(self.mode != "checkpoint" or bool(self.checkpoint), "checkpoint",

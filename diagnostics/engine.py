@@ -169,7 +169,8 @@ def single_step_vmap(
     if previous_attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
     try:
-        return _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_order, memory_budget_bytes, device)
+        return _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_order, memory_budget_bytes,
+                                 device)
     finally:
         if previous_attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(previous_attn)
@@ -207,14 +208,17 @@ def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_ord
         first_order_gain = None
         if first_order:  # before the directions are overwritten below
             fix_grads = vmap(jacrev(fwd_kls), in_dims=(None, 0, 0, 0, 0))(params, part.ids, part.pred_idx, t_lp, validf)
-            first_order_gain = step.lr * sum((fix_grads[n] * directions[n]).flatten(2).sum(-1) for n in params)  # [b, T]
+            # [b, T]: lr * <grad KL(pT || pS), d> per position, summed over every parameter tensor
+            first_order_gain = step.lr * sum((fix_grads[n] * directions[n]).flatten(2).sum(-1) for n in params)
             del fix_grads
         # one updated parameter copy per (sequence, position), theta - lr d, built in place in the
         # direction tensors (one pass, no extra [b*T, *shape] allocation): [b*T, *shape]
-        stacked = {name: d.mul_(-step.lr).add_(params[name]).reshape(b * T, *params[name].shape) for name, d in directions.items()}
+        stacked = {name: d.mul_(-step.lr).add_(params[name]).reshape(b * T, *params[name].shape)
+                   for name, d in directions.items()}
         repeat = lambda x: x.repeat_interleave(T, dim=0)  # noqa: E731  [b, ...] -> [b*T, ...]
         with torch.no_grad():
-            kl_f, kl_r = vmap(measure, in_dims=(0, 0, 0, 0))(stacked, repeat(part.ids), repeat(part.pred_idx), repeat(t_lp))
+            kl_f, kl_r = vmap(measure, in_dims=(0, 0, 0, 0))(stacked, repeat(part.ids), repeat(part.pred_idx),
+                                                             repeat(t_lp))
         before_f, before_r = forward_kl(t_lp, s_lp), reverse_kl(t_lp, s_lp)
         out = _gain_table(before_f, kl_f.reshape(b, T, T), part.valid)
         out["kl_forward_before"] = before_f

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -63,30 +65,16 @@ def generate_responses(
 
 
 def exact_match_accuracy(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    problems: list[Problem],
-    *,
-    max_new_tokens: int,
-    greedy: bool = True,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 64,
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problems: list[Problem], **generation: Any
 ) -> float:
-    """Fraction of problems whose response equals the answer exactly (whitespace-normalised)."""
+    """Fraction of problems whose response equals the answer exactly (whitespace-normalised).
+
+    ``generation``: the keywords of `generate_responses` (max_new_tokens, greedy, temperature, seed, batch_size).
+    """
     if not problems:
         raise ValueError("problems: empty list, nothing to evaluate")
     was_training = model.training
     model.eval()
-    responses = generate_responses(
-        model,
-        tokenizer,
-        [p.prompt for p in problems],
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-    )
+    responses = generate_responses(model, tokenizer, [p.prompt for p in problems], **generation)
     model.train(was_training)
     return sum(is_exact_match(r, p.answer) for r, p in zip(responses, problems)) / len(problems)

@@ -24,8 +24,8 @@ model to it, with one tolerance, `HEAD_PATH_TOL`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -60,12 +60,12 @@ class ResponseBatch:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def select(self, rows: slice | Tensor) -> "ResponseBatch":
+    def select(self, rows: slice | Tensor) -> ResponseBatch:
         """The sub-batch of the given rows (same widths L and T)."""
         fields = (self.ids, self.attention_mask, self.pred_idx, self.targets, self.valid)
         return ResponseBatch(*(x[rows] for x in fields))
 
-    def to(self, device: torch.device) -> "ResponseBatch":
+    def to(self, device: torch.device) -> ResponseBatch:
         fields = (self.ids, self.attention_mask, self.pred_idx, self.targets, self.valid)
         return ResponseBatch(*(x.to(device) for x in fields))
 
@@ -76,7 +76,7 @@ class ResponseBatch:
         responses: Sequence[Sequence[int]],
         pad_id: int,
         valid: Tensor | None = None,
-    ) -> "ResponseBatch":
+    ) -> ResponseBatch:
         """Pad prompt/response id lists. `valid` [B, T] (T >= the longest response) marks the scored
         positions; None: every response position, T = the longest response."""
         if len(prompts) != len(responses) or (valid is not None and len(prompts) != valid.shape[0]):

@@ -23,11 +23,13 @@ log-prob tensors (the engine's forward/reverse KL metrics are it too).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
+
+from diagnostics.registry import add_once, lookup
 
 __all__ = ["LossInputs", "LossSpec", "register_loss", "get_loss", "list_losses", "kl_divergence"]
 
@@ -91,9 +93,7 @@ def register_loss(name: str, *, description: str, needs_teacher_full: bool = Fal
     """
 
     def decorator(fn: LossFn) -> LossFn:
-        if name in _LOSSES:
-            raise ValueError(f"loss {name!r} is already registered (by {_LOSSES[name].fn.__qualname__})")
-        _LOSSES[name] = LossSpec(name, fn, description, needs_teacher_full)
+        add_once(_LOSSES, "loss", name, LossSpec(name, fn, description, needs_teacher_full))
         return fn
 
     return decorator
@@ -101,10 +101,7 @@ def register_loss(name: str, *, description: str, needs_teacher_full: bool = Fal
 
 def get_loss(name: str) -> LossSpec:
     """The registered LossSpec; KeyError listing the registered names if unknown."""
-    try:
-        return _LOSSES[name]
-    except KeyError:
-        raise KeyError(f"unknown loss {name!r}; registered losses: {list_losses()}") from None
+    return lookup(_LOSSES, "loss", "losses", name)
 
 
 def list_losses() -> list[str]:

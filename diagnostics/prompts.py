@@ -10,7 +10,7 @@ Shared by the rollout backends (`diagnostics.backends`), the diagnostic and the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from transformers import GenerationConfig, PreTrainedTokenizerBase

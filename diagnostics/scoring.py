@@ -22,16 +22,16 @@ response), a `valid` mask, the mode, and `to_frame()` for a tidy per-position ta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from diagnostics.models import ModelPair
-from diagnostics.forward import iter_response_logits
 from diagnostics.backends.vllm import logprob_entry, vllm_engine
+from diagnostics.forward import iter_response_logits
+from diagnostics.models import ModelPair
 from diagnostics.prompts import max_positions
 from diagnostics.signals import token_signals, token_signals_topk
 
@@ -218,10 +218,12 @@ def teacher_prompt_topk(
     max_len = max_model_len or max_positions(AutoConfig.from_pretrained(teacher_path))
     longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
     if max_len is not None and longest + 1 > max_len:
-        raise ValueError(f"teacher {teacher_path}: a prompt + response of {longest} tokens (+1 generated) exceeds max_model_len={max_len}")
+        raise ValueError(f"teacher {teacher_path}: a prompt + response of {longest} tokens (+1 generated) "
+                         f"exceeds max_model_len={max_len}")
     llm = vllm_engine(teacher_path, max_model_len=max_len, logprobs_mode="raw_logprobs", max_logprobs=k)
     params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=k, detokenize=False)
-    sequences = [TokensPrompt(prompt_token_ids=[int(t) for t in p] + [int(t) for t in r]) for p, r in zip(prompts, responses)]
+    sequences = [TokensPrompt(prompt_token_ids=[int(t) for t in p] + [int(t) for t in r])
+                 for p, r in zip(prompts, responses)]
     outputs = llm.generate(sequences, params, use_tqdm=progress)
     sampled, top_ids, top_lps = [], [], []
     for prompt, response, output in zip(prompts, responses, outputs):
@@ -253,10 +255,14 @@ def score_rollouts_vllm(
     Returns:
         ScoredBatch (mode "topk") with the `token_signals_topk` keys plus sampled-token ones.
     """
-    _check_store(rollouts, ("prompt_id", "sample_idx", "prompt_ids", "response_ids", "response_logprobs", "topk_ids", "topk_logprobs"))
-    temperatures = set(np.asarray(rollouts["temperature"], dtype=float).tolist()) if "temperature" in rollouts else {1.0}
+    _check_store(rollouts, ("prompt_id", "sample_idx", "prompt_ids", "response_ids", "response_logprobs",
+                            "topk_ids", "topk_logprobs"))
+    temperatures = {1.0}
+    if "temperature" in rollouts:
+        temperatures = set(np.asarray(rollouts["temperature"], dtype=float).tolist())
     if temperatures != {1.0}:
-        raise ValueError(f"rollouts: top-K scoring needs temperature-1 rollouts (stored student log-probs are tempered), got {sorted(temperatures)}")
+        raise ValueError("rollouts: top-K scoring needs temperature-1 rollouts (stored student log-probs are "
+                         f"tempered), got {sorted(temperatures)}")
     stored_k = int(np.asarray(rollouts["topk_ids"].iloc[0]).shape[1])
     k = stored_k if k is None else k
     if not 1 <= k <= stored_k:
@@ -270,7 +276,8 @@ def score_rollouts_vllm(
     token_ids, valid = valid_mask(responses, stop_ids)
     lengths = valid.sum(dim=1).tolist()
     kept = [np.asarray(r)[:n] for r, n in zip(responses, lengths)]
-    t_sampled, t_ids, t_lps = teacher_prompt_topk(teacher_path, list(rollouts["prompt_ids"]), kept, k, max_model_len=max_model_len, progress=progress)
+    t_sampled, t_ids, t_lps = teacher_prompt_topk(teacher_path, list(rollouts["prompt_ids"]), kept, k,
+                                                  max_model_len=max_model_len, progress=progress)
     s_ids = np.concatenate([np.asarray(x)[:n, :k] for x, n in zip(rollouts["topk_ids"], lengths)])  # [N, k]
     s_lps = np.concatenate([np.asarray(x)[:n, :k] for x, n in zip(rollouts["topk_logprobs"], lengths)])
     s_sampled = np.concatenate([np.asarray(x)[:n] for x, n in zip(rollouts["response_logprobs"], lengths)])

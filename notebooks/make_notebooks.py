@@ -93,11 +93,17 @@ CORRELATION = [
              "                          title=f'{run_name}: Q3 support gap per K'))"),
     ("md", "## Gaps and buckets"),
     ("code", "display(tables['gaps'])"),
-    ("code", "from analysis.figures import plot_bucket_curves, plot_gain_heatmap, plot_quadrant_scores, plot_score_hexbins\n"
+    ("code", "from analysis.figures import (\n"
+             "    plot_bucket_curves,\n"
+             "    plot_gain_heatmap,\n"
+             "    plot_quadrant_scores,\n"
+             "    plot_score_hexbins,\n"
+             ")\n"
              "from analysis.stats import bucket_curves, residual_curves\n\n"
              "display(plot_gain_heatmap(df, run_name=run_name))\n"
              "display(plot_quadrant_scores(df, run_name=run_name))\n"
-             "display(plot_bucket_curves(bucket_curves(df, n_boot=N_BOOT), residual_curves(df, n_boot=N_BOOT), run_name=run_name))\n"
+             "buckets, residuals = bucket_curves(df, n_boot=N_BOOT), residual_curves(df, n_boot=N_BOOT)\n"
+             "display(plot_bucket_curves(buckets, residuals, run_name=run_name))\n"
              "display(plot_score_hexbins(df, run_name=run_name))"),
     ("md", "## Full text report (what `taopd analyze` prints)"),
     ("code", "print(format_report(summary))"),
@@ -115,7 +121,8 @@ SELECTORS = [
     ("code", SUMMARIZE),
     ("md", "## Top-N checks: teachability against raw KL and random at the headline budget"),
     ("code", "checks = tables['checks']\n"
-             "display(checks[checks['name'].str.startswith('top_n')][['name', 'passed', 'value', 'ci_low', 'ci_high', 'detail']])"),
+             "top_n_checks = checks[checks['name'].str.startswith('top_n')]\n"
+             "display(top_n_checks[['name', 'passed', 'value', 'ci_low', 'ci_high', 'detail']])"),
     ("md", "## Mean gain of the kept tokens"),
     ("code", "top = tables['top_n']\n"
              "cols = ['selector', 'ratio', 'n_kept', 'mean_gain', 'ci_low', 'ci_high', 'gain_per_keep']\n"
@@ -149,8 +156,9 @@ TRAINING = [
              "run_dir = newest_run(RESULTS, 'train')\n"
              "metrics, comparison, manifest = load_train_run(run_dir)\n"
              "run_name = manifest['run_name']\n"
+             "seeds = sorted(int(s) for s in metrics['seed'].unique())\n"
              "display(Markdown(f\"**run** `{run_name}` from `{run_dir}`: {len(metrics)} metric rows, \"\n"
-             "                 f\"selectors {sorted(metrics['selector'].unique())}, seeds {sorted(int(s) for s in metrics['seed'].unique())}\"))\n"
+             "                 f\"selectors {sorted(metrics['selector'].unique())}, seeds {seeds}\"))\n"
              "if manifest.get('synthetic'):\n"
              "    display(Markdown('**SYNTHETIC data**: the numbers below test the pipeline, not the method.'))"),
     ("md", "## Final evaluation per selector (mean and std over seeds)"),

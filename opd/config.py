@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from diagnostics.config import check, config_to_dict
-from diagnostics.run import config_hash
+from diagnostics.config import check, check_at_least, config_to_dict
 from diagnostics.losses import list_losses
+from diagnostics.run import config_hash
 from diagnostics.signals import list_scores
 from opd.normalization import NORMALIZATIONS
 
@@ -84,39 +84,33 @@ class TrainConfig:
         check(len(self.seeds) >= 1, "seeds", "must hold at least one seed")
         check(len(set(self.seeds)) == len(self.seeds), "seeds", f"duplicate seed in {self.seeds}")
         check(all(0 <= s < 2**31 for s in self.seeds), "seeds", f"each seed must be in [0, 2**31), got {self.seeds}")
-        check(self.min_per_sequence >= 0, "min_per_sequence", f"must be >= 0, got {self.min_per_sequence}")
+        check_at_least(self, 0, "min_per_sequence")
         check(self.k >= 0, "k", f"must be >= 1 (or 0 for the pair's default), got {self.k}")
-        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.samples_per_prompt >= 1, "samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}")
-        check(self.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+        check_at_least(self, 1, "steps", "batch_size", "samples_per_prompt")
+        check_at_least(self, 0, "max_new_tokens")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.loss in list_losses(), "loss", f"unknown loss {self.loss!r}; registered: {', '.join(list_losses())}")
         check(self.normalization in NORMALIZATIONS, "normalization",
               f"must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}")
         check(0 <= self.clip_low < 1, "clip_low", f"must be in [0, 1), got {self.clip_low}")
-        check(self.clip_high >= 0, "clip_high", f"must be >= 0, got {self.clip_high}")
+        check_at_least(self, 0, "clip_high")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check_at_least(self, 0, "weight_decay")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
               f"must be two numbers in [0, 1), got {self.betas}")
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
-        check(self.micro_batch_size >= 0, "micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
-        check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
-        check(self.eval_problems >= 1, "eval_problems", f"must be >= 1, got {self.eval_problems}")
-        check(self.bank_sequences >= 1, "bank_sequences", f"must be >= 1, got {self.bank_sequences}")
-        check(self.bank_max_tokens >= 1, "bank_max_tokens", f"must be >= 1, got {self.bank_max_tokens}")
-        check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
-        check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
-        check(self.scoring_tokens >= 1, "scoring_tokens", f"must be >= 1, got {self.scoring_tokens}")
+        check_at_least(self, 0, "micro_batch_size")
+        check_at_least(self, 1, "eval_every", "eval_problems", "bank_sequences", "bank_max_tokens")
+        check_at_least(self, 0, "checkpoint_every", "cpu_threads")
+        check_at_least(self, 1, "scoring_tokens")
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
         check(not self.student or bool(self.prompts), "prompts", "real models need a JSONL training prompt file")
         check(not self.student or bool(self.eval_prompts), "eval_prompts",
               "real models need a JSONL held-out prompt file")
 
-    def arms(self) -> list["Arm"]:
+    def arms(self) -> list[Arm]:
         """Every (selector, ratio, seed) of the run: full at 1.0, the others at each ratio."""
         pairs = [(s, r) for s in self.selectors for r in ([1.0] if s == "full" else self.ratios)]
         return [Arm(selector, float(ratio), seed) for selector, ratio in pairs for seed in self.seeds]

@@ -19,7 +19,7 @@ On a GPU machine, `accelerate launch --config_file configs/accelerate_ddp.yaml` 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -33,7 +33,7 @@ class World:
         self.accelerator = accelerator
 
     @classmethod
-    def create(cls, device: str = "auto") -> "World":
+    def create(cls, device: str = "auto") -> World:
         """One Accelerator per process; device "cpu" forces CPU (gloo) even where CUDA exists."""
         return cls(Accelerator(cpu=device == "cpu", mixed_precision="no"))
 

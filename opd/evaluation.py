@@ -38,7 +38,9 @@ def evaluate(
 ) -> dict[str, float]:
     """{"accuracy": greedy exact match, "kl_to_teacher": mean KL(pT||pS) per bank token}."""
     mine = problems[world.rank :: world.size]
-    accuracy = exact_match_accuracy(student, tokenizer, mine, max_new_tokens=max_new_tokens, greedy=True) if mine else 0.0
+    accuracy = 0.0
+    if mine:
+        accuracy = exact_match_accuracy(student, tokenizer, mine, max_new_tokens=max_new_tokens, greedy=True)
     correct = accuracy * len(mine)
     kl_sum, n_tok = 0.0, 0
     rows = torch.arange(len(bank))[world.rank :: world.size]

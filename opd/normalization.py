@@ -20,7 +20,9 @@ from torch import Tensor
 NORMALIZATIONS = ("kept_global", "per_sequence_mean")
 
 
-def token_weights(seq_of_kept: Tensor, normalization: str, n_kept_global: int, n_seq_global: int, n_kept_per_seq: Tensor) -> Tensor:
+def token_weights(
+    seq_of_kept: Tensor, normalization: str, n_kept_global: int, n_seq_global: int, n_kept_per_seq: Tensor
+) -> Tensor:
     """One weight per kept position so that the batch loss is sum_t w_t l_t (spec 1).
 
     Args:

@@ -12,10 +12,10 @@ same number of steps and the same rollouts per step. One step (`train_step`):
      vocabulary V, in position chunks -> `diagnostics.signals.token_signals`
      (the `hf` backend's `score`, `diagnostics.scoring.score_rollouts_hf`); log pS_old(y_t) and log pT(y_t)
      come from here too;
-  4. selection (`select_kept`): `selection_scores` + `select` with the SAME score registry as the
+  4. selection (`opd.step.select_kept`): `selection_scores` + `select` with the SAME score registry as the
      diagnostic, over the whole rollout batch (signals gathered from every process), at least
      `min_per_sequence` kept positions per response;
-  5. `opd_step`: the registered loss at the kept positions only (`diagnostics.forward.PositionLM`: the
+  5. `opd.step.opd_step`: the registered loss at the kept positions only (`diagnostics.forward.PositionLM`: the
      LM head runs on kept rows only), normalised by the GLOBAL kept count (or per sequence), backward;
   6. finite checks, then the optimizer step (AdamW).
 Every `eval_every` steps: greedy held-out exact match and KL(pT||pS) on the common bank
@@ -52,12 +52,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diagnostics.forward import PositionLM, ResponseBatch, check_head_path, kept_index
+from diagnostics.backends import get_backend
 from diagnostics.files import write_json, write_parquet
-from diagnostics.losses import LossInputs, get_loss
+from diagnostics.forward import PositionLM, ResponseBatch, check_head_path
 from diagnostics.models import check_pair, load_model, resolve_dtype
 from diagnostics.progress import progress_bar
-from diagnostics.backends import get_backend
 from diagnostics.prompts import render_text
 from diagnostics.rollouts import SamplingConfig, generate_rollouts
 from diagnostics.run import (
@@ -71,7 +70,6 @@ from diagnostics.run import (
     read_bank,
     resolve_pair,
 )
-from diagnostics.signals import select, selection_scores
 from diagnostics.store import package_versions
 from diagnostics.task import Problem, load_problems
 from opd.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
@@ -79,8 +77,8 @@ from opd.config import Arm, TrainConfig
 from opd.distributed import World
 from opd.evaluation import evaluate, live_gains
 from opd.logger import NullLogger, make_logger
-from opd.normalization import token_weights
 from opd.memory import peak_mb, reset_peak
+from opd.step import NonFiniteError, opd_step, select_kept
 
 # training prompt stream of seed s: the testbed task's problems(seed=TRAIN_PROMPT_SEED + s)
 TRAIN_PROMPT_SEED = 3_000_000
@@ -88,10 +86,6 @@ EVAL_SPLIT_SEED = 0  # held-out problems for exact match (the testbed report's s
 BANK_SAMPLING_SEED = 0
 BACKEND = "hf"  # rollouts and scoring on the live in-memory student (see the module docstring)
 LIVE_GAIN_COLUMNS = ["selector", "ratio", "seed", "seq", "gain_sum", "n_tokens"]  # live_gain.parquet of a run
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient was NaN or infinite; the message names the step and what was non-finite."""
 
 
 def _seed(*keys: int | str) -> int:
@@ -214,93 +208,6 @@ def base_evaluation(ctx: RunContext) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ step
-
-
-def select_kept(
-    signals: dict[str, torch.Tensor], valid: torch.Tensor, arm: Arm, min_per_sequence: int, world: World, seed: int
-) -> torch.Tensor:
-    """[b, T] kept mask of this process, selected over the WHOLE batch of every process.
-
-    signals: [b, T] "student_entropy", "disagreement", "compat_mass"; valid: [b, T] bool. The
-    gathered [B, T'] signals are identical on every rank, so every rank selects the same mask.
-    """
-    names = ("student_entropy", "disagreement", "compat_mass")
-    local = torch.stack([*(signals[n] for n in names), valid.float()], dim=-1)  # [b, T, 4]
-    every = world.gather_rows(local)  # [B, T', 4], rank order
-    valid_all = every[..., 3] > 0
-    scores = selection_scores({n: every[..., i] for i, n in enumerate(names)}, valid_all, seed=seed)
-    keep = select(scores[arm.selector], valid_all, arm.ratio, min_per_sequence=min_per_sequence)  # [B, T']
-    return keep[world.local_rows(keep.shape[0]), : valid.shape[1]]
-
-
-def _nonfinite_report(out: torch.Tensor, inputs: LossInputs, rows: torch.Tensor, pos: torch.Tensor) -> str:
-    """Where a per-token loss went non-finite, and which of its inputs were already non-finite."""
-    bad = ~torch.isfinite(out)
-    first = int(bad.nonzero()[0, 0])
-    parts = [f"per-token loss non-finite at {int(bad.sum())} of {len(out)} kept positions "
-             f"(first: local sequence {int(rows[first])}, response position {int(pos[first])})"]
-    named = (("student log-probs", inputs.student_logprobs), ("old log-probs", inputs.old_logprobs),
-             ("teacher token log-probs", inputs.teacher_token_logprobs), ("teacher log-probs", inputs.teacher_logprobs))
-    for name, value in named:
-        if value is None:
-            continue
-        if name == "teacher log-probs":  # full-vocabulary log-probs: -inf (probability 0) is allowed
-            finite = not bool(torch.isnan(value).any() | torch.isposinf(value).any())
-        else:
-            finite = bool(torch.isfinite(value).all())
-        parts.append(f"{name} {'finite' if finite else 'NON-FINITE'}")
-    return "; ".join(parts)
-
-
-def opd_step(model: torch.nn.Module, teacher: PositionLM, batch: ResponseBatch, signals: dict[str, torch.Tensor], keep: torch.Tensor, config: TrainConfig, world: World) -> dict[str, float]:
-    """The math of one step: the loss at kept positions, normalised over the global batch, backward.
-
-    Args:
-        model: the student's `PositionLM` (possibly DDP-wrapped), in train mode.
-        teacher: the teacher's `PositionLM` (frozen); run at kept positions for full-vocabulary losses.
-        batch: this process's B rollouts. signals: [B, T] "student_logprob_sampled" = log pS_old(y_t)
-            and "teacher_logprob_sampled" = log pT(y_t) (from scoring, no grad).
-        keep: [B, T] bool, this process's kept positions (a subset of batch.valid).
-    Gradients accumulate in .grad (micro-batch by micro-batch); the caller steps the optimizer.
-    Returns {"loss": the global batch loss, "kept_tokens": global kept count, "clip_fraction"}.
-    """
-    spec = get_loss(config.loss)
-    kept_per_seq = keep.sum(dim=1)  # [B]
-    n_kept = int(world.sum(kept_per_seq.sum()))  # GLOBAL: every process and every micro-batch
-    n_seq = int(world.sum((kept_per_seq > 0).sum()))  # sequences with a kept position, global
-    micro = config.micro_batch_size or len(batch)
-    starts = list(range(0, len(batch), micro))
-    old_lp, teacher_lp = signals["student_logprob_sampled"], signals["teacher_logprob_sampled"]
-    loss_sum = clipped = 0.0
-    for i, start in enumerate(starts):
-        part = slice(start, start + micro)
-        mb = batch.select(part).to(world.device)
-        rows, pos, cols = kept_index(mb, keep[part].to(world.device))  # [n] each, n kept in this micro-batch
-        with world.no_sync(model, skip=i < len(starts) - 1):  # all-reduce gradients once, after the last
-            student_lp = torch.log_softmax(model(mb.ids, mb.attention_mask, rows, cols).float(), dim=-1)  # [n, V]
-            teacher_full = None
-            if spec.needs_teacher_full:
-                with torch.no_grad():
-                    teacher_full = torch.log_softmax(teacher(mb.ids, mb.attention_mask, rows, cols).float(), dim=-1)  # [n, V]
-            inputs = LossInputs(
-                student_logprobs=student_lp,
-                targets=mb.targets[rows, pos],
-                old_logprobs=old_lp[part].to(world.device)[rows, pos],
-                teacher_token_logprobs=teacher_lp[part].to(world.device)[rows, pos],
-                teacher_logprobs=teacher_full,
-                clip_low=config.clip_low,
-                clip_high=config.clip_high,
-            )
-            out = spec.fn(inputs)
-            local_bad = int((~torch.isfinite(out["loss"])).sum())
-            if world.sum(local_bad):  # every process stops at the same micro-batch (no hung all-reduce)
-                raise NonFiniteError(_nonfinite_report(out["loss"], inputs, rows + start, pos) if local_bad else "per-token loss non-finite on another process")
-            weights = token_weights(rows, config.normalization, n_kept, n_seq, kept_per_seq[part].to(world.device))  # [n]
-            loss = (weights.to(out["loss"].device) * out["loss"]).sum()
-            world.backward(loss * world.size)  # DDP averages over processes; x size makes it the global sum
-        loss_sum += float(loss.detach())
-        clipped += float(out["clipped"].sum()) if "clipped" in out else 0.0
-    return {"loss": world.sum(loss_sum), "kept_tokens": n_kept, "clip_fraction": world.sum(clipped) / max(n_kept, 1)}
 
 
 def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict:

@@ -106,12 +106,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None = None) -> dict:
     """Summary statistics of a diagnostic run (from analysis/), printed and written to summary.json."""
-    from analysis import format_report, load_run, summarize
-    from diagnostics.files import write_json
-
     import pandas as pd
 
+    from analysis import format_report, load_run, summarize
     from analysis.variants import first_order_agreement, group_summary
+    from diagnostics.files import write_json
 
     tokens, manifest = load_run(run_dir)
     summary = summarize(tokens, n_boot=n_boot, seed=seed, manifest=manifest)
@@ -166,7 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from diagnostics.config import load_config
     from opd.config import TrainConfig
-    from opd.trainer import NonFiniteError, run_training
+    from opd.step import NonFiniteError
+    from opd.trainer import run_training
 
     overrides = _with_model_overrides(args)
     config = load_config(TrainConfig, args.config, overrides)

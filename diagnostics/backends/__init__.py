@@ -19,9 +19,10 @@ first use, so `import diagnostics.rollouts` never imports vLLM.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 import torch
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from diagnostics.scoring import ScoredBatch
 
 BUILTIN = {"hf": "diagnostics.backends.hf", "vllm": "diagnostics.backends.vllm"}  # name -> module
-_BACKENDS: dict[str, "Backend"] = {}
+_BACKENDS: dict[str, Backend] = {}
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,17 @@ class Backend(Protocol):
     name: str
     signal_mode: str
 
-    def generate(self, model: Any, prompts: list[list[int]], sampling: "SamplingConfig", stop_ids: list[int],
+    def generate(self, model: Any, prompts: list[list[int]], sampling: SamplingConfig, stop_ids: list[int],
                  options: GenerateOptions) -> list[dict]: ...
 
     def score(self, rollouts: pd.DataFrame, *, teacher: Any, k: int, stop_ids: list[int] | None,
               student: torch.nn.Module | None = None, vocab_size: int | None = None,
-              progress: bool = True) -> "ScoredBatch": ...
+              progress: bool = True) -> ScoredBatch: ...
 
 
 def register_backend(name: str) -> Callable[[type], type]:
-    """Class decorator: register one instance of the class under `name`; a duplicate name raises."""
+    """Class decorator: register one instance of the class under `name` (which sets its `name`); a duplicate
+    name raises."""
 
     def decorator(cls: type) -> type:
         if name in _BACKENDS:

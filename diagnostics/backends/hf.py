@@ -13,8 +13,9 @@ in-memory student) and exact scoring with both models in this process.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import torch
@@ -92,7 +93,6 @@ def sample_hf(
 class HFBackend:
     """transformers generate + teacher-forced log-probs; exact scores."""
 
-    name = "hf"
     signal_mode = "exact"
 
     def generate(self, model: Any, prompts: list[list[int]], sampling: SamplingConfig, stop_ids: list[int],

@@ -131,7 +131,6 @@ def vllm_logprobs_mode(sampling: SamplingConfig) -> str:
 class VLLMBackend:
     """vLLM sampling from a model directory; top-K scores."""
 
-    name = "vllm"
     signal_mode = "topk"
 
     def generate(self, model: Any, prompts: list[list[int]], sampling: SamplingConfig, stop_ids: list[int],

@@ -135,7 +135,7 @@ class _RowStats:
     kl_inf: Tensor  # [N, 2] bool: KL(T||S), KL(S||T) infinite (mass on a masked token)
 
     @classmethod
-    def empty(cls, n: int, k_eff: int, with_sampled: bool, device: torch.device) -> "_RowStats":
+    def empty(cls, n: int, k_eff: int, with_sampled: bool, device: torch.device) -> _RowStats:
         m = 2 * k_eff + int(with_sampled)
         return cls(
             torch.empty(n, 2, 2, device=device), torch.empty(n, 2, device=device),

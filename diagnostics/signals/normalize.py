@@ -8,12 +8,13 @@ clip((z - Q05) / (Q95 - Q05 + eps), 0, 1); ``quantile_linear`` is torch.quantile
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from diagnostics.signals.checks import check_valid, first_index
+
 
 def quantile_linear(v: Tensor, qs: Iterable[float]) -> list[float]:
     """Quantiles of a 1-D tensor with linear interpolation (= torch.quantile, without its size cap)."""

@@ -11,12 +11,14 @@ selectors all read this one registry.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, overload
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
+from diagnostics.registry import add_once, lookup
 from diagnostics.signals.checks import NEG_INF
 from diagnostics.signals.normalize import normalize_batch, quantile_linear
 
@@ -61,9 +63,7 @@ def register_score(
         raise ValueError('"q3" is reserved: selection_scores returns the Q3 mask under that key')
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        if name in _SCORES:
-            raise ValueError(f"score {name!r} is already registered (by {_SCORES[name].fn.__qualname__})")
-        _SCORES[name] = ScoreSpec(name, fn, description, needs, q3)
+        add_once(_SCORES, "score", name, ScoreSpec(name, fn, description, needs, q3))
         return fn
 
     return decorator
@@ -83,10 +83,7 @@ def register_q3_variant(base: str, *, description: str, name: str | None = None)
 
 def get_score(name: str) -> ScoreSpec:
     """The registered ScoreSpec; KeyError listing the registered names if unknown."""
-    try:
-        return _SCORES[name]
-    except KeyError:
-        raise KeyError(f"unknown score {name!r}; registered scores: {list_scores()}") from None
+    return lookup(_SCORES, "score", "scores", name)
 
 
 def list_scores() -> list[str]:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from diagnostics.signals.checks import NEG_INF, check_valid, first_index
 
+
 def _budget(ratio: float, n_valid: int) -> int:
     """ceil(ratio * n) robust to float error (ceil(0.07 * 100) = 7, not 8), at least 1."""
     return max(1, min(n_valid, math.ceil(ratio * n_valid - 1e-9)))

@@ -15,6 +15,7 @@ from torch import Tensor
 from diagnostics.signals.checks import NEG_INF, check_float, check_ids, check_k, describe_pos, first_index
 from diagnostics.signals.sets import SignalDict, order_desc_id_asc, set_signals
 
+
 def _lookup(ids: Tensor, table_ids: Tensor, table_vals: Tensor) -> Tensor:
     """table_vals at ids where the id is in table_ids (same row), else -inf; [c, m] from [c, k]."""
     match = ids[:, :, None] == table_ids[:, None, :]  # [c, m, k]; ids are unique within a row

@@ -13,7 +13,7 @@ resume. Everything of that stays TRL's; this subclass changes two things:
    as the project trainer's scoring does); `select_positions` gathers the signals of every process
    (rank order, padded to the longest completion) and selects with the project's registry
    (`selection_scores` + `select`: same selector names, ratio, tie rule and `min_per_sequence` as
-   `opd.trainer.select_kept`), identically on every rank; each rank keeps its own rows as `keep_mask`.
+   `opd.step.select_kept`), identically on every rank; each rank keeps its own rows as `keep_mask`.
    `num_items_in_batch` becomes the global kept count.
 2. `_compute_loss`: TRL's loss mask is `completion_mask * tool_mask`; the kept mask (a subset of both)
    enters as that product's second factor. So the loss is the sum of JSD_beta over kept positions
@@ -179,7 +179,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
     def select_positions(self, signals: dict[str, Tensor], valid: Tensor) -> Tensor:
         """[b, C] bool kept mask of this process, selected over the batch of EVERY process.
 
-        As `opd.trainer.select_kept`: the [b, C] signals of all processes are gathered in rank order
+        As `opd.step.select_kept`: the [b, C] signals of all processes are gathered in rank order
         (padded to the longest completion, padding invalid), scored and selected identically on
         every rank; this rank takes its rows. Every rank holds the same b (TRL's generation batch).
         """

@@ -28,7 +28,8 @@ from analysis.stats import bucket_curves, residual_curves
 
 
 def _labels(fig: Figure) -> list[tuple[str, str]]:
-    return [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+    return [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes
+            if ax.get_visible() and ax.get_label() != "<colorbar>"]
 
 
 def _title(fig: Figure) -> str:
@@ -44,7 +45,8 @@ def test_diagnostic_figures(small_tokens, tmp_path):
     name = "synthetic-test"
     fig = plot_gain_heatmap(small_tokens)
     assert name in _title(fig)
-    assert _labels(fig)[0] == ("incompatible disagreement D^I percentile (%)", "learnable disagreement D^L percentile (%)")
+    assert _labels(fig)[0] == ("incompatible disagreement D^I percentile (%)",
+                               "learnable disagreement D^L percentile (%)")
     assert any(ax.get_ylabel() == "mean gain G (nats)" for ax in fig.axes)  # the colorbar
     # diverging map centred at 0
     im = fig.axes[0].images[0]
@@ -70,7 +72,8 @@ def test_diagnostic_figures(small_tokens, tmp_path):
                             ("retention ratio (%)", "gain per keep: mean G / ratio (nats)")]
     assert name in _title(fig)
 
-    fig = plot_bucket_curves(bucket_curves(small_tokens, n_boot=20), residual_curves(small_tokens, n_boot=20), run_name=name)
+    buckets, residuals = bucket_curves(small_tokens, n_boot=20), residual_curves(small_tokens, n_boot=20)
+    fig = plot_bucket_curves(buckets, residuals, run_name=name)
     assert [lab[1] for lab in _labels(fig)] == ["mean gain G (nats)", "mean residual gain (nats)"]
     assert "quartile" in fig.axes[0].get_xlabel() and "decile" in fig.axes[1].get_xlabel()
 
@@ -89,7 +92,8 @@ def test_diagnostic_figures(small_tokens, tmp_path):
 def test_training_figures(train):
     metrics, comparison, manifest = train
     fig = plot_learning_curves(metrics)
-    assert _labels(fig) == [("training step", "accuracy (fraction correct)"), ("training step", "KL to teacher (nats / token)")]
+    assert _labels(fig) == [("training step", "accuracy (fraction correct)"),
+                            ("training step", "KL to teacher (nats / token)")]
     assert "fixture" in _title(fig) and "seeds" in _title(fig)
     n_lines = metrics.groupby(["selector", "ratio"]).ngroups
     assert len(fig.axes[0].lines) == n_lines
@@ -109,10 +113,12 @@ def test_make_all_figures(fixture_results, tmp_path):
     with pytest.warns(UserWarning, match="skipped diagnostic run"):
         paths = make_all_figures(results, tmp_path / "figures", n_boot=30)
     rel = {p.relative_to(tmp_path / "figures").as_posix() for p in paths}
-    for stem in ("gain_heatmap", "quadrant_scores", "coefficients_by_k", "top_n", "bucket_curves", "score_hexbins", "kept_overlap"):
+    for stem in ("gain_heatmap", "quadrant_scores", "coefficients_by_k", "top_n", "bucket_curves", "score_hexbins",
+                 "kept_overlap"):
         assert f"diagnose/fixture/{stem}.png" in rel and f"diagnose/fixture/{stem}.pdf" in rel
     assert not any(r.startswith("diagnose/broken") for r in rel)
-    assert {"support_gap_by_run.png", "train/fixture/learning_curves.png", "train/fixture/selector_comparison.pdf"} <= rel
+    expected = {"support_gap_by_run.png", "train/fixture/learning_curves.png", "train/fixture/selector_comparison.pdf"}
+    assert expected <= rel
     assert all(p.stat().st_size > 1000 for p in paths)
 
 

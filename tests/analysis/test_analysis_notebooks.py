@@ -55,5 +55,6 @@ def test_notebook_executes(name, venv_kernel, fixture_results, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # figures rendered inline
-    text = "".join(o.get("text", "") for o in outputs) + "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs)
+    text += "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
     assert "fixture" in text

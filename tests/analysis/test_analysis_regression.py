@@ -62,12 +62,14 @@ def test_moment_bootstrap_equals_explicit_lstsq(small_tokens):
 
 def test_planted_coefficients_recovered_and_ci_coverage():
     """Truth from a 4000-prompt sample; 20 seeded 40-prompt tables: the CI covers it in >= 80% of them."""
-    big = validate_tokens(synthetic_tokens(n_prompts=4000, seqs_per_prompt=1, min_len=30, max_len=30, extra_k=(), seed=10_000))
+    big = validate_tokens(synthetic_tokens(n_prompts=4000, seqs_per_prompt=1, min_len=30, max_len=30, extra_k=(),
+                                           seed=10_000))
     truth = fit_teachability_ols(big, n_boot=0)
     assert truth.beta_L > truth.beta_I > 0  # b_l = 1.0 > b_i = 0.5 is recovered at scale
     hits_l = hits_gap = 0
     for rep in range(20):
-        df = validate_tokens(synthetic_tokens(n_prompts=40, seqs_per_prompt=1, min_len=30, max_len=30, extra_k=(), seed=rep))
+        df = validate_tokens(synthetic_tokens(n_prompts=40, seqs_per_prompt=1, min_len=30, max_len=30, extra_k=(),
+                                              seed=rep))
         fit = fit_teachability_ols(df, n_boot=200, seed=rep)
         hits_l += fit.beta_L_ci[0] <= truth.beta_L <= fit.beta_L_ci[1]
         hits_gap += fit.gap_ci[0] <= truth.gap <= fit.gap_ci[1]

@@ -1,4 +1,5 @@
-"""analysis.report: summarize on the fixture and synthetic tables, JSON, report text, computed verdict, bad input."""
+"""analysis.report and analysis.checks: summarize on the fixture and synthetic tables, JSON, report text, computed
+verdict, bad input."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
+from analysis.checks import checks, verdict
 from analysis.io import load_run
-from analysis.report import checks, format_report, summarize, summary_tables, verdict
+from analysis.report import format_report, summarize, summary_tables
 
 KEYS = {"schema", "run", "notes", "correlations", "correlation_reference", "partial_compat_given_disagreement", "ols",
         "ols_by_k", "support_gap", "support_gap_by_k", "matched_gap", "mean_gain_all", "top_n", "top_n_references",

@@ -35,8 +35,10 @@ def raw_tables(seeds=(0, 1, 2), n_bank=5):
                 metrics.append({
                     "step": step, "selector": selector, "ratio": ratio, "seed": seed, "loss": rng.normal(),
                     "kept_tokens": 0 if step == 0 else int(rng.integers(5, 20)),
-                    "accuracy": rng.uniform() if evaluated else math.nan, "kl_to_teacher": rng.uniform() if evaluated else math.nan,
-                    "wall_time_s": float(step), "peak_mem_mb": rng.uniform(100, 200), "valid_tokens": 0 if step == 0 else 40,
+                    "accuracy": rng.uniform() if evaluated else math.nan,
+                    "kl_to_teacher": rng.uniform() if evaluated else math.nan,
+                    "wall_time_s": float(step), "peak_mem_mb": rng.uniform(100, 200),
+                    "valid_tokens": 0 if step == 0 else 40,
                 })
             gains.append(pd.DataFrame({"selector": selector, "ratio": ratio, "seed": seed, "seq": np.arange(n_bank),
                                        "gain_sum": rng.normal(size=n_bank), "n_tokens": rng.integers(1, 9, n_bank)}))
@@ -76,7 +78,8 @@ def test_markdown_and_run_comparison(tmp_path):
     metrics, gains = raw_tables(seeds=(0,))
     metrics.to_parquet(tmp_path / "metrics.parquet")
     gains.to_parquet(tmp_path / "live_gain.parquet")
-    (tmp_path / "manifest.json").write_text(json.dumps({"run_name": "r", "loss": "sampled_pg", "normalization": "kept_global"}))
+    manifest = {"run_name": "r", "loss": "sampled_pg", "normalization": "kept_global"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     table, markdown = run_comparison(tmp_path)
     pd.testing.assert_frame_equal(table, comparison_table(metrics, gains))
     assert markdown.startswith("## r: selector comparison (sampled_pg, kept_global)")

@@ -18,14 +18,16 @@ def test_first_order_agreement():
     agreement = first_order_agreement(tokens)
     kept = tokens.dropna()
     assert agreement["n"] == 49
-    assert agreement["spearman"] == pytest.approx(scipy.stats.spearmanr(kept["gain_first_order"], kept["gain"]).statistic)
+    expected = scipy.stats.spearmanr(kept["gain_first_order"], kept["gain"]).statistic
+    assert agreement["spearman"] == pytest.approx(expected)
     assert first_order_agreement(tokens.drop(columns="gain_first_order")) is None
 
 
 def test_group_summary():
     group = pd.DataFrame({
         "selector": ["kl"] * 4 + ["random"] * 4, "ratio": 0.5, "seq_id": [0, 0, 1, 1] * 2, "pos": [0, 1] * 4,
-        "kept": [True, False, False, True, False, False, False, False], "gain": [1.0, 2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 1.5],
+        "kept": [True, False, False, True, False, False, False, False],
+        "gain": [1.0, 2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 1.5],
     })
     rows = group_summary(group)
     assert [r["selector"] for r in rows] == ["kl", "random"]

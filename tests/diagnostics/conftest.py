@@ -1,8 +1,8 @@
 """Fixtures shared by the rollout, store and scoring tests.
 
 `vllm_testbed` is the small testbed (head size 32, which vLLM's CPU attention supports), trained
-longer so that its responses end in EOS. The student's and teacher's vocabularies still differ in LM-head rows (37 vs 48), so the padding
-path is exercised. `vllm_rollouts` starts the process's vLLM engine once per session.
+longer so that its responses end in EOS. The student's and teacher's vocabularies still differ in LM-head
+rows (37 vs 48), so the padding path is exercised. `vllm_rollouts` starts the process's vLLM engine once per session.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ def test_yaml_mirrors_dataclass_defaults():
 
 
 def test_overrides_apply_nested_and_typed():
-    config = load_config(TestbedConfig, ROOT / "configs/testbed.yaml", ["teacher.train_steps=7", "k=16", "student.lr=1e-2"])
+    overrides = ["teacher.train_steps=7", "k=16", "student.lr=1e-2"]
+    config = load_config(TestbedConfig, ROOT / "configs/testbed.yaml", overrides)
     assert config.teacher.train_steps == 7 and config.k == 16 and config.student.lr == 0.01
 
 

@@ -23,7 +23,8 @@ REQUIRED = ["seq_id", "pos", "kl_forward_before", "kl_forward_after", "gain", "g
 def small(tmp_path, *extra: str) -> DiagnoseConfig:
     overrides = [
         f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", "n_sequences=6",
-        "shard_sequences=2", "backend=hf", "group_ratios=[0.2]", "group_selectors=[teachability, random]", "extra_k=[2]", *extra,
+        "shard_sequences=2", "backend=hf", "group_ratios=[0.2]", "group_selectors=[teachability, random]",
+        "extra_k=[2]", *extra,
     ]
     return load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", overrides)
 
@@ -33,11 +34,14 @@ def test_outputs_and_manifest(tmp_path, small_testbed):
     run_dir = run_diagnose(small(tmp_path), progress=False)
     tokens = pd.read_parquet(run_dir / "tokens.parquet")
     assert set(REQUIRED) <= set(tokens.columns)
-    assert {"disagreement", "compat_mass", "disagreement_k2", "score_teachability", "score_teachability_k2", "q3", "token"} <= set(tokens.columns)
+    expected = {"disagreement", "compat_mass", "disagreement_k2", "score_teachability", "score_teachability_k2", "q3",
+                "token"}
+    assert expected <= set(tokens.columns)
     bank = pd.read_parquet(run_dir / "bank.parquet")
     assert len(tokens) == sum(len(r) for r in bank["response_ids"])  # one row per valid position
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    for key in ("student_path", "teacher_path", "bank_path", "mode", "loss", "optimizer", "lr", "k", "seed", "dtype", "versions", "student_hash", "teacher_hash"):
+    for key in ("student_path", "teacher_path", "bank_path", "mode", "loss", "optimizer", "lr", "k", "seed", "dtype",
+                "versions", "student_hash", "teacher_hash"):
         assert key in manifest, key
     group = pd.read_parquet(run_dir / "group.parquet")
     assert set(group["selector"]) == {"teachability", "random"}
@@ -47,7 +51,9 @@ def test_outputs_and_manifest(tmp_path, small_testbed):
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed):
     script = (
-        "import sys; from diagnostics.config import load_config; from diagnostics.diagnose import DiagnoseConfig, run_diagnose\n"
+        "import sys\n"
+        "from diagnostics.config import load_config\n"
+        "from diagnostics.diagnose import DiagnoseConfig, run_diagnose\n"
         "if __name__ == '__main__':\n"
         "    run_diagnose(load_config(DiagnoseConfig, sys.argv[1], sys.argv[2:]), progress=False)\n"
     )
@@ -56,7 +62,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed):
         "shard_sequences=1", "backend=hf", "group_selectors=[]", "run_name=r",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "configs/diagnose.yaml"), *overrides], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "configs/diagnose.yaml"), *overrides],
+                            env=env, cwd=ROOT)
     shard_dir = tmp_path / "killed" / "r" / "shards"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(shard_dir.glob("shard_*.pt"))) < 2:
@@ -68,10 +75,12 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed):
     assert not (tmp_path / "killed" / "r" / "tokens.parquet").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in finished}
     resumed = run_diagnose(load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", overrides), progress=False)
-    assert all((shard_dir / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items()), "finished shards were recomputed"
+    unchanged = all((shard_dir / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items())
+    assert unchanged, "finished shards were recomputed"
     fresh_overrides = [o if not o.startswith("out_dir") else f"out_dir={tmp_path / 'fresh'}" for o in overrides]
     fresh = run_diagnose(load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", fresh_overrides), progress=False)
-    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "tokens.parquet"), pd.read_parquet(fresh / "tokens.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "tokens.parquet"),
+                                  pd.read_parquet(fresh / "tokens.parquet"))
 
 
 def test_config_errors_before_any_model():
@@ -88,7 +97,8 @@ def test_config_errors_before_any_model():
 def test_resume_with_another_config_names_the_keys(tmp_path, small_testbed):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({**json.loads(json.dumps(small(tmp_path).__dict__, default=list)), "lr": 1.0}))
+    config = json.loads(json.dumps(small(tmp_path).__dict__, default=list))
+    (run_dir / "config.json").write_text(json.dumps({**config, "lr": 1.0}))
     with pytest.raises(ValueError, match="different config.*lr"):
         run_diagnose(small(tmp_path, "run_name=r"), progress=False)
 

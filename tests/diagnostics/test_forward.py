@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from diagnostics.forward import PositionLM, ResponseBatch, check_head_path, full_logprobs, kept_index
 
-V_ROWS, V = 40, 37  # LM-head rows vs shared vocabulary: padding rows are sliced away
-
-
-def tiny_model(seed: int) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=V_ROWS, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    return Qwen2ForCausalLM(config).float()
+from tiny_lm import V_ROWS, V, random_ids, tiny_model
 
 
 def make_batch(valid: bool = True) -> ResponseBatch:
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (3, 5, 2, 4)]
-    responses = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (6, 2, 5, 4)]
+    prompts, responses = random_ids(gen)
     mask = torch.zeros(4, 7, dtype=torch.bool)  # wider than the longest response
     for i, r in enumerate(responses):
         mask[i, : len(r) - 1] = True  # e.g. positions after a stop token are not scored

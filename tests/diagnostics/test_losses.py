@@ -110,7 +110,8 @@ def test_kl_losses_zero_for_identical_models(name):
     assert torch.allclose(loss, torch.zeros(N), atol=1e-6)
     # zero gradient w.r.t. the logits (through log_softmax) at the minimum
     logits = x.teacher_logprobs.clone().requires_grad_(True)
-    x2 = LossInputs(torch.log_softmax(logits, -1), x.targets, x.old_logprobs, x.teacher_token_logprobs, x.teacher_logprobs)
+    x2 = LossInputs(torch.log_softmax(logits, -1), x.targets, x.old_logprobs, x.teacher_token_logprobs,
+                    x.teacher_logprobs)
     (g2,) = torch.autograd.grad(get_loss(name).fn(x2)["loss"].sum(), logits)
     assert g2.abs().max() < 1e-6
 

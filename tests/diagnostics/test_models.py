@@ -21,7 +21,8 @@ def test_tokenizer_round_trip(small_testbed):
     assert tok.decode(ids) == text
     assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
     assert tok.convert_ids_to_tokens(ids[1]) == "\u0120ad"
-    assert tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True) == text
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    assert rendered == text
 
 
 def test_padding_rows_are_dropped(small_testbed):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from diagnostics.backends import get_backend, list_backends, register_backend, resolve_backend
+from diagnostics.backends.vllm import vllm_logprobs_mode
 from diagnostics.config import ConfigError
 from diagnostics.forward import iter_response_logits, sampled_token_logprobs
 from diagnostics.models import load_model
-from diagnostics.backends import get_backend, list_backends, register_backend, resolve_backend
-from diagnostics.backends.vllm import vllm_logprobs_mode
 from diagnostics.prompts import cut_at_stop, fit_prompts, render_prompts, render_text
 from diagnostics.rollouts import SamplingConfig, generate_rollouts
 from diagnostics.store import ROLLOUT_SCHEMA, read_store, write_store
@@ -126,7 +126,8 @@ def test_hf_backend_loads_a_path_and_accepts_chat_and_token_prompts(vllm_testbed
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert render_prompts(tokenizer, [text, chat, ids]) == [ids, ids, ids]  # the testbed's template is trivial
     sampling = SamplingConfig(max_new_tokens=4, seed=1)
-    df = generate_rollouts(vllm_testbed.student_path, None, [text, chat, ids], sampling, backend="hf", prompt_ids=[7, 8, 9], progress=False)
+    df = generate_rollouts(vllm_testbed.student_path, None, [text, chat, ids], sampling, backend="hf",
+                           prompt_ids=[7, 8, 9], progress=False)
     assert list(df.prompt_id) == [7, 8, 9]
     assert all(np.array_equal(p, ids) for p in df.prompt_ids)
 
@@ -160,7 +161,9 @@ def test_empty_prompt_list_and_missing_model_are_named(student, tokenizer, tmp_p
 
 
 def test_sampling_config_ranges():
-    for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"n": 0}, {"max_new_tokens": 0}, {"logprobs_k": -1}):
+    bad_settings = ({"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"n": 0}, {"max_new_tokens": 0},
+                    {"logprobs_k": -1})
+    for bad in bad_settings:
         with pytest.raises(ConfigError, match=next(iter(bad))):
             SamplingConfig(**bad)
 
@@ -169,9 +172,11 @@ def test_too_long_prompt_raises_or_is_left_truncated(student, tokenizer):
     limit = student.config.max_position_embeddings  # 64 on the testbed
     long_prompt = list(range(7, 37)) * 3  # 90 token ids
     sampling = SamplingConfig(max_new_tokens=10)
-    with pytest.raises(ValueError, match=rf"prompts\[1\]: 90 prompt tokens \+ max_new_tokens=10 exceed the model's {limit}"):
+    message = rf"prompts\[1\]: 90 prompt tokens \+ max_new_tokens=10 exceed the model's {limit}"
+    with pytest.raises(ValueError, match=message):
         generate_rollouts(student, tokenizer, [[7, 8], long_prompt], sampling, backend="hf")
-    df = generate_rollouts(student, tokenizer, [[7, 8], long_prompt], sampling, backend="hf", truncate_prompt=True, progress=False)
+    df = generate_rollouts(student, tokenizer, [[7, 8], long_prompt], sampling, backend="hf", truncate_prompt=True,
+                           progress=False)
     assert list(df.prompt_ids[1]) == long_prompt[-(limit - 10) :]
     assert list(df.prompt_ids[0]) == [7, 8]
     with pytest.raises(ValueError, match="leaves no room for a prompt"):
@@ -273,7 +278,8 @@ def test_vllm_same_seed_same_rollouts_and_tempered_logprobs(vllm_testbed, rollou
     from diagnostics.backends.vllm import _ENGINE  # noqa: PLC2701 - inspect the engine cache
 
     sampling = SamplingConfig(max_new_tokens=vllm_testbed.config.max_new_tokens + 2, n=2, seed=3, logprobs_k=4)
-    again = generate_rollouts(vllm_testbed.student_path, None, rollout_prompts, sampling, backend="vllm", progress=False)
+    again = generate_rollouts(vllm_testbed.student_path, None, rollout_prompts, sampling, backend="vllm",
+                              progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(again.response_ids, vllm_rollouts.response_ids))
     # temperature != 1 (same engine): log-probs are log_softmax(logits / T)
     warm = SamplingConfig(max_new_tokens=5, n=1, seed=4, temperature=0.5)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics.models import load_pair
 from diagnostics.forward import sampled_token_logprobs
+from diagnostics.models import load_pair
 from diagnostics.rollouts import SamplingConfig, generate_rollouts
 from diagnostics.scoring import ScoredBatch, score_rollouts_hf, score_rollouts_vllm, teacher_prompt_topk, valid_mask
 from diagnostics.signals import FULL_VOCAB_KEYS, token_signals
@@ -69,7 +69,8 @@ def test_invalid_positions_after_eos_and_padding_are_masked(pair, rollouts):
     assert len(frame) == int(scored.valid.sum())
     assert (frame.signal_mode == "exact").all() and frame.attrs["mode"] == "exact"
     assert frame[frame.row == last].pos.tolist() == [0, 1]
-    assert {"row", "prompt_id", "sample_idx", "pos", "token_id", "rel_pos", "disagreement", "compat_mass"} <= set(frame.columns)
+    expected = {"row", "prompt_id", "sample_idx", "pos", "token_id", "rel_pos", "disagreement", "compat_mass"}
+    assert expected <= set(frame.columns)
     first = frame[frame.row == 0]
     assert first.token_id.tolist() == rollouts.response_ids[0][: len(first)].tolist()
 
@@ -85,7 +86,8 @@ def test_hf_mode_is_invariant_to_batching_and_chunking(pair, rollouts):
 def test_hf_mode_with_bare_models_and_training_mode_restored(pair, rollouts):
     pair.student.train()
     scored = score_rollouts_hf(
-        rollouts, student=pair.student, teacher=pair.teacher, vocab_size=pair.vocab_size, stop_ids=[pair.tokenizer.eos_token_id], k=2, progress=False
+        rollouts, student=pair.student, teacher=pair.teacher, vocab_size=pair.vocab_size,
+        stop_ids=[pair.tokenizer.eos_token_id], k=2, progress=False
     )
     assert pair.student.training and not pair.teacher.training
     pair.student.eval()
@@ -111,7 +113,8 @@ def test_vllm_prompt_logprobs_match_hf_teacher(vllm_rollouts, pair, vllm_testbed
     from test_rollouts import PARITY_TOL, hf_full_logprobs, topk_mismatches
 
     df = vllm_rollouts
-    sampled, ids, lps = teacher_prompt_topk(vllm_testbed.teacher_path, list(df.prompt_ids), list(df.response_ids), 4, progress=False)
+    sampled, ids, lps = teacher_prompt_topk(vllm_testbed.teacher_path, list(df.prompt_ids), list(df.response_ids), 4,
+                                            progress=False)
     # vLLM normalises over every LM-head row (padding included): compare with HF over every row
     hf_sampled, _, _ = sampled_token_logprobs(pair.teacher, list(df.prompt_ids), list(df.response_ids))
     diff = max(np.abs(a - b).max() for a, b in zip(sampled, hf_sampled))
@@ -133,7 +136,8 @@ def test_vllm_mode_names_its_mode_and_agrees_with_hf_where_it_should(vllm_rollou
     assert torch.equal(scored.valid, exact.valid)
     v = scored.valid
     # the sampled-token student log-prob comes from the store (vLLM), the exact one from HF over V
-    assert torch.allclose(scored.signals["student_logprob_sampled"][v], exact.signals["student_logprob_sampled"][v], atol=1e-3)
+    assert torch.allclose(scored.signals["student_logprob_sampled"][v], exact.signals["student_logprob_sampled"][v],
+                          atol=1e-3)
     for name in ("overlap", "teacher_top1_in_student_topk", "sampled_in_student_topk"):
         agree = (scored.signals[name][v] == exact.signals[name][v]).float().mean()
         assert agree > 0.95, name  # identical sets except at near-ties

@@ -11,10 +11,11 @@ import math
 
 import pytest
 import torch
-from signals_reference import CASES, INF, assert_matches, masked_logits, random_logits, ref_exact
 
 from diagnostics.signals import FULL_VOCAB_KEYS, SAMPLED_KEYS, TOPK_KEYS, token_signals
 from diagnostics.signals import exact as exact_mode
+
+from signals_reference import CASES, INF, assert_matches, masked_logits, random_logits, ref_exact
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from signals_reference import INF, batch_signals
 
 from diagnostics.signals import (
     get_score,
@@ -16,6 +15,8 @@ from diagnostics.signals import (
     selection_scores,
 )
 from diagnostics.signals import scores as score_registry
+
+from signals_reference import INF, batch_signals
 
 
 def test_normalize_batch_formula():

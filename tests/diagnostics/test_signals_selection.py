@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from signals_reference import batch_signals
 
 from diagnostics.signals import normalize_batch, select, selection_scores
+
+from signals_reference import batch_signals
 
 
 def test_select_exact_count_and_ceil_robustness():

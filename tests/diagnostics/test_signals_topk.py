@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from signals_reference import CASES, INF, assert_matches, random_logits, ref_topk_mode, topk_inputs
 
 from diagnostics.signals import TOPK_KEYS, token_signals, token_signals_topk
+
+from signals_reference import CASES, INF, assert_matches, random_logits, ref_topk_mode, topk_inputs
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "one_hot"])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,7 +90,8 @@ def test_manifest_records_provenance(vllm_testbed):
     from diagnostics.models import directory_hash, tokenizer_hash
 
     tokenizer = AutoTokenizer.from_pretrained(vllm_testbed.student_path)
-    manifest = make_manifest(model_path=vllm_testbed.student_path, tokenizer=tokenizer, backend="vllm", sampling={"n": 2})
+    manifest = make_manifest(model_path=vllm_testbed.student_path, tokenizer=tokenizer, backend="vllm",
+                             sampling={"n": 2})
     assert manifest["model_hash"] == directory_hash(vllm_testbed.student_path)
     assert manifest["tokenizer_hash"] == tokenizer_hash(tokenizer)
     assert {"torch", "transformers", "pandas", "pyarrow", "vllm"} <= set(manifest["versions"])
@@ -149,7 +150,8 @@ def _write_raw(table: pa.Table, path: Path, rows: int) -> Path:
             r"column 'response_logprobs' has type list<\w+: double>",
         ),
         (
-            lambda t: t.set_column(t.schema.get_field_index("prompt_id"), "prompt_id", t.column("prompt_id").cast(pa.string())),
+            lambda t: t.set_column(t.schema.get_field_index("prompt_id"), "prompt_id",
+                                   t.column("prompt_id").cast(pa.string())),
             "column 'prompt_id' has type string",
         ),
     ],

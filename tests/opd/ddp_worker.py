@@ -3,7 +3,7 @@
 Run as `python ddp_worker.py OUT STUDENT TEACHER` (one process) or under
 `accelerate launch --cpu --num_processes 2 ddp_worker.py ...`. Every process takes its contiguous
 share of the same 8 fixed rollouts, scores them, selects over the gathered batch, runs
-`opd.trainer.opd_step` (2 micro-batches) and one AdamW step, then writes its parameters to
+`opd.step.opd_step` (2 micro-batches) and one AdamW step, then writes its parameters to
 OUT/<normalization>_rank<r>.pt. The test compares them across ranks and with the one-process run.
 """
 
@@ -19,7 +19,8 @@ from diagnostics.models import load_model
 from diagnostics.scoring import score_rollouts_hf
 from opd.config import Arm, TrainConfig
 from opd.distributed import World
-from opd.trainer import make_optimizer, opd_step, select_kept
+from opd.step import opd_step, select_kept
+from opd.trainer import make_optimizer
 
 N_ROWS = 8
 
@@ -47,12 +48,15 @@ def main(out: str, student_path: str, teacher_path: str) -> None:
     teacher = PositionLM(load_model(teacher_path, world.device, torch.float32), vocab)
     rollouts = fixed_rollouts(vocab, tokenizer.eos_token_id).iloc[world.local_rows(N_ROWS)].reset_index(drop=True)
     for normalization in ("kept_global", "per_sequence_mean"):
-        config = TrainConfig(testbed_config="configs/testbed_small.yaml", normalization=normalization, micro_batch_size=2, lr=1e-3)
+        config = TrainConfig(testbed_config="configs/testbed_small.yaml", normalization=normalization,
+                             micro_batch_size=2, lr=1e-3)
         student = load_model(student_path, world.device, torch.float32).train()
         model, optimizer = world.prepare(PositionLM(student, vocab), make_optimizer(student, config))
-        scored = score_rollouts_hf(rollouts, student=student, teacher=teacher.model, vocab_size=vocab, stop_ids=[tokenizer.eos_token_id], k=4, progress=False)
+        scored = score_rollouts_hf(rollouts, student=student, teacher=teacher.model, vocab_size=vocab,
+                                   stop_ids=[tokenizer.eos_token_id], k=4, progress=False)
         student.train()
-        batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]), tokenizer.pad_token_id, scored.valid)
+        batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]),
+                                       tokenizer.pad_token_id, scored.valid)
         keep = select_kept(scored.signals, scored.valid, Arm("teachability", 0.3, 0), 1, world, seed=0)
         stats = opd_step(model, teacher, batch, scored.signals, keep, config, world)
         optimizer.step()

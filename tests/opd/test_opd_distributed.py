@@ -27,7 +27,8 @@ def free_port() -> int:
 
 def torchrun(n: int, *args: str) -> None:
     torchrun_bin = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun_bin), "--nproc_per_node", str(n), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    cmd = [str(torchrun_bin), "--nproc_per_node", str(n), "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -39,7 +40,8 @@ def test_two_processes_make_the_single_process_update(tmp_path, small_testbed):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     args = (small_testbed.student_path, small_testbed.teacher_path)
-    subprocess.run([sys.executable, str(WORKER), str(one), *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
+    subprocess.run([sys.executable, str(WORKER), str(one), *args], cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
     torchrun(2, str(WORKER), str(two), *args)
     base = dict(load_model(small_testbed.student_path, torch.device("cpu"), torch.float32).named_parameters())
     for normalization in ("kept_global", "per_sequence_mean"):
@@ -57,7 +59,8 @@ def test_two_processes_make_the_single_process_update(tmp_path, small_testbed):
 def test_trainer_runs_under_two_processes(tmp_path, small_testbed):
     """The whole recipe under torchrun: batch split 4 + 4, selection and evaluation across ranks."""
     torchrun(2, "-m", "taopd.cli", "train", "--config", str(ROOT / "configs/train_quick.yaml"),
-             f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", "steps=3", "selectors=[teachability]")
+             f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", "steps=3",
+             "selectors=[teachability]")
     metrics = pd.read_parquet(tmp_path / "quick" / "metrics.parquet")
     assert metrics["step"].tolist() == [0, 1, 2, 3]
     assert metrics["kept_tokens"].iloc[1:].ge(8).all()  # min one per response over all 8 rollouts of both ranks

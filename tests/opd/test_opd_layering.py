@@ -1,4 +1,5 @@
-"""Layers point one way: opd builds on diagnostics; opd never imports analysis or taopd; diagnostics never imports opd."""
+"""Layers point one way: opd builds on diagnostics; opd never imports analysis or taopd; diagnostics never imports
+opd."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def imported_packages(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("package, forbidden", [("opd", {"analysis", "taopd"}), ("diagnostics", {"opd", "analysis", "taopd"})])
+@pytest.mark.parametrize("package, forbidden", [
+    ("opd", {"analysis", "taopd"}), ("diagnostics", {"opd", "analysis", "taopd"}),
+])
 def test_imports_point_one_way(package, forbidden):
     for path in sorted((ROOT / package).glob("*.py")):
         assert not imported_packages(path) & forbidden, f"{path.name} imports {imported_packages(path) & forbidden}"

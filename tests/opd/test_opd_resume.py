@@ -19,9 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 def command(out_dir: Path, *extra: str) -> list[str]:
-    overrides = [f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={out_dir}", "selectors=[teachability]",
-                 "steps=24", "checkpoint_every=3", "eval_every=4"]
-    return [sys.executable, "-m", "taopd.cli", "train", "--config", str(ROOT / "configs/train_quick.yaml"), *extra, *overrides]
+    overrides = [f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={out_dir}",
+                 "selectors=[teachability]", "steps=24", "checkpoint_every=3", "eval_every=4"]
+    config = str(ROOT / "configs/train_quick.yaml")
+    return [sys.executable, "-m", "taopd.cli", "train", "--config", config, *extra, *overrides]
 
 
 def run(cmd: list[str]) -> None:
@@ -33,7 +34,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_testbed):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run(command(reference))
     arm_dir = killed / "quick" / "arms" / "teachability-r0.1-s0"
-    proc = subprocess.Popen(command(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(command(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 240
     while not list(arm_dir.glob("ckpt-*")):
         assert proc.poll() is None, "the run ended before its first checkpoint"

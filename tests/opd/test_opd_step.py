@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from diagnostics import engine
 from diagnostics.forward import PositionLM, ResponseBatch, full_logprobs
 from diagnostics.losses import LossInputs, get_loss, register_loss
 from opd.config import TrainConfig
 from opd.distributed import World
-from opd.trainer import opd_step
+from opd.step import opd_step
 
-V_ROWS, V = 40, 37  # LM-head rows vs shared vocabulary: padding rows are sliced away
-
-
-def tiny_model(seed: int) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=V_ROWS, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    return Qwen2ForCausalLM(config).float()
+from tiny_lm import V, random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -31,29 +23,32 @@ def world():
 
 def make_batch(seed: int = 0) -> tuple[ResponseBatch, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (3, 5, 2, 4)]
-    responses = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (6, 2, 5, 4)]
+    prompts, responses = random_ids(gen)
     valid = torch.zeros(4, 6, dtype=torch.bool)
     for i, r in enumerate(responses):
         valid[i, : len(r)] = True
     batch = ResponseBatch.from_ids(prompts, responses, 0, valid)
-    signals = {"student_logprob_sampled": -torch.rand(4, 6, generator=gen) * 3, "teacher_logprob_sampled": -torch.rand(4, 6, generator=gen) * 3}
+    signals = {"student_logprob_sampled": -torch.rand(4, 6, generator=gen) * 3,
+               "teacher_logprob_sampled": -torch.rand(4, 6, generator=gen) * 3}
     return batch, signals
 
 
 def naive_loss(student, teacher, batch, signals, keep, config) -> torch.Tensor:
     """Full [B, L, V] logits, per-position loss in a python loop over kept positions, then the normalisation."""
-    s_lp_all = torch.log_softmax(student(input_ids=batch.ids, attention_mask=batch.attention_mask).logits[..., :V].float(), -1)
+    s_logits = student(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+    s_lp_all = torch.log_softmax(s_logits[..., :V].float(), -1)
     with torch.no_grad():
-        t_lp_all = torch.log_softmax(teacher(input_ids=batch.ids, attention_mask=batch.attention_mask).logits[..., :V].float(), -1)
+        t_logits = teacher(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+        t_lp_all = torch.log_softmax(t_logits[..., :V].float(), -1)
     spec = get_loss(config.loss)
     n_kept = int(keep.sum())
     n_seq = int(keep.any(1).sum())
     total = torch.zeros(())
     for b, t in keep.nonzero().tolist():
         idx = int(batch.pred_idx[b, t])
-        x = LossInputs(s_lp_all[b, idx][None], batch.targets[b, t][None], signals["student_logprob_sampled"][b, t][None],
-                       signals["teacher_logprob_sampled"][b, t][None], t_lp_all[b, idx][None])
+        x = LossInputs(s_lp_all[b, idx][None], batch.targets[b, t][None],
+                       signals["student_logprob_sampled"][b, t][None], signals["teacher_logprob_sampled"][b, t][None],
+                       t_lp_all[b, idx][None])
         loss = spec.fn(x)["loss"][0]
         weight = 1 / n_kept if config.normalization == "kept_global" else 1 / (int(keep[b].sum()) * n_seq)
         total = total + weight * loss
@@ -83,7 +78,8 @@ def test_kept_path_equals_naive_path(world, loss, normalization, micro):
 def test_nothing_kept_gives_zero_loss_and_gradient(world):
     batch, signals = make_batch()
     student = tiny_model(0)
-    stats = opd_step(PositionLM(student, V), PositionLM(tiny_model(1), V), batch, signals, torch.zeros_like(batch.valid), TrainConfig(), world)
+    stats = opd_step(PositionLM(student, V), PositionLM(tiny_model(1), V), batch, signals,
+                     torch.zeros_like(batch.valid), TrainConfig(), world)
     assert stats["loss"] == 0 and stats["kept_tokens"] == 0
     assert all(p.grad is None or not p.grad.any() for p in student.parameters())
 

@@ -10,18 +10,21 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis.training import run_comparison
+from diagnostics import losses
 from diagnostics.config import ConfigError, load_config
 from diagnostics.models import IncompatibleModelsError
 from diagnostics.signals import list_scores
-from diagnostics import losses
 from opd.config import TrainConfig
-from analysis.training import run_comparison
-from opd.trainer import LIVE_GAIN_COLUMNS, NonFiniteError, run_training
+from opd.step import NonFiniteError
+from opd.trainer import LIVE_GAIN_COLUMNS, run_training
 
 ROOT = Path(__file__).resolve().parents[2]
-METRIC_COLUMNS = ["step", "selector", "ratio", "seed", "loss", "kept_tokens", "accuracy", "kl_to_teacher", "wall_time_s", "peak_mem_mb"]
-COMPARISON_COLUMNS = ["selector", "ratio", "n_seeds", "acc_before_mean", "acc_before_std", "acc_after_mean", "acc_after_std",
-                      "supervised_tokens", "time_s", "peak_mem_mb", "live_gain_mean", "live_gain_ci_low", "live_gain_ci_high"]
+METRIC_COLUMNS = ["step", "selector", "ratio", "seed", "loss", "kept_tokens", "accuracy", "kl_to_teacher",
+                  "wall_time_s", "peak_mem_mb"]
+COMPARISON_COLUMNS = ["selector", "ratio", "n_seeds", "acc_before_mean", "acc_before_std", "acc_after_mean",
+                      "acc_after_std", "supervised_tokens", "time_s", "peak_mem_mb", "live_gain_mean",
+                      "live_gain_ci_low", "live_gain_ci_high"]
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +86,6 @@ def test_analysis_reads_the_run(quick_run):
 def test_live_gain_is_the_kl_drop_on_the_bank(quick_run):
     """Both are measured on the same bank: mean G = KL(step 0) - KL(last step), per seed."""
     _, run_dir = quick_run
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
     for arm_dir in (run_dir / "arms").iterdir():
         result = json.loads((arm_dir / "result.json").read_text())
         arm = pd.read_parquet(arm_dir / "metrics.parquet")
@@ -121,7 +123,8 @@ def test_mismatched_pair_is_refused(tmp_path, small_testbed):
     build_tokenizer(20).save_pretrained(teacher)  # another word list: other ids, other length
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "sort ab ad :", "answer": "ab ad"}\n')
-    config = quick_config(tmp_path, f"student={small_testbed.student_path}", f"teacher={teacher}", f"prompts={prompts}", f"eval_prompts={prompts}")
+    config = quick_config(tmp_path, f"student={small_testbed.student_path}", f"teacher={teacher}", f"prompts={prompts}",
+                          f"eval_prompts={prompts}")
     with pytest.raises(IncompatibleModelsError, match="tokenizers differ"):
         run_training(config)
     assert not (tmp_path / "quick").exists()  # refused before anything was written
@@ -140,7 +143,9 @@ def test_nan_loss_stops_with_a_checkpoint(tmp_path, small_testbed, monkeypatch):
 
     monkeypatch.setitem(losses._LOSSES, "sampled_pg", losses.LossSpec("sampled_pg", poisoned, real.description, False))
     config = quick_config(tmp_path, "selectors=[teachability]", "checkpoint_every=0")
-    with pytest.raises(NonFiniteError, match=r"teachability-r0.1-s0: step 3: per-token loss non-finite at \d+ of \d+ kept positions.*student log-probs finite"):
+    message = (r"teachability-r0.1-s0: step 3: per-token loss non-finite at \d+ of \d+ kept positions"
+               r".*student log-probs finite")
+    with pytest.raises(NonFiniteError, match=message):
         run_training(config)
     arm_dir = tmp_path / "quick" / "arms" / "teachability-r0.1-s0"
     report = json.loads((arm_dir / "nonfinite.json").read_text())
@@ -151,7 +156,8 @@ def test_nan_loss_stops_with_a_checkpoint(tmp_path, small_testbed, monkeypatch):
 
 
 def test_every_registered_selector_trains(tmp_path, small_testbed):
-    config = quick_config(tmp_path, f"selectors={list_scores()}", "steps=1", "eval_every=1", "ratios=[0.2]", "checkpoint_every=0")
+    config = quick_config(tmp_path, f"selectors={list_scores()}", "steps=1", "eval_every=1", "ratios=[0.2]",
+                          "checkpoint_every=0")
     run_dir = run_training(config)
     comparison, _ = run_comparison(run_dir)
     assert list(comparison["selector"]) == list_scores()
@@ -170,17 +176,19 @@ def test_unknown_selector_at_runtime_lists_registered():
 
 def test_kept_positions_of_old_policy_match_current(small_testbed):
     """At the step's start the student equals the policy that sampled: the PPO ratio is exactly 1."""
+    from diagnostics.forward import PositionLM, ResponseBatch, kept_index
     from diagnostics.models import load_pair
     from diagnostics.rollouts import SamplingConfig, generate_rollouts
     from diagnostics.scoring import score_rollouts_hf
-    from diagnostics.forward import PositionLM, ResponseBatch, kept_index
 
     pair = load_pair(small_testbed.student_path, small_testbed.teacher_path, device="cpu", dtype="float32")
-    rollouts = generate_rollouts(pair.student, pair.tokenizer, ["sort ab ad ag aj :"] * 4, SamplingConfig(max_new_tokens=5), backend="hf", progress=False)
+    rollouts = generate_rollouts(pair.student, pair.tokenizer, ["sort ab ad ag aj :"] * 4,
+                                 SamplingConfig(max_new_tokens=5), backend="hf", progress=False)
     scored = score_rollouts_hf(rollouts, pair, k=4, progress=False)
     batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]), 0, scored.valid)
     rows, pos, cols = kept_index(batch, batch.valid)
     with torch.no_grad():
-        lp = torch.log_softmax(PositionLM(pair.student, pair.vocab_size)(batch.ids, batch.attention_mask, rows, cols), -1)
+        logits = PositionLM(pair.student, pair.vocab_size)(batch.ids, batch.attention_mask, rows, cols)
+        lp = torch.log_softmax(logits, -1)
     now = lp.gather(1, batch.targets[rows, pos][:, None])[:, 0]
     assert torch.allclose(now, scored.signals["student_logprob_sampled"][rows, pos], atol=1e-5)

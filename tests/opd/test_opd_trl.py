@@ -15,7 +15,7 @@ from diagnostics.signals import select, selection_scores, token_signals
 from opd.config import TrainConfig
 from opd.distributed import World
 from opd.integrations.trl import SELECTION_SIGNALS, SelectiveDistillationTrainer, cut_vocab, distillation_config
-from opd.trainer import opd_step
+from opd.step import opd_step
 
 pytestmark = pytest.mark.slow  # builds (or reuses) the small testbed
 

@@ -1,0 +1,114 @@
+"""The math of one training step: selection over the whole batch, the registered loss at the kept positions.
+
+`select_kept` picks this process's kept positions with the score registry over every process's rollouts;
+`opd_step` runs the student's LM head at those positions only (`diagnostics.forward.PositionLM`), evaluates
+the registered loss (`diagnostics.losses`), weights it by the run's normalisation (`opd.normalization`) and
+accumulates gradients. The recipe around it (rollouts, scoring, optimizer, evaluation) is `opd.trainer`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diagnostics.forward import PositionLM, ResponseBatch, kept_index
+from diagnostics.losses import LossInputs, get_loss
+from diagnostics.signals import select, selection_scores
+from opd.config import Arm, TrainConfig
+from opd.distributed import World
+from opd.normalization import token_weights
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient was NaN or infinite; the message names the step and what was non-finite."""
+
+
+def select_kept(
+    signals: dict[str, torch.Tensor], valid: torch.Tensor, arm: Arm, min_per_sequence: int, world: World, seed: int
+) -> torch.Tensor:
+    """[b, T] kept mask of this process, selected over the WHOLE batch of every process.
+
+    signals: [b, T] "student_entropy", "disagreement", "compat_mass"; valid: [b, T] bool. The
+    gathered [B, T'] signals are identical on every rank, so every rank selects the same mask.
+    """
+    names = ("student_entropy", "disagreement", "compat_mass")
+    local = torch.stack([*(signals[n] for n in names), valid.float()], dim=-1)  # [b, T, 4]
+    every = world.gather_rows(local)  # [B, T', 4], rank order
+    valid_all = every[..., 3] > 0
+    scores = selection_scores({n: every[..., i] for i, n in enumerate(names)}, valid_all, seed=seed)
+    keep = select(scores[arm.selector], valid_all, arm.ratio, min_per_sequence=min_per_sequence)  # [B, T']
+    return keep[world.local_rows(keep.shape[0]), : valid.shape[1]]
+
+
+def _nonfinite_report(out: torch.Tensor, inputs: LossInputs, rows: torch.Tensor, pos: torch.Tensor) -> str:
+    """Where a per-token loss went non-finite, and which of its inputs were already non-finite."""
+    bad = ~torch.isfinite(out)
+    first = int(bad.nonzero()[0, 0])
+    parts = [f"per-token loss non-finite at {int(bad.sum())} of {len(out)} kept positions "
+             f"(first: local sequence {int(rows[first])}, response position {int(pos[first])})"]
+    named = (("student log-probs", inputs.student_logprobs), ("old log-probs", inputs.old_logprobs),
+             ("teacher token log-probs", inputs.teacher_token_logprobs), ("teacher log-probs", inputs.teacher_logprobs))
+    for name, value in named:
+        if value is None:
+            continue
+        if name == "teacher log-probs":  # full-vocabulary log-probs: -inf (probability 0) is allowed
+            finite = not bool(torch.isnan(value).any() | torch.isposinf(value).any())
+        else:
+            finite = bool(torch.isfinite(value).all())
+        parts.append(f"{name} {'finite' if finite else 'NON-FINITE'}")
+    return "; ".join(parts)
+
+
+def opd_step(
+    model: torch.nn.Module, teacher: PositionLM, batch: ResponseBatch, signals: dict[str, torch.Tensor],
+    keep: torch.Tensor, config: TrainConfig, world: World,
+) -> dict[str, float]:
+    """The math of one step: the loss at kept positions, normalised over the global batch, backward.
+
+    Args:
+        model: the student's `PositionLM` (possibly DDP-wrapped), in train mode.
+        teacher: the teacher's `PositionLM` (frozen); run at kept positions for full-vocabulary losses.
+        batch: this process's B rollouts. signals: [B, T] "student_logprob_sampled" = log pS_old(y_t)
+            and "teacher_logprob_sampled" = log pT(y_t) (from scoring, no grad).
+        keep: [B, T] bool, this process's kept positions (a subset of batch.valid).
+    Gradients accumulate in .grad (micro-batch by micro-batch); the caller steps the optimizer.
+    Returns {"loss": the global batch loss, "kept_tokens": global kept count, "clip_fraction"}.
+    """
+    spec = get_loss(config.loss)
+    kept_per_seq = keep.sum(dim=1)  # [B]
+    n_kept = int(world.sum(kept_per_seq.sum()))  # GLOBAL: every process and every micro-batch
+    n_seq = int(world.sum((kept_per_seq > 0).sum()))  # sequences with a kept position, global
+    micro = config.micro_batch_size or len(batch)
+    starts = list(range(0, len(batch), micro))
+    old_lp, teacher_lp = signals["student_logprob_sampled"], signals["teacher_logprob_sampled"]
+    loss_sum = clipped = 0.0
+    for i, start in enumerate(starts):
+        part = slice(start, start + micro)
+        mb = batch.select(part).to(world.device)
+        rows, pos, cols = kept_index(mb, keep[part].to(world.device))  # [n] each, n kept in this micro-batch
+        with world.no_sync(model, skip=i < len(starts) - 1):  # all-reduce gradients once, after the last
+            student_lp = torch.log_softmax(model(mb.ids, mb.attention_mask, rows, cols).float(), dim=-1)  # [n, V]
+            teacher_full = None
+            if spec.needs_teacher_full:
+                with torch.no_grad():  # [n, V]
+                    teacher_full = torch.log_softmax(teacher(mb.ids, mb.attention_mask, rows, cols).float(), dim=-1)
+            inputs = LossInputs(
+                student_logprobs=student_lp,
+                targets=mb.targets[rows, pos],
+                old_logprobs=old_lp[part].to(world.device)[rows, pos],
+                teacher_token_logprobs=teacher_lp[part].to(world.device)[rows, pos],
+                teacher_logprobs=teacher_full,
+                clip_low=config.clip_low,
+                clip_high=config.clip_high,
+            )
+            out = spec.fn(inputs)
+            local_bad = int((~torch.isfinite(out["loss"])).sum())
+            if world.sum(local_bad):  # every process stops at the same micro-batch (no hung all-reduce)
+                raise NonFiniteError(_nonfinite_report(out["loss"], inputs, rows + start, pos) if local_bad
+                                     else "per-token loss non-finite on another process")
+            weights = token_weights(rows, config.normalization, n_kept, n_seq,
+                                    kept_per_seq[part].to(world.device))  # [n]
+            loss = (weights.to(out["loss"].device) * out["loss"]).sum()
+            world.backward(loss * world.size)  # DDP averages over processes; x size makes it the global sum
+        loss_sum += float(loss.detach())
+        clipped += float(out["clipped"].sum()) if "clipped" in out else 0.0
+    return {"loss": world.sum(loss_sum), "kept_tokens": n_kept, "clip_fraction": world.sum(clipped) / max(n_kept, 1)}
