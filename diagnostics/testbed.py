@@ -39,8 +39,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from diagnostics.config import check, config_to_dict
@@ -82,7 +81,12 @@ class ModelSpec:
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
         head_size = self.hidden_size // self.num_heads
-        check(head_size in VLLM_CPU_HEAD_SIZES, "num_heads", f"head size hidden_size/num_heads = {head_size} is not one vLLM's CPU attention supports {VLLM_CPU_HEAD_SIZES}")
+        check(
+            head_size in VLLM_CPU_HEAD_SIZES,
+            "num_heads",
+            f"head size hidden_size/num_heads = {head_size} is not one vLLM's CPU attention supports "
+            f"{VLLM_CPU_HEAD_SIZES}",
+        )
         check(self.train_steps >= 0, "train_steps", f"must be >= 0, got {self.train_steps}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -95,17 +99,24 @@ class TestbedConfig:
     __test__ = False  # not a pytest test class despite its name
 
     seed: int = 0
-    task: str = "sort"  # sort (the answer is the sorted list) | trace (the selection-sort trace, then the answer)
+    task: str = "trace"  # trace (the selection-sort trace) | sort (the sorted list only)
     n_items: int = 8  # words per problem
     n_words: int = 200  # size of the task's word vocabulary, each word one token
-    k: int = 8  # default top-K of this model pair
-    teacher: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_multiple=64))
+    k: int = 4  # default top-K of this model pair
+    teacher: ModelSpec = field(
+        default_factory=lambda: ModelSpec(
+            hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384, vocab_multiple=64,
+            train_steps=2500, lr=3e-3, warmup_steps=100,
+        )
+    )
     student: ModelSpec = field(
-        default_factory=lambda: ModelSpec(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, train_steps=600)
+        default_factory=lambda: ModelSpec(
+            hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, train_steps=850, lr=2e-3
+        )
     )
     eval_problems: int = 500  # held-out problems for the accuracy report
     spread_problems: int = 200  # student samples for the C-spread report
-    capacity_steps: int = 0  # >0: keep training the student to this step and report its accuracy
+    capacity_steps: int = 3000  # >0: keep training the student to this step and report its accuracy
     cache_dir: str = ".cache/testbed"
 
     def __post_init__(self) -> None:
@@ -133,7 +144,7 @@ class TestbedConfig:
     def cache_key(self) -> str:
         payload = config_to_dict(self)
         payload.pop("cache_dir")
-        # fields added after version 4 stay out of the hash at their defaults, so older caches stay valid
+        # fields added after version 4 stay out of the hash at the values older builds had, so their caches stay valid
         for key, default in (("task", "sort"), ("capacity_steps", 0)):
             if payload[key] == default:
                 payload.pop(key)
@@ -334,7 +345,10 @@ def _build_into(tmp: Path, config: TestbedConfig) -> dict:
                     save_checkpoint(model.eval(), tokenizer, tmp / "student")
                     model.train()
 
-            train_on_task(model, spec, tokenizer, config, seed, "training student", steps=config.capacity_steps, snapshot=save_student)
+            train_on_task(
+                model, spec, tokenizer, config, seed, "training student",
+                steps=config.capacity_steps, snapshot=save_student,
+            )
             save_checkpoint(model, tokenizer, tmp / "student_capacity")
         else:
             train_on_task(model, spec, tokenizer, config, seed, desc=f"training {role}")
@@ -357,7 +371,8 @@ def measure_testbed(student_path: Path, teacher_path: Path, config: TestbedConfi
     for role, model in (("teacher", pair.teacher), ("student", pair.student)):
         for mode in ("greedy", "sampled"):
             acc[f"{role}_acc_{mode}"] = exact_match_accuracy(
-                model, pair.tokenizer, problems, max_new_tokens=config.max_new_tokens, greedy=mode == "greedy", seed=config.seed
+                model, pair.tokenizer, problems, max_new_tokens=config.max_new_tokens, greedy=mode == "greedy",
+                seed=config.seed,
             )
     spread = support_spread(pair, config)
     capacity = student_path.parent / "student_capacity"

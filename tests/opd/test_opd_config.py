@@ -60,9 +60,8 @@ def test_every_registered_selector_is_accepted():
 
 def test_default_arms_and_run_id():
     arms = TrainConfig().arms()
-    assert len(arms) == 6 * 5
-    assert [a.name for a in arms[:6]] == ["full-r1-s0", "full-r1-s1", "full-r1-s2", "full-r1-s3", "full-r1-s4",
-                                          "teachability-r0.05-s0"]
+    assert len(arms) == 6 * 3
+    assert [a.name for a in arms[:4]] == ["full-r1-s0", "full-r1-s1", "full-r1-s2", "teachability-r0.05-s0"]
     assert TrainConfig().run_id() == TrainConfig(progress=False).run_id()
     assert TrainConfig().run_id() != TrainConfig(lr=1e-3).run_id()
 
