@@ -7,7 +7,9 @@ and including the first stop token of the response; positions after it and paddi
 * `score_rollouts_hf` ("exact" mode): teacher and student in this process. Full-vocabulary logits
   sliced to the pair's shared vocabulary V (LM-head padding rows dropped), rows batched by token count
   (`max_tokens_per_batch`), no grad, and the LM heads applied to chunks of `position_chunk`
-  positions, so no [B, L, V] tensor exists. Signals: `token_signals` (exact D, C, entropies, KLs).
+  positions, so no [B, L, V] tensor exists. Signals: `token_signals` (exact D, C, entropies, KLs),
+  always of the untempered distributions; with `temperature` T != 1 also TEMPERED_KEYS, the sampled
+  token's log_softmax(logits / T) of both models (what the trainer's ratio and advantage read).
 * `score_rollouts_vllm` ("topk" mode): for teachers too big to sit beside the student. The teacher's
   top-K log-probs come from vLLM `prompt_logprobs=K` (temperature 1, max_tokens=1) on prompt +
   response; the student's top-K from the store's `topk_ids`/`topk_logprobs` (rollouts sampled at
@@ -39,6 +41,8 @@ from diagnostics.signals import token_signals, token_signals_topk
 # 2 x position_chunk x V float32 logits, 2 x 256 x 151,936 x 4 B = 311 MB for Qwen).
 DEFAULT_MAX_TOKENS_PER_BATCH = 16384
 DEFAULT_POSITION_CHUNK = 256
+# sampled-token log-probs of the tempered distributions log_softmax(logits / T), student then teacher
+TEMPERED_KEYS = ("student_logprob_tempered", "teacher_logprob_tempered")
 
 
 @dataclass
@@ -126,6 +130,14 @@ def _batch_meta(rollouts: pd.DataFrame) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
+def _tempered_sampled(logits_s: torch.Tensor, logits_t: torch.Tensor, targets: torch.Tensor,
+                      temperature: float) -> dict[str, torch.Tensor]:
+    """TEMPERED_KEYS at c positions: log_softmax(logits / T) of each model at the sampled token, [c] float32."""
+    index = targets.long().to(logits_s.device)[:, None]
+    return {key: torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, index)[:, 0]
+            for key, logits in zip(TEMPERED_KEYS, (logits_s, logits_t))}
+
+
 def score_rollouts_hf(
     rollouts: pd.DataFrame,
     pair: ModelPair | None = None,
@@ -137,6 +149,7 @@ def score_rollouts_hf(
     k: int = 16,
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
     position_chunk: int = DEFAULT_POSITION_CHUNK,
+    temperature: float = 1.0,
     progress: bool = True,
 ) -> ScoredBatch:
     """Exact per-position signals of a rollout store with both models in this process.
@@ -147,6 +160,8 @@ def score_rollouts_hf(
         stop_ids: tokens that end a response (default: the pair tokenizer's EOS; with bare models and
             no stop_ids every stored response position is valid).
         k: top-K size of the set signals. max_tokens_per_batch, position_chunk: memory bounds.
+        temperature: the rollouts' sampling temperature T; T != 1 adds TEMPERED_KEYS (the `token_signals`
+            keys stay those of the untempered distributions either way).
     Returns:
         ScoredBatch (mode "exact") with every `token_signals` key plus the sampled-token ones.
     """
@@ -180,6 +195,8 @@ def score_rollouts_hf(
             # token_signals works on CPU float32 tensors
             logits_s, logits_t = (x.cpu() for x in chunk.logits)
             signals = token_signals(logits_s, logits_t, k=k, sampled_ids=chunk.targets)
+            if temperature != 1.0:
+                signals.update(_tempered_sampled(logits_s, logits_t, chunk.targets, temperature))
             for name, values in signals.items():
                 parts.setdefault(name, []).append(values)
             b_parts.append(chunk.rows)

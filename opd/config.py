@@ -43,8 +43,8 @@ class TrainConfig:
     batch_size: int = 32  # prompts per step, over all processes
     samples_per_prompt: int = 1
     max_new_tokens: int = 0  # 0 = the testbed's response length, or 256 for real models
-    temperature: float = 1.0  # rollout temperature (the paper: 1.0)
-    top_p: float = 1.0
+    temperature: float = 1.0  # rollout temperature (the paper: 1.0); the loss uses the tempered student (opd.step)
+    top_p: float = 1.0  # must be 1.0: the loss cannot use the nucleus-renormalised distribution (see __post_init__)
     # loss and optimizer
     loss: str = "sampled_pg"
     normalization: Literal["kept_global", "per_sequence_mean"] = "kept_global"
@@ -89,7 +89,11 @@ class TrainConfig:
         check_at_least(self, 1, "steps", "batch_size", "samples_per_prompt")
         check_at_least(self, 0, "max_new_tokens")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        # top_p < 1 samples from the nucleus-renormalised distribution, whose support moves with every update (a
+        # sampled token can leave the nucleus: log-prob -inf); the loss would train against a distribution that
+        # was not sampled, so it is refused rather than silently ignored.
+        check(self.top_p == 1.0, "top_p", f"must be 1.0 in training (the loss uses log_softmax(logits / temperature) "
+              f"over the whole vocabulary and cannot honour nucleus sampling), got {self.top_p}")
         check(self.loss in list_losses(), "loss", f"unknown loss {self.loss!r}; registered: {', '.join(list_losses())}")
         check(self.normalization in NORMALIZATIONS, "normalization",
               f"must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}")

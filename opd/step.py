@@ -4,6 +4,10 @@
 `opd_step` runs the student's LM head at those positions only (`diagnostics.forward.PositionLM`), evaluates
 the registered loss (`diagnostics.losses`), weights it by the run's normalisation (`opd.normalization`) and
 accumulates gradients. The recipe around it (rollouts, scoring, optimizer, evaluation) is `opd.trainer`.
+
+Temperature (`TrainConfig.temperature` = T, the rollouts' sampling temperature): the policy that sampled is
+the tempered student log_softmax(zS / T), so the loss reads it, as TRL's GRPO and DistillationTrainer do
+(TEMPERATURE_CONVENTION, recorded in the run manifest). Selection keeps the untempered distributions.
 """
 
 from __future__ import annotations
@@ -12,10 +16,26 @@ import torch
 
 from diagnostics.forward import PositionLM, ResponseBatch, kept_index
 from diagnostics.losses import LossInputs, get_loss
+from diagnostics.scoring import TEMPERED_KEYS
 from diagnostics.signals import select, selection_scores
 from opd.config import Arm, TrainConfig
 from opd.distributed import World
 from opd.normalization import token_weights
+
+# What "tempered" means in the loss (manifest.json of a training run records it).
+TEMPERATURE_CONVENTION = (
+    "temperature T: student log-probs (old log-probs, the PPO ratio, the advantage, the full-vocabulary losses) "
+    "are log_softmax(student logits / T), the distribution the rollouts were sampled from; the teacher's are "
+    "tempered alike, log_softmax(teacher logits / T), in the advantage and in the full-vocabulary losses (TRL's "
+    "DistillationTrainer convention: T on both distributions, so the student's target is its logits equal to the "
+    "teacher's up to a constant, at every T); selection signals are the untempered distributions' "
+    "(the paper's definitions); T = 1 is the untempered loss bit for bit; top_p < 1 is refused"
+)
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T; at T = 1 the same tensor (no op at all, so T = 1 is bit-identical to the untempered loss)."""
+    return logits if temperature == 1.0 else logits / temperature
 
 
 class NonFiniteError(RuntimeError):
@@ -29,6 +49,8 @@ def select_kept(
 
     signals: [b, T] "student_entropy", "disagreement", "compat_mass"; valid: [b, T] bool. The
     gathered [B, T'] signals are identical on every rank, so every rank selects the same mask.
+    These are the UNTEMPERED model distributions' signals at every temperature (the paper's definitions of
+    D, C and the entropy); only the loss reads tempered log-probs (TEMPERATURE_CONVENTION).
     """
     names = ("student_entropy", "disagreement", "compat_mass")
     local = torch.stack([*(signals[n] for n in names), valid.float()], dim=-1)  # [b, T, 4]
@@ -68,7 +90,8 @@ def opd_step(
         model: the student's `PositionLM` (possibly DDP-wrapped), in train mode.
         teacher: the teacher's `PositionLM` (frozen); run at kept positions for full-vocabulary losses.
         batch: this process's B rollouts. signals: [B, T] "student_logprob_sampled" = log pS_old(y_t)
-            and "teacher_logprob_sampled" = log pT(y_t) (from scoring, no grad).
+            and "teacher_logprob_sampled" = log pT(y_t) (from scoring, no grad); at config.temperature != 1
+            their tempered versions `diagnostics.scoring.TEMPERED_KEYS` instead (TEMPERATURE_CONVENTION).
         keep: [B, T] bool, this process's kept positions (a subset of batch.valid).
     Gradients accumulate in .grad (micro-batch by micro-batch); the caller steps the optimizer.
     Returns {"loss": the global batch loss, "kept_tokens": global kept count, "clip_fraction"}.
@@ -79,18 +102,27 @@ def opd_step(
     n_seq = int(world.sum((kept_per_seq > 0).sum()))  # sequences with a kept position, global
     micro = config.micro_batch_size or len(batch)
     starts = list(range(0, len(batch), micro))
-    old_lp, teacher_lp = signals["student_logprob_sampled"], signals["teacher_logprob_sampled"]
+    temperature = config.temperature
+    # Old log-probs, ratio and advantage: the tempered student (the sampling policy) and the tempered teacher
+    # (TEMPERATURE_CONVENTION); at T = 1 these are the untempered scoring keys, as before.
+    old_key, teacher_key = TEMPERED_KEYS if temperature != 1.0 else ("student_logprob_sampled",
+                                                                       "teacher_logprob_sampled")
+    old_lp, teacher_lp = signals[old_key], signals[teacher_key]
     loss_sum = clipped = 0.0
     for i, start in enumerate(starts):
         part = slice(start, start + micro)
         mb = batch.select(part).to(world.device)
         rows, pos, cols = kept_index(mb, keep[part].to(world.device))  # [n] each, n kept in this micro-batch
         with world.no_sync(model, skip=i < len(starts) - 1):  # all-reduce gradients once, after the last
-            student_lp = torch.log_softmax(model(mb.ids, mb.attention_mask, rows, cols).float(), dim=-1)  # [n, V]
+            logits = _tempered(model(mb.ids, mb.attention_mask, rows, cols).float(), temperature)
+            student_lp = torch.log_softmax(logits, dim=-1)  # [n, V], the tempered policy
+            del logits  # [n, V] that backward does not need: no extra peak memory at real vocabularies
             teacher_full = None
             if spec.needs_teacher_full:
                 with torch.no_grad():  # [n, V]
-                    teacher_full = torch.log_softmax(teacher(mb.ids, mb.attention_mask, rows, cols).float(), dim=-1)
+                    t_logits = _tempered(teacher(mb.ids, mb.attention_mask, rows, cols).float(), temperature)
+                    teacher_full = torch.log_softmax(t_logits, dim=-1)  # tempered alike (TEMPERATURE_CONVENTION)
+                    del t_logits
             inputs = LossInputs(
                 student_logprobs=student_lp,
                 targets=mb.targets[rows, pos],

@@ -11,7 +11,7 @@ same number of steps and the same rollouts per step. One step (`train_step`):
   3. scoring: teacher and student logits on prompt + response, no grad, sliced to the shared
      vocabulary V, in position chunks -> `diagnostics.signals.token_signals`
      (the `hf` backend's `score`, `diagnostics.scoring.score_rollouts_hf`); log pS_old(y_t) and log pT(y_t)
-     come from here too;
+     come from here too (at temperature T != 1 those of log_softmax(logits / T): `opd.step.TEMPERATURE_CONVENTION`);
   4. selection (`opd.step.select_kept`): `selection_scores` + `select` with the SAME score registry as the
      diagnostic, over the whole rollout batch (signals gathered from every process), at least
      `min_per_sequence` kept positions per response;
@@ -78,7 +78,7 @@ from opd.distributed import World
 from opd.evaluation import evaluate, live_gains
 from opd.logger import NullLogger, make_logger
 from opd.memory import peak_mb, reset_peak
-from opd.step import NonFiniteError, opd_step, select_kept
+from opd.step import TEMPERATURE_CONVENTION, NonFiniteError, opd_step, select_kept
 
 # training prompt stream of seed s: the testbed task's problems(seed=TRAIN_PROMPT_SEED + s)
 TRAIN_PROMPT_SEED = 3_000_000
@@ -222,7 +222,8 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
                                  progress=False)
     scored = get_backend(BACKEND).score(rollouts, teacher=ctx.teacher.model, k=ctx.pair.k, stop_ids=ctx.stop_ids,
                                         student=student, vocab_size=ctx.vocab_size,
-                                        max_tokens_per_batch=config.scoring_tokens, progress=False)
+                                        max_tokens_per_batch=config.scoring_tokens, temperature=config.temperature,
+                                        progress=False)
     student.train()
     batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]),
                                    ctx.tokenizer.pad_token_id or 0, scored.valid)
@@ -370,6 +371,8 @@ def build_manifest(ctx: RunContext, seconds: float) -> dict:
         "normalization_meaning": NORMALIZATION_MEANING[config.normalization],
         "rollout_backend": BACKEND,
         "old_logprobs": "student log-probs from the scoring pass (no grad), before the update",
+        "temperature": config.temperature,
+        "temperature_convention": TEMPERATURE_CONVENTION,
         "kl_to_teacher": "mean forward KL(pT||pS) per token on the common bank (base-student held-out rollouts)",
         "live_gain": "engine.checkpoint_gains(base, trained) on the common bank, per bank sequence in "
                      "live_gain.parquet; comparison CI: t over seeds (>= 2 seeds), else cluster bootstrap "

@@ -6,8 +6,9 @@ logits of both models in this process; "topk": the teacher's top-K log-probs onl
     generate(model, prompts, sampling, stop_ids, options) -> list of records, one per response:
         {"prompt": index, "sample_idx", "response_ids", "response_logprobs", "finish_reason"
          (+ "topk_ids", "topk_logprobs" when sampling.logprobs_k > 0)}
-    score(rollouts, *, teacher, k, stop_ids, student=None, vocab_size=None, progress=True)
-        -> diagnostics.scoring.ScoredBatch
+    score(rollouts, *, teacher, k, stop_ids, student=None, vocab_size=None, progress=True, temperature=1.0)
+        -> diagnostics.scoring.ScoredBatch  (temperature != 1: also `diagnostics.scoring.TEMPERED_KEYS`,
+        or an error where the backend cannot give them)
 
 Two are built in, registered by name: `hf` (transformers `generate`, also on the trainer's live
 in-memory student; exact scores) and `vllm` (a model directory served by one cached vLLM engine per
@@ -64,7 +65,7 @@ class Backend(Protocol):
 
     def score(self, rollouts: pd.DataFrame, *, teacher: Any, k: int, stop_ids: list[int] | None,
               student: torch.nn.Module | None = None, vocab_size: int | None = None,
-              progress: bool = True) -> ScoredBatch: ...
+              progress: bool = True, temperature: float = 1.0) -> ScoredBatch: ...
 
 
 def register_backend(name: str) -> Callable[[type], type]:

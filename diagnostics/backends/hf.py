@@ -122,7 +122,9 @@ class HFBackend:
 
     def score(self, rollouts: pd.DataFrame, *, teacher: Any, k: int, stop_ids: list[int] | None,
               student: torch.nn.Module | None = None, vocab_size: int | None = None, progress: bool = True,
-              max_tokens_per_batch: int = 16384) -> ScoredBatch:
-        """Exact signals from both models' full logits (student and teacher in this process)."""
+              max_tokens_per_batch: int = 16384, temperature: float = 1.0) -> ScoredBatch:
+        """Exact signals from both models' full logits (student and teacher in this process); T != 1 adds the
+        tempered sampled-token log-probs (`diagnostics.scoring.TEMPERED_KEYS`)."""
         return score_rollouts_hf(rollouts, student=student, teacher=teacher, vocab_size=vocab_size, stop_ids=stop_ids,
-                                 k=k, max_tokens_per_batch=max_tokens_per_batch, progress=progress)
+                                 k=k, max_tokens_per_batch=max_tokens_per_batch, temperature=temperature,
+                                 progress=progress)

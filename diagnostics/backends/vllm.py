@@ -177,9 +177,13 @@ class VLLMBackend:
 
     def score(self, rollouts: pd.DataFrame, *, teacher: Any, k: int, stop_ids: list[int] | None,
               student: torch.nn.Module | None = None, vocab_size: int | None = None, progress: bool = True,
-              max_model_len: int | None = None) -> Any:
+              max_model_len: int | None = None, temperature: float = 1.0) -> Any:
         """Top-K signals: the teacher (a model directory) from vLLM, the student's top-K from the store."""
         from diagnostics.scoring import score_rollouts_vllm
+
+        if temperature != 1.0:  # the store's and prompt_logprobs' log-probs are the untempered ones only
+            raise ValueError(f"backend='vllm' scoring: temperature={temperature} is not supported (top-K scores are "
+                             "temperature-1 log-probs); use backend='hf'")
 
         return score_rollouts_vllm(rollouts, str(teacher), k=k, stop_ids=stop_ids, max_model_len=max_model_len,
                                    progress=progress)

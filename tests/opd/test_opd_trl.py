@@ -202,11 +202,11 @@ def test_training_step_logs_the_selection(pair, monkeypatch, tmp_path):
 
 def test_distillation_config_maps_the_train_config(tmp_path):
     config = TrainConfig(loss="forward_kl", batch_size=8, samples_per_prompt=2, steps=7, lr=3e-4, weight_decay=0.05,
-                         betas=[0.8, 0.99], temperature=0.7, top_p=0.9)
+                         betas=[0.8, 0.99], temperature=0.7, top_p=1.0)
     args = distillation_config(config, max_new_tokens=51, seed=3, output_dir=str(tmp_path), processes=2, use_cpu=True)
     assert (args.per_device_train_batch_size, args.max_steps, args.max_completion_length, args.beta) == (8, 7, 51, 0.0)
     assert (args.learning_rate, args.weight_decay, args.adam_beta1, args.adam_beta2) == (3e-4, 0.05, 0.8, 0.99)
-    assert (args.temperature, args.top_p, args.top_k, args.max_grad_norm, args.bf16) == (0.7, 0.9, 0, 0.0, False)
+    assert (args.temperature, args.top_p, args.top_k, args.max_grad_norm, args.bf16) == (0.7, 1.0, 0, 0.0, False)
     assert args.lr_scheduler_type == "constant" and args.shuffle_dataset is False and args.seed == 3
     for key, bad in (("loss", {"loss": "sampled_pg"}), ("normalization", {"normalization": "per_sequence_mean"})):
         with pytest.raises(ValueError, match=key):  # what TRL's loss cannot express
