@@ -43,9 +43,12 @@ def assert_same(a: dict, b: dict, keys=None):
 
 
 @pytest.mark.slow
+# lr 1e-4 for every case: on the trace testbed a sampled_pg SGD step at 1e-3 overshoots (spillover up to
+# 6.7 nats), and float32 rounding of such KLs differs between thread counts by more than TOL; at 1e-4 the
+# single-position gains still reach 1.7 nats, far above TOL
 @pytest.mark.parametrize("loss,optimizer,lr", [
     ("reverse_kl", "sgd", 1e-4), ("reverse_kl", "adam", 1e-4),
-    ("sampled_pg", "sgd", 1e-3), ("sampled_pg", "adam", 1e-4),
+    ("sampled_pg", "sgd", 1e-4), ("sampled_pg", "adam", 1e-4),
     ("forward_kl", "sgd", 1e-4),
 ])
 def test_vmap_and_loop_equal_the_oracle(setup, loss, optimizer, lr):
