@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,21 @@ def trace_problems(n: int, *, seed: int, n_items: int, n_words: int) -> list[Pro
         picked = [words[j] for j in rng.choice(n_words, size=n_items, replace=False)]
         problems.append(Problem(prompt_id=i, prompt="sort " + " ".join(picked) + " :", answer=selection_trace(picked)))
     return problems
+
+
+@dataclass(frozen=True)
+class Task:
+    """A testbed task: its seeded problem stream, its response length and the symbols its tokenizer needs."""
+
+    problems: Callable[..., list[Problem]]  # (n, *, seed, n_items, n_words) -> problems
+    response_tokens: Callable[[int], int]  # n_items -> tokens per response, EOS included
+    symbols: tuple[str, ...] = ()  # single-token ` symbol`s beyond `sort`, ` :` and the words
+
+
+TASKS = {
+    "sort": Task(sort_problems, lambda n_items: n_items + 1),
+    "trace": Task(trace_problems, trace_length, TRACE_SYMBOLS),
+}
 
 
 def load_problems(path: str | Path) -> list[Problem]:

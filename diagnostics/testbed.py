@@ -44,17 +44,7 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from diagnostics.config import check, config_to_dict
 from diagnostics.evaluation import exact_match_accuracy
-from diagnostics.task import (
-    CHAT_TOKENS,
-    EOS_TOKEN,
-    PAD_TOKEN,
-    TRACE_SYMBOLS,
-    Problem,
-    sort_problems,
-    task_words,
-    trace_length,
-    trace_problems,
-)
+from diagnostics.task import CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, TASKS, Problem, Task, task_words
 
 # Bump when the build procedure changes, so old caches are not reused.
 BUILD_VERSION = 4
@@ -133,13 +123,17 @@ class TestbedConfig:
         check(self.spread_problems >= 1, "spread_problems", f"must be >= 1, got {self.spread_problems}")
 
     @property
+    def task_spec(self) -> Task:
+        return TASKS[self.task]
+
+    @property
     def max_new_tokens(self) -> int:
         """Response length in tokens, EOS included (every problem of a task has the same length)."""
-        return trace_length(self.n_items) if self.task == "trace" else self.n_items + 1
+        return self.task_spec.response_tokens(self.n_items)
 
     def problems(self, n: int, seed: int) -> list[Problem]:
         """`n` problems of this testbed's task from the seeded stream `seed`."""
-        return TASKS[self.task](n, seed=seed, n_items=self.n_items, n_words=self.n_words)
+        return self.task_spec.problems(n, seed=seed, n_items=self.n_items, n_words=self.n_words)
 
     def cache_key(self) -> str:
         payload = config_to_dict(self)
@@ -151,8 +145,6 @@ class TestbedConfig:
         payload["build_version"] = BUILD_VERSION
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-
-TASKS = {"sort": sort_problems, "trace": trace_problems}
 
 # Held-out problems use seeds far from the training streams.
 TRAIN_SEED_OFFSET = {"teacher": 1_000, "student": 2_000}
@@ -330,7 +322,7 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
 def _build_into(tmp: Path, config: TestbedConfig) -> dict:
     """Train the teacher and the student into `tmp`, measure them, write report.json; the report."""
     started = time.perf_counter()
-    tokenizer = build_tokenizer(config.n_words, TRACE_SYMBOLS if config.task == "trace" else ())
+    tokenizer = build_tokenizer(config.n_words, config.task_spec.symbols)
     n_positions = config.n_items + 2 + config.max_new_tokens  # `sort`, the words, ` :`, the response
     durations = {}
     for role in ("teacher", "student"):
