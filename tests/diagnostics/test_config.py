@@ -63,6 +63,13 @@ def test_override_out_of_range_says_overrides():
         load_config(TestbedConfig, ROOT / "configs/testbed.yaml", ["k=0"])
 
 
+def test_testbed_task_and_capacity_steps_checked_before_any_build():
+    with pytest.raises(ConfigError, match=r"task: must be one of \['sort', 'trace'\], got 'merge'.*overrides"):
+        load_config(TestbedConfig, ROOT / "configs/testbed.yaml", ["task=merge"])
+    with pytest.raises(ConfigError, match=r"capacity_steps: must be 0 or > student\.train_steps \(850\), got 850"):
+        load_config(TestbedConfig, ROOT / "configs/testbed.yaml", ["capacity_steps=850"])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(TestbedConfig, None, ["k"])
