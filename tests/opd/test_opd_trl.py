@@ -14,7 +14,13 @@ from diagnostics.models import load_model
 from diagnostics.signals import select, selection_scores, token_signals
 from opd.config import TrainConfig
 from opd.distributed import World
-from opd.integrations.trl import SELECTION_SIGNALS, SelectiveDistillationTrainer, cut_vocab, distillation_config
+from opd.integrations.trl import (
+    SELECTION_SIGNALS,
+    TOKEN_LOGPROBS,
+    SelectiveDistillationTrainer,
+    cut_vocab,
+    distillation_config,
+)
 from opd.step import opd_step
 
 pytestmark = pytest.mark.slow  # builds (or reuses) the small testbed
@@ -69,7 +75,8 @@ def some_mask() -> torch.Tensor:
     return keep
 
 
-def make_trainer(pair, monkeypatch, tmp_path, keep: torch.Tensor | None, loss: str = "reverse_kl", **selection):
+def make_trainer(pair, monkeypatch, tmp_path, keep: torch.Tensor | None, loss: str = "reverse_kl",
+                 normalization: str = "kept_global", **selection):
     """A SelectiveDistillationTrainer whose generation step returns `trl_batch` and, if `keep` is given,
     whose selection returns `keep`; plain SGD at lr 1 as its optimizer (see LR)."""
     tokenizer, vocab, _, _ = pair
@@ -79,14 +86,15 @@ def make_trainer(pair, monkeypatch, tmp_path, keep: torch.Tensor | None, loss: s
         monkeypatch.setattr(SelectiveDistillationTrainer, "select_positions", lambda self, signals, valid: keep.clone())
     student, teacher = load_pair(pair)
     optimizer = torch.optim.SGD(student.parameters(), lr=LR)
-    config = TrainConfig(loss=loss, batch_size=len(PROMPTS), steps=1, lr=LR)
+    config = TrainConfig(loss=loss, normalization=normalization, batch_size=len(PROMPTS), steps=1, lr=LR)
     args = distillation_config(config, max_new_tokens=max(map(len, RESPONSES)), seed=0, output_dir=str(tmp_path),
                                use_cpu=True, disable_tqdm=True)
     from datasets import Dataset
 
     return SelectiveDistillationTrainer(
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer, optimizers=(optimizer, None),
-        train_dataset=Dataset.from_dict({"prompt": ["x"] * len(PROMPTS)}), k=4, **selection)
+        train_dataset=Dataset.from_dict({"prompt": ["x"] * len(PROMPTS)}), k=4, loss=loss,
+        normalization=normalization, **selection)
 
 
 def trl_gradient(trainer) -> dict[str, torch.Tensor]:
@@ -97,13 +105,17 @@ def trl_gradient(trainer) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
 
 
-def project_step(pair, keep: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
-    """The project's `opd_step` on the same batch and mask, then the same SGD step: new parameters."""
+def project_step(pair, keep: torch.Tensor, loss: str, normalization: str = "kept_global",
+                 token_logprobs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The project's `opd_step` on the same batch, mask and old / teacher token log-probs (the TRL signals
+    pass's `token_logprobs`; zeros when the loss does not read them), then the same SGD step: new parameters."""
     tokenizer, vocab, _, _ = pair
     student, teacher = load_pair(pair)
     batch = ResponseBatch.from_ids(PROMPTS, RESPONSES, tokenizer.pad_token_id, valid_mask())
-    signals = {name: torch.zeros(keep.shape) for name in ("student_logprob_sampled", "teacher_logprob_sampled")}
-    config = TrainConfig(loss=loss, normalization="kept_global", lr=LR)
+    token_logprobs = token_logprobs or {name: torch.zeros(keep.shape) for name in TOKEN_LOGPROBS}
+    signals = {"student_logprob_sampled": token_logprobs["old_logprobs"],
+               "teacher_logprob_sampled": token_logprobs["teacher_token_logprobs"]}
+    config = TrainConfig(loss=loss, normalization=normalization, lr=LR)
     optimizer = torch.optim.SGD(student.parameters(), lr=LR)
     opd_step(PositionLM(student, vocab).train(), PositionLM(teacher, vocab).eval(), batch, signals, keep, config,
              World.create("cpu"))
@@ -153,13 +165,16 @@ def test_all_masked_batch_gives_zero_gradient(pair, monkeypatch, tmp_path):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
 
 
-@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl"])
-def test_one_trl_step_equals_opd_step(pair, monkeypatch, tmp_path, loss):
-    keep = some_mask()
-    trainer = make_trainer(pair, monkeypatch, tmp_path, keep, loss=loss)
+@pytest.mark.parametrize("normalization", ["kept_global", "per_sequence_mean"])
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl", "sampled_pg"])
+def test_one_trl_step_equals_opd_step(pair, monkeypatch, tmp_path, loss, normalization):
+    keep = some_mask()  # rows keep 3, 1 and 0 positions: per_sequence_mean weighs them unlike kept_global
+    trainer = make_trainer(pair, monkeypatch, tmp_path, keep, loss=loss, normalization=normalization)
+    assert trainer.registry_loss == (loss == "sampled_pg" or normalization == "per_sequence_mean")
+    signals, _ = trainer.completion_signals(trl_batch(pair[0].pad_token_id))  # before the step: the old policy
     trl_gradient(trainer)
     trainer.optimizer.step()
-    expected = project_step(pair, keep, loss)
+    expected = project_step(pair, keep, loss, normalization, {n: signals[n] for n in TOKEN_LOGPROBS})
     base = {n: p.detach() for n, p in load_pair(pair)[0].named_parameters()}
     assert max(float((expected[n] - base[n]).abs().max()) for n in base) > 1e-3  # not a vacuous comparison
     for name, param in trainer.model.named_parameters():
@@ -208,7 +223,13 @@ def test_distillation_config_maps_the_train_config(tmp_path):
     assert (args.learning_rate, args.weight_decay, args.adam_beta1, args.adam_beta2) == (3e-4, 0.05, 0.8, 0.99)
     assert (args.temperature, args.top_p, args.top_k, args.max_grad_norm, args.bf16) == (0.7, 1.0, 0, 0.0, False)
     assert args.lr_scheduler_type == "constant" and args.shuffle_dataset is False and args.seed == 3
-    for key, bad in (("loss", {"loss": "sampled_pg"}), ("normalization", {"normalization": "per_sequence_mean"})):
-        with pytest.raises(ValueError, match=key):  # what TRL's loss cannot express
-            distillation_config(TrainConfig(**{"loss": "reverse_kl", **bad}), max_new_tokens=9, seed=0,
-                                output_dir=str(tmp_path))
+    assert distillation_config(TrainConfig(loss="sampled_pg"), max_new_tokens=9, seed=0,
+                               output_dir=str(tmp_path), use_cpu=True).beta == 1.0  # unused by the registry path
+    with pytest.raises(ValueError, match="divisible"):
+        distillation_config(TrainConfig(batch_size=3), max_new_tokens=9, seed=0, output_dir=str(tmp_path), processes=2)
+
+
+def test_trainer_refuses_bad_loss_settings(pair, monkeypatch, tmp_path):
+    for kwargs, match in (({"loss": "nope"}, "loss"), ({"normalization": "nope"}, "normalization")):
+        with pytest.raises(ValueError, match=match):
+            make_trainer(pair, monkeypatch, tmp_path, None, **kwargs)
