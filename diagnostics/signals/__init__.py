@@ -8,12 +8,16 @@ One module per concept:
 * ``topk``: ``token_signals_topk``, the same signals when only each side's top-K log-probabilities
   are known (a teacher served by vLLM ``prompt_logprobs``).
 * ``sets``: what both modes share (``SignalDict``, the key sets, the signals of the two top-K sets).
-* ``normalize``: ``normalize_batch``, the spec's clip((z - Q05) / (Q95 - Q05 + eps), 0, 1).
+* ``normalize``: ``normalize_batch``, the spec's clip((z - Q05) / (Q95 - Q05 + eps), 0, 1) over the
+  valid positions, and ``normalize_release``, the released training code's over all response rows.
 * ``scores``: the score registry (``register_score``, ``register_q3_variant``, ``get_score``,
   ``list_scores``), the registered scores, and ``selection_scores``, which normalises H, D, C over
   a rollout batch and evaluates every registered score by name. A new score is one function plus
   one ``@register_score`` there.
-* ``selection``: ``select``, the budgeted top-ceil(rho * |I|) mask over the whole batch.
+* ``selection``: ``select``, the budgeted top-ceil(rho * |I|) mask over the whole batch (tie order,
+  fill past the candidates, per-sequence top-up).
+* ``selectors``: ``SelectionOptions`` (the named choices; ``.paper()`` = the release's) and
+  ``select_by_name``, signals -> kept mask for a registered selector: what the trainers call.
 * ``checks``: input validation shared by the modules.
 
 Conventions shared by all functions (each is tested against a float64 reference):
@@ -30,8 +34,9 @@ Conventions shared by all functions (each is tested against a float64 reference)
 """
 
 from diagnostics.signals.exact import DEFAULT_CHUNK_LOGITS, token_signals
-from diagnostics.signals.normalize import normalize_batch
+from diagnostics.signals.normalize import SIGNAL_NORMALIZATIONS, normalize_batch, normalize_release
 from diagnostics.signals.scores import (
+    SELECTION_SIGNAL_SOURCES,
     ScoreFn,
     ScoreSpec,
     get_score,
@@ -39,8 +44,10 @@ from diagnostics.signals.scores import (
     register_q3_variant,
     register_score,
     selection_scores,
+    unrestricted_score,
 )
-from diagnostics.signals.selection import select
+from diagnostics.signals.selection import TIE_ORDERS, select
+from diagnostics.signals.selectors import SelectionOptions, select_by_name
 from diagnostics.signals.sets import FULL_VOCAB_KEYS, SAMPLED_KEYS, TOPK_KEYS, SignalDict
 from diagnostics.signals.topk import token_signals_topk
 
@@ -51,6 +58,13 @@ __all__ = [
     "token_signals",
     "token_signals_topk",
     "normalize_batch",
+    "normalize_release",
+    "SIGNAL_NORMALIZATIONS",
+    "SELECTION_SIGNAL_SOURCES",
+    "unrestricted_score",
+    "TIE_ORDERS",
+    "SelectionOptions",
+    "select_by_name",
     "register_score",
     "register_q3_variant",
     "get_score",

@@ -1,11 +1,16 @@
 """The selection-score registry, the registered scores of spec section 2, and ``selection_scores``.
 
-A score is a pure function of the batch-normalised signals H~, D~, C~ (``normalize_batch`` over the
-valid positions of one rollout batch). ``register_score`` adds one by name; ``register_q3_variant``
-derives the Q3-restricted copy of a registered score (same function, -inf outside Q3);
+A score is a pure function of the batch-normalised signals H~, D~, C~ and Norm(D C) (over one rollout
+batch, by a named normalisation: ``normalize.SIGNAL_NORMALIZATIONS``). ``register_score`` adds one by
+name; ``register_q3_variant`` derives the Q3-restricted copy of a registered score (same function, -inf outside Q3);
 ``selection_scores`` normalises H, D, C once and evaluates every registered score, in registration
 order, plus the Q3 mask. The diagnostic (``score_<name>`` columns), the analysis and the trainer's
-selectors all read this one registry.
+selectors all read this one registry. ``SELECTION_SIGNAL_SOURCES`` names which signal keys feed H, D, C
+(``exact`` or the released training code's top-K proxies, ``release_topk``).
+
+Every score ranks HIGHER first. The release's "low" Q3 selectors (Q3 + low-C, Q3 + low-D^L) are the
+negated signal here, with ``low_first=True`` recording that the release sorts them ascending, which
+turns its (score, -position) tie key into latest-position-first (``selectors.tie_order_for``).
 """
 
 from __future__ import annotations
@@ -20,10 +25,27 @@ from torch import Tensor
 
 from diagnostics.registry import add_once, lookup
 from diagnostics.signals.checks import NEG_INF
-from diagnostics.signals.normalize import normalize_batch, quantile_linear
+from diagnostics.signals.normalize import (
+    SIGNAL_NORMALIZATIONS,
+    normalize_batch,
+    normalize_release,
+    quantile_linear,
+    quantile_release,
+)
 
 ScoreFn = Callable[[dict[str, Tensor], Tensor, torch.Generator], Tensor]
-_NORMALISED = ("H", "D", "C")  # the normalised signals a score may use: H~, D~, C~
+_NORMALISED = ("H", "D", "C", "DC")  # the normalised signals a score may use: H~, D~, C~, Norm(D C)
+
+# Which signal keys feed H, D and C (selection_scores reads H, D, C under the exact keys' names).
+SELECTION_SIGNAL_SOURCES = {
+    # exact: the full-vocabulary student entropy, the exact union-top-K D, the exact C (spec 2)
+    "exact": {"student_entropy": "student_entropy", "disagreement": "disagreement", "compat_mass": "compat_mass"},
+    # release_topk: what the released training code selects on (tip_compat.py L372-374 over L271-354): the
+    # entropy of the student's top-K-renormalised distribution / log K, D floored at 1e-12 after the union
+    # renormalisation, C as the lower bound sum over S cap T of pT
+    "release_topk": {"student_entropy": "student_entropy_topk", "disagreement": "disagreement_topk_proxy",
+                     "compat_mass": "compat_mass_lower"},
+}
 
 
 @dataclass(frozen=True)
@@ -40,19 +62,21 @@ class ScoreSpec:
     description: str
     needs: tuple[str, ...] = field(default_factory=tuple)
     restrict_to_q3: bool = False
+    low_first: bool = False  # the release ranks the underlying signal ascending (see the module docstring)
 
 
 _SCORES: dict[str, ScoreSpec] = {}
 
 
 def register_score(
-    name: str, *, description: str, needs: Iterable[str] = (), q3: bool = False
+    name: str, *, description: str, needs: Iterable[str] = (), q3: bool = False, low_first: bool = False
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering a score function under ``name``.
 
-    ``needs``: the normalised signals it reads (subset of "H", "D", "C"). ``q3=True``: the score
+    ``needs``: the normalised signals it reads (subset of "H", "D", "C", "DC"). ``q3=True``: the score
     only ranks inside Q3 (low H~, high D~); ``selection_scores`` sets it to -inf outside Q3.
-    Raises ValueError on a duplicate name or an unknown need.
+    ``low_first``: the score is a negated signal the release sorts ascending (its ties go to later
+    positions under the release's tie rule). Raises ValueError on a duplicate name or an unknown need.
     """
     needs = tuple(needs)
     unknown = [n for n in needs if n not in _NORMALISED]
@@ -63,7 +87,7 @@ def register_score(
         raise ValueError('"q3" is reserved: selection_scores returns the Q3 mask under that key')
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        add_once(_SCORES, "score", name, ScoreSpec(name, fn, description, needs, q3))
+        add_once(_SCORES, "score", name, ScoreSpec(name, fn, description, needs, q3, low_first))
         return fn
 
     return decorator
@@ -153,6 +177,38 @@ register_q3_variant("incompatible", description="D~ (1 - C~) inside Q3")
 register_q3_variant("random", name="q3_only", description="uniform random inside Q3 (paper's Q3-only selector)")
 
 
+# The released training code's selectors the table above does not hold (TA-OPD/slime_ta_opd/slime/rollout/
+# tip_compat.py: scores L385-393, the method -> score map L467-485, Q3 candidates L490-500, ascending L501-502).
+
+
+@register_score(
+    "teachability_entropy_ndc",
+    description="H~ + s - H~ s, s = Norm(D C) (the release's TA-OPD + entropy, ca_softor)", needs=("H", "DC"),
+)
+def _teachability_entropy_ndc(norm, valid, generator):
+    return _soft_or(norm["H"], norm["DC"])  # tip_compat.py L392: the product normalised, not D~ C~
+
+
+@register_score(
+    "q3_only_ranked", description="(1 - H~) Norm(D C) inside Q3 (the release's Q3-only, split_ca)",
+    needs=("H", "DC"), q3=True,
+)
+def _q3_only_ranked(norm, valid, generator):
+    return (1.0 - norm["H"]) * norm["DC"]  # tip_compat.py L393, ranked inside Q3 (L500)
+
+
+@register_score("q3_low_compat", description="-C~ inside Q3: lowest C first (Q3 + low-C, Table 2)",
+                needs=("C",), q3=True, low_first=True)
+def _q3_low_compat(norm, valid, generator):
+    return -norm["C"]  # negated, not 1 - C~: exact in float32, so no two C~ values merge into a tie
+
+
+@register_score("q3_low_teachability", description="-D~ C~ inside Q3: lowest D^L first (Q3 + low-D^L, Fig. 3B)",
+                needs=("D", "C"), q3=True, low_first=True)
+def _q3_low_teachability(norm, valid, generator):
+    return -(norm["D"] * norm["C"])
+
+
 # --------------------------------------------------------------------------------------------
 # Every registered score over one rollout batch
 # --------------------------------------------------------------------------------------------
@@ -178,27 +234,62 @@ def _raw_signals(signals: dict[str, Tensor], valid: Tensor) -> dict[str, Tensor]
     return raw
 
 
-def _q3_mask(norm: dict[str, Tensor], valid: Tensor) -> Tensor:
-    """valid & H~ < median(H~) & D~ >= median(D~), medians over the valid positions (linear)."""
-    (h_med,) = quantile_linear(norm["H"][valid], (0.5,))
-    (d_med,) = quantile_linear(norm["D"][valid], (0.5,))
+def _q3_mask(norm: dict[str, Tensor], valid: Tensor, rows: Tensor, normalization: str) -> Tensor:
+    """valid & H~ < median(H~) & D~ >= median(D~), medians over ``rows`` (linear interpolation).
+
+    rows = the valid positions (``valid_rows``) or every response row (``all_response_rows``: the
+    release's medians over all rows with its interpolation formula, tip_compat.py L382-383, L422-436).
+    """
+    if normalization == "all_response_rows":
+        h_med = quantile_release(norm["H"][rows].double().tolist(), 0.5)
+        d_med = quantile_release(norm["D"][rows].double().tolist(), 0.5)
+        # compared in float64 as the release (a float32 compare would round the median to a neighbour)
+        return valid & (norm["H"].double() < h_med) & (norm["D"].double() >= d_med)
+    (h_med,) = quantile_linear(norm["H"][rows], (0.5,))
+    (d_med,) = quantile_linear(norm["D"][rows], (0.5,))
     return valid & (norm["H"] < h_med) & (norm["D"] >= d_med)
+
+
+def _normalised_signals(
+    raw: dict[str, Tensor], valid: Tensor, normalization: str, rows: Tensor
+) -> dict[str, Tensor]:
+    """{"H", "D", "C", "DC"}: each [B, T] float32 in [0, 1], 0 outside ``rows``. DC = Norm(D C), the
+    product of the RAW signals normalised (tip_compat.py L375-380), not D~ C~."""
+    raw = {**raw, "DC": raw["D"] * raw["C"]}
+    if normalization == "valid_rows":
+        return {short: normalize_batch(x, valid) for short, x in raw.items()}
+    if normalization == "all_response_rows":
+        return {short: normalize_release(x, rows) for short, x in raw.items()}
+    raise ValueError(f"normalization: must be one of {list(SIGNAL_NORMALIZATIONS)}, got {normalization!r}")
+
+
+def unrestricted_score(name: str, norm: dict[str, Tensor], valid: Tensor, seed: int = 0) -> Tensor:
+    """The registered score ``name`` WITHOUT its Q3 restriction: [B, T] float32, 0 at invalid positions.
+
+    ``norm`` as returned by ``selection_scores(..., return_normalized=True)``; the random generator is
+    the one ``selection_scores`` gives the score, so inside Q3 the values equal its. Used to fill past Q3.
+    """
+    spec = get_score(name)
+    return spec.fn(norm, valid, _score_generator(seed, name)).float().masked_fill(~valid, 0.0)
 
 
 @overload
 def selection_scores(
-    signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0, return_normalized: Literal[False] = False
+    signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0, return_normalized: Literal[False] = False,
+    normalization: str = "valid_rows", response_rows: Tensor | None = None,
 ) -> dict[str, Tensor]: ...
 
 
 @overload
 def selection_scores(
-    signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0, return_normalized: Literal[True]
+    signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0, return_normalized: Literal[True],
+    normalization: str = "valid_rows", response_rows: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
 
 
 def selection_scores(
-    signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0, return_normalized: bool = False
+    signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0, return_normalized: bool = False,
+    normalization: str = "valid_rows", response_rows: Tensor | None = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every registered score over a rollout batch, plus the Q3 mask.
 
@@ -208,15 +299,23 @@ def selection_scores(
         valid: [B, T] bool mask of the valid response positions (at least one True).
         seed: seeds the random scores (one generator per score name).
         return_normalized: also return the normalised signals the scores were computed from.
+        normalization: "valid_rows" (default: quantiles and Q3 medians over ``valid``, spec 2) or
+            "all_response_rows" (the release: over ``response_rows``, its formula; ``normalize``).
+        response_rows: [B, T] bool, a superset of ``valid``: every response row, selectable or not
+            (default ``valid``; the trainer has no rows beyond its valid ones). "all_response_rows" only.
     Returns:
         scores: {name: [B, T] float32} for every registered score (0 at invalid positions; q3
         scores -inf outside Q3), and "q3": [B, T] bool = valid & H~ < median(H~) & D~ >= median(D~),
         medians over the valid positions with linear interpolation.
-        With ``return_normalized``: (scores, normalized), normalized = {"H": H~, "D": D~, "C": C~},
-        each [B, T] float32 from ``normalize_batch`` (0 at invalid positions).
+        With ``return_normalized``: (scores, normalized), normalized = {"H": H~, "D": D~, "C": C~,
+        "DC": Norm(D C)}, each [B, T] float32 (0 at invalid positions).
     """
-    norm = {short: normalize_batch(x, valid) for short, x in _raw_signals(signals, valid).items()}
-    q3 = _q3_mask(norm, valid)
+    rows = valid if response_rows is None or normalization == "valid_rows" else response_rows
+    if rows is not valid and (rows.shape != valid.shape or (valid & ~rows).any()):
+        raise ValueError("response_rows must be a [B, T] bool superset of valid")
+    on_rows = _normalised_signals(_raw_signals(signals, valid), valid, normalization, rows)  # 0 outside rows
+    q3 = _q3_mask(on_rows, valid, rows, normalization)  # medians over the normalisation's rows
+    norm = {short: x.masked_fill(~valid, 0.0) for short, x in on_rows.items()}  # scores: valid positions
     out: dict[str, Tensor] = {}
     for name, spec in _SCORES.items():
         score = spec.fn(norm, valid, _score_generator(seed, name)).float()

@@ -5,7 +5,8 @@
 * ``order_desc_id_asc``: the deterministic top-K order (value descending, then token id ascending).
 * ``set_signals``: D, C, the support proxies and the top-K entropy from log-probs at S and T only
   (spec section 2), computed in float32; exact mode passes exact log-probs, top-K mode passes -inf
-  for an unknown probability and a floor.
+  for an unknown probability and a floor. Both modes also give ``disagreement_topk_proxy``, the
+  released training code's D from the two top-K lists alone (floor AFTER renormalisation).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ TOPK_KEYS = (
     "bhattacharyya",
     "teacher_top1_in_student_topk",
     "student_entropy_topk",
+    "disagreement_topk_proxy",
 )
+# The released training code's D: its floor for a probability missing from a side's top-K list.
+RELEASE_MISSING_PROB = 1e-12
 # Signals added when the sampled token of each position is given.
 SAMPLED_KEYS = ("sampled_in_student_topk", "student_logprob_sampled", "teacher_logprob_sampled")
 
@@ -98,6 +102,7 @@ def set_signals(
     # C = sum_{v in S} pT(v): exact when lt is known on S; -inf (unknown) makes it the lower bound.
     compat = lt[:, :k].exp().sum(dim=1)
     compat_lower = torch.where(t_in_s, lt[:, k:].exp(), 0.0).sum(dim=1)  # mass on S cap T
+    d_proxy = _disagreement_topk_proxy(s_ids, t_ids, ls, lt, t_in_s, in_u)
     # Top-K-renormalised student entropy / log K (released training code's H); 0 when K == 1.
     h_topk = -_xlogy_safe(_renormalise(ls[:, :k])).sum(dim=1)
     h_topk = h_topk / math.log(k_eff) if k_eff > 1 else torch.zeros_like(h_topk)
@@ -110,4 +115,30 @@ def set_signals(
         "bhattacharyya": bhatt,
         "teacher_top1_in_student_topk": t_in_s[:, 0].float(),
         "student_entropy_topk": h_topk.clamp_min(0.0),
+        "disagreement_topk_proxy": d_proxy.clamp_min(0.0),
     }
+
+
+def _disagreement_topk_proxy(
+    s_ids: Tensor, t_ids: Tensor, ls: Tensor, lt: Tensor, t_in_s: Tensor, in_u: Tensor
+) -> Tensor:
+    """The released training code's D from the two top-K lists alone; [n] float32.
+
+    Reimplements ``_union_geometry`` (TA-OPD/slime_ta_opd/slime/rollout/tip_compat.py L337-354, KLf):
+    each side's probability is known on its OWN top-K list only (0 elsewhere, even when exact logits
+    give it), renormalised over U = S cup T, THEN floored at 1e-12 and not renormalised again:
+    D = sum_U pT'' (log pT'' - log pS''), p'' = max(p / sum_U p, 1e-12) (a floored p contributes too).
+    ``set_signals``' own D floors before the renormalisation (top-K mode) or is exact (exact mode).
+    Layout of ls, lt, in_u as in ``set_signals`` ([n, 2k]: S columns, then T columns).
+    """
+    k = s_ids.shape[1]
+    s_in_t = (s_ids[:, :, None] == t_ids[:, None, :]).any(dim=2)  # [n, k]: S-token also in T
+    unknown = torch.full_like(ls[:, k:], NEG_INF)
+    ls_known = torch.cat([ls[:, :k], unknown], dim=1)  # student: its own top-K only
+    lt_known = torch.cat([torch.where(s_in_t, lt[:, :k], NEG_INF), lt[:, k:]], dim=1)  # teacher: T only
+    floor = math.log(RELEASE_MISSING_PROB)
+    # log p'' = max(log p - log sum_U p, log 1e-12): renormalise on U, then floor (no second renormalisation)
+    lsu = _renormalise(ls_known.masked_fill(~in_u, NEG_INF)).clamp_min(floor)
+    ltu = _renormalise(lt_known.masked_fill(~in_u, NEG_INF)).clamp_min(floor)
+    terms = ltu.exp() * (ltu - lsu)
+    return torch.where(in_u, terms, 0.0).sum(dim=1)  # tokens outside U (duplicate T-copies) count 0

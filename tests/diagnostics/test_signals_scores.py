@@ -97,9 +97,10 @@ def test_selection_scores_returns_the_normalised_signals_it_used():
     scores, norm = selection_scores(sig, valid, seed=2, return_normalized=True)
     plain = selection_scores(sig, valid, seed=2)
     assert list(scores) == list(plain) and all(torch.equal(scores[n], plain[n]) for n in plain)
-    assert set(norm) == {"H", "D", "C"}
+    assert set(norm) == {"H", "D", "C", "DC"}
     for short, key in (("H", "student_entropy"), ("D", "disagreement"), ("C", "compat_mass")):
         assert torch.equal(norm[short], normalize_batch(sig[key], valid))
+    assert torch.equal(norm["DC"], normalize_batch(sig["disagreement"] * sig["compat_mass"], valid))
     assert torch.equal(scores["teachability"], norm["D"] * norm["C"])
 
 
