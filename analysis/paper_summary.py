@@ -214,7 +214,9 @@ def side_by_side(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         ("R^2 decomposed", ols_p.get("r2_decomposed"), ols_o.get("r2_decomposed")),
         ("Delta R^2 (paper: dec - base; project: dec - controls)", ols_p.get("delta_r2"),
          ols_o.get("incremental_r2")),
-        ("Q3 support gap", (paper.get("support_gap") or {}).get("gap"), (summary.get("support_gap") or {}).get("gap")),
-        ("matched gap", (paper.get("matched_gap") or {}).get("gap"), (summary.get("matched_gap") or {}).get("gap")),
+        ("Q3 support gap (paper: relative gain; project: nats)", (paper.get("support_gap") or {}).get("gap"),
+         (summary.get("support_gap") or {}).get("gap")),
+        ("matched gap (paper: in Q3, relative; project: all tokens, nats)", (paper.get("matched_gap") or {}).get("gap"),
+         (summary.get("matched_gap") or {}).get("gap")),
     ]
     return [{"statistic": s, "paper": p, "project": o} for s, p, o in rows]

@@ -29,6 +29,11 @@ Summary keys (every interval is a 95% prompt-cluster bootstrap percentile pair [
                     minus_<R>, minus_<R>_ci_low/high for R in `top_n_references`
     top_n_references  ["kl", "random"] (those present)
     retrieval       records: selector, ratio, n_keep, auroc, precision
+    paper           the same statistics under the release's definitions (`analysis.paper_summary.summarize_paper`:
+                    preset, protocol, measures, definitions, gain_stats, ols (+ ols_winsor05, ols_raw, ols_by_k),
+                    support_gap(_by_k), matched_gap, top_n, support_proxies), null when the table lacks
+                    the columns it needs; `side_by_side` lists each headline number under both definitions
+    side_by_side    records: statistic, paper, project
     checks          records: name, claim, value, ci, passed (true/false/null), detail
     verdict         one paragraph stating what this run found
 """
@@ -45,6 +50,7 @@ import pandas as pd
 from analysis.bootstrap import DEFAULT_N_BOOT, clusters_of
 from analysis.checks import REFERENCE, checks, checks_frame, ci_of, estimate, fmt, fmt_ci, num, verdict
 from analysis.io import available_ks, validate_tokens, with_k
+from analysis.paper_summary import PROTOCOLS, has_paper_columns, side_by_side, summarize_paper
 from analysis.regression import fit_teachability_ols
 from analysis.selectors import DEFAULT_RATIOS, retrieval_table, top_n_table
 from analysis.stats import (
@@ -104,6 +110,23 @@ def _gap_dict(g: Any) -> dict[str, Any]:
             "n_high": g.n_high, "n_low": g.n_low}
 
 
+def _protocol(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The run's protocol (manifest "protocol", else its "mode") and what its gain measures."""
+    protocol = str(manifest.get("protocol") or manifest.get("mode") or "single-step")
+    return {"protocol": protocol, "measures": PROTOCOLS.get(protocol, protocol)}
+
+
+def _paper_section(full: pd.DataFrame, manifest: Mapping[str, Any], *, n_boot: int, seed: int,
+                   notes: list[str]) -> dict[str, Any] | None:
+    """The paper preset's statistics (`summarize_paper`) on the whole table, or None with a note."""
+    if not has_paper_columns(full):
+        notes.append("paper definitions: skipped (the table lacks kl_forward_before/after, kl_forward, entropies, "
+                     "compat_mass or resp_len)")
+        return None
+    return _section(notes, "paper definitions", lambda: summarize_paper(full, manifest=manifest, n_boot=n_boot,
+                                                                        seed=seed))
+
+
 def per_k_stats(
     df: pd.DataFrame,
     *,
@@ -158,6 +181,7 @@ def summarize(
     manifest = dict(manifest or {})
     df = validate_tokens(df, what="token table")
     n_rows = len(df)
+    full = df  # the paper preset applies the release's own row drops (analysis.paper.paper_frame)
     df, notes = finite_outcome(df, outcome)
     run_name = str(manifest.get("run_name", df.attrs.get("run_name", "run")))
     base_k = manifest.get("k", df.attrs.get("k"))
@@ -180,6 +204,7 @@ def summarize(
 
     ks = ([int(base_k)] if base_k is not None else []) + [k for k in available_ks(df) if k != base_k]
     ols_by_k, gap_by_k = per_k_stats(df, base_k=base_k, notes=notes, precomputed={base_k: (ols, sgap)}, **kw)
+    paper = _paper_section(full, {**manifest, "k": base_k}, n_boot=n_boot, seed=seed, notes=notes)
 
     summary: dict[str, Any] = {
         "schema": SCHEMA,
@@ -188,7 +213,7 @@ def summarize(
             "synthetic": manifest.get("synthetic"), "outcome": outcome, "n_rows": n_rows, "n_tokens": len(df),
             "n_dropped_nonfinite_outcome": n_rows - len(df), "n_clusters": clusters.n_clusters,
             "cluster_column": clusters.column, "n_boot": n_boot, "kendall_n_boot": kendall_n_boot,
-            "seed": seed, "ratios": list(ratios),
+            "seed": seed, "ratios": list(ratios), **_protocol(manifest),
         },
         "notes": notes,
         "correlations": {} if corr is None else {
@@ -205,7 +230,9 @@ def summarize(
         "top_n": [] if topn is None else topn.table.to_dict("records"),
         "top_n_references": [] if topn is None else topn.references,
         "retrieval": [] if retr is None else retr.to_dict("records"),
+        "paper": paper,
     }
+    summary["side_by_side"] = side_by_side(summary) if paper is not None else []
     summary = _json(summary)
     summary["checks"] = _json(checks(summary))
     summary["verdict"] = verdict(summary)
@@ -305,10 +332,50 @@ def _top_n_lines(summary: Mapping[str, Any]) -> list[str]:
             _table(headers, [top_row(r) for r in ordered]), ""]
 
 
+def _paper_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The paper preset (release definitions) beside the project's numbers, its robustness, top-N and Table 6."""
+    paper = summary.get("paper")
+    if not paper:
+        return []
+    out = [f"Definitions side by side (protocol {paper['protocol']}: {paper['measures']})",
+           *(f"  {d}" for d in paper["definitions"].values()),
+           _table(["statistic", "paper (release)", "project"],
+                  [[r["statistic"], fmt(r["paper"], 4), fmt(r["project"], 4)] for r in summary["side_by_side"]]),
+           ""]
+    rows = []
+    for key, label in (("ols", "winsorised 1/99"), ("ols_winsor05", "winsorised 5/95"), ("ols_raw", "raw")):
+        o = paper[key]
+        rows.append([label, estimate(o["beta_L"], o["beta_L_ci"]), estimate(o["beta_I"], o["beta_I_ci"]),
+                     fmt(o["r2_base"], 4), fmt(o["r2_plus_c"], 4), fmt(o["r2_decomposed"], 4), fmt(o["delta_r2"], 4)])
+    out += ["Paper OLS of the relative gain (z-scored; Delta R^2 = decomposed - base)",
+            _table(["gain", "beta_L [95% CI]", "beta_I [95% CI]", "R^2 base", "R^2 +C", "R^2 dec", "Delta R^2"], rows),
+            ""]
+    gk = paper.get("support_gap_by_k") or {}
+    out += ["Paper per top-K (D = full-vocabulary KL; only C changes with K)",
+            _table(["K", "beta_L", "beta_I", "Q3 support gap", "95% CI"],
+                   [[k, fmt(v["beta_L"]), fmt(v["beta_I"]), fmt(gk.get(k, {}).get("gap"), 4),
+                     fmt_ci(gk.get(k, {}).get("ci"), 4)] for k, v in (paper.get("ols_by_k") or {}).items()]), ""]
+    top = [r for r in paper.get("top_n") or [] if r["K"] == paper.get("k") and r["ratio"] in (0.03, 0.05)]
+    top.sort(key=lambda r: (r["ratio"], -num(r["mean_gain"])))
+    out += ["Paper exact top-N (winsorised relative gain; ties to earlier positions)",
+            _table(["selector", "ratio", "N", "mean G", "95% CI", "gain/keep", "Q3 frac"],
+                   [[r["selector"], f"{r['ratio']:.0%}", str(r["n_keep"]), fmt(r["mean_gain"], 4),
+                     fmt_ci((r["ci_low"], r["ci_high"]), 4), fmt(r["gain_per_keep"], 3), fmt(r["q3_frac"], 2)]
+                    for r in top]), ""]
+    audit = paper.get("support_proxies") or []
+    if audit:
+        out += ["Support-proxy audit (paper Table 6: C replaced by each proxy; percentile ranks)",
+                _table(["proxy", "release", "beta_L", "beta_I", "Delta R^2", "Q3 gap D*c", "support gap", "matched"],
+                       [[r["proxy"], r["release_name"], fmt(r["beta_L"]), fmt(r["beta_I"]), fmt(r["delta_r2"], 4),
+                         fmt(r["gap_dl"], 4), fmt(r["support_gap"], 4), fmt(r["matched_gap"], 4)] for r in audit]),
+                ""]
+    return out
+
+
 def format_report(summary: Mapping[str, Any]) -> str:
     """Plain-text report: run header, correlations, OLS, gaps, top-N, checks, notes and the verdict."""
     out = [*_header_lines(summary.get("run", {})), *_correlation_lines(summary), *_regression_lines(summary),
-           *_top_n_lines(summary)]
+           *_top_n_lines(summary), *_paper_lines(summary)]
     ch = summary.get("checks") or []
     if ch:
         mark = {True: "PASS", False: "FAIL", None: "n/a"}

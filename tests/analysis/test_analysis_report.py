@@ -15,7 +15,7 @@ from analysis.report import format_report, summarize, summary_tables
 
 KEYS = {"schema", "run", "notes", "correlations", "correlation_reference", "partial_compat_given_disagreement", "ols",
         "ols_by_k", "support_gap", "support_gap_by_k", "matched_gap", "mean_gain_all", "top_n", "top_n_references",
-        "retrieval", "checks", "verdict"}
+        "retrieval", "paper", "side_by_side", "checks", "verdict"}
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,14 @@ def test_bad_input(small_tokens):
     tiny = summarize(small_tokens.iloc[:2], n_boot=10, kendall_n_boot=0)  # too small for OLS: a note, no crash
     assert tiny["ols"] is None and any(n.startswith("OLS: skipped") for n in tiny["notes"])
     format_report(tiny)
+
+
+def test_summary_has_the_paper_preset_beside_the_project(fixture_summary):
+    """The summary carries the release's definitions (analysis.paper_summary) and names both, side by side."""
+    s = fixture_summary
+    assert s["paper"]["preset"] == "paper" and set(s["paper"]["definitions"]) == {"paper", "project"}
+    assert s["run"]["protocol"] == "synthetic" and s["run"]["measures"]
+    first = s["side_by_side"][0]
+    assert first == {"statistic": "beta_L", "paper": s["paper"]["ols"]["beta_L"], "project": s["ols"]["beta_L"]}
+    text = format_report(s)
+    assert "Definitions side by side" in text and "Support-proxy audit" in text and "Paper exact top-N" in text
