@@ -150,11 +150,14 @@ def paper_frame(df: pd.DataFrame, *, k: int | None = None, normalise_first: bool
                   "sampled_in_student_topk"):
         if proxy in src.columns:
             f[proxy] = src[proxy].to_numpy(np.float64)
+    finite = np.isfinite(f[["gain_rel", "H", "D", "C", "pos_norm"]].to_numpy()).all(axis=1)
+    if not finite.any():
+        raise ValueError(f"paper definitions: no row of {len(f)} has a finite relative gain (kl_forward_before/after), "
+                         "student entropy, kl_forward, compat_mass and position")
     if normalise_first:
         f = _normalise(f)
         return f.loc[np.isfinite(f["gain_rel"].to_numpy())].reset_index(drop=True)
-    keep = np.isfinite(f[["gain_rel", "H", "D", "C", "pos_norm"]].to_numpy()).all(axis=1)
-    return _normalise(f.loc[keep].reset_index(drop=True))
+    return _normalise(f.loc[finite].reset_index(drop=True))
 
 
 def _normalise(f: pd.DataFrame) -> pd.DataFrame:
@@ -353,6 +356,9 @@ def robust_gain_stats(frame: pd.DataFrame) -> dict[str, float]:
     (build_section3_analysis.py robust_gain_table L284-305)."""
     x = frame["gain_rel"].to_numpy(np.float64)
     x = x[np.isfinite(x)]
+    if x.size == 0:
+        return dict.fromkeys(("mean", "median", "trimmed_mean_5_95", "winsor_mean_1_99", "winsor_mean_5_95"),
+                             float("nan"))
     lo, hi = np.quantile(x, [0.05, 0.95])
     return {"mean": float(x.mean()), "median": float(np.median(x)),
             "trimmed_mean_5_95": float(x[(x >= lo) & (x <= hi)].mean()),

@@ -168,6 +168,9 @@ def summarize_paper(df: pd.DataFrame, *, manifest: Mapping[str, Any] | None = No
     base_k = manifest.get("k", df.attrs.get("k"))
     ks = ([int(base_k)] if base_k is not None else []) + [k for k in available_ks(df) if k != base_k]
     frame = paper_frame(df)
+    if len(frame) < 3:
+        raise ValueError(f"the paper preset needs at least 3 rows with a finite relative gain, H, D, C and position; "
+                         f"found {len(frame)} of {len(df)}")
     notes: list[str] = []
     if len(frame) < len(df):
         notes.append(f"paper: dropped {len(df) - len(frame)} rows with a non-finite gain, H, D, C or position")

@@ -115,7 +115,7 @@ def _point_fit(
     yz = _zscore(y)
     res = sm.OLS(yz, Xz).fit()
     se = dict.fromkeys(feats, float("nan"))
-    if clusters.n_clusters >= 2:
+    if clusters.n_clusters >= 2 and len(y) > len(feats) + 1:  # the sandwich needs residual degrees of freedom
         robust = res.get_robustcov_results(cov_type="cluster", groups=clusters.codes)
         se = {f: float(s) for f, s in zip(feats, robust.bse[1:])}
     coef = {f: float(b) for f, b in zip(feats, res.params[1:])}
