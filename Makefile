@@ -16,7 +16,7 @@ CONFIG ?=
 ARGS ?=
 MODEL_ARGS := $(if $(STUDENT),--student $(STUDENT)) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(CONFIG),--config $(CONFIG))
 
-.PHONY: venv lint test test-fast testbed diagnose train-taopd analyze figures bench scores clean
+.PHONY: venv lint test test-fast testbed diagnose diagnose-paper train-taopd analyze figures bench scores clean
 
 # The venv is keyed on pyproject.toml: editing it reinstalls on the next make call.
 $(STAMP): pyproject.toml
@@ -53,6 +53,10 @@ testbed: $(STAMP)
 
 diagnose: $(STAMP)
 	$(TAOPD) diagnose $(MODEL_ARGS) $(ARGS)
+
+# the paper's protocol: full-token OPD from the base student, its rollouts as the bank, its checkpoint re-scored
+diagnose-paper: $(STAMP)
+	$(TAOPD) diagnose $(if $(CONFIG),,--config configs/diagnose_paper.yaml) $(MODEL_ARGS) $(ARGS)
 
 train-taopd: $(STAMP)
 	$(TAOPD) train $(MODEL_ARGS) $(ARGS)

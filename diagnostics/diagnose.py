@@ -13,6 +13,11 @@ One readable workflow driven by `DiagnoseConfig` (`configs/diagnose.yaml`):
      Q3 flag, then one write of `tokens.parquet` (one row per valid position, (seq_id, pos) order);
      in single-step mode also the `group` variant (`group.parquet`);
   6. `manifest.json` records everything needed to reproduce any row.
+`protocol` says what the gain measures. single-step (the default, this module alone): the gain at a
+token from one update on that token's own loss, on held-out base-student rollouts. paper (the
+paper's protocol, orchestrated by `opd.paper_protocol` because it trains): the gain at a token after
+full-token OPD trained on all tokens, re-scored (mode=checkpoint) on that run's own first rollouts,
+which this module reads as a bank file (`bank`).
 The statistics (summary.json) are computed by `analysis/`, which the `taopd` command calls; this
 module never imports `analysis`.
 """
@@ -24,7 +29,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -32,17 +37,19 @@ import torch
 
 from diagnostics import engine
 from diagnostics.backends import list_backends
-from diagnostics.config import check, check_at_least, config_to_dict
+from diagnostics.config import check, check_at_least, check_device, config_to_dict
 from diagnostics.files import atomic_write, write_json, write_parquet
-from diagnostics.forward import ResponseBatch, full_logprobs
+from diagnostics.forward import ResponseBatch, full_logprobs, map_sequence_chunks
 from diagnostics.losses import list_losses
-from diagnostics.models import ModelPair, check_pair, directory_hash, load_model, load_pair
+from diagnostics.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
+from diagnostics.nonfinite import NonFiniteError, first_nonfinite_position, write_nonfinite_record
 from diagnostics.progress import progress_bar
 from diagnostics.run import (
     BANK_SPLIT_SEED,
     ResolvedPair,
     bank_batch,
-    check_run_dir,
+    check_k,
+    claim_run_dir,
     config_hash,
     heldout_problems,
     make_bank,
@@ -58,6 +65,14 @@ K_INDEPENDENT = (
     "student_logprob_sampled", "teacher_logprob_sampled",
 )
 SIGNAL_MODE = "exact"  # the engine scores full-vocabulary log-probs of both models (token_signals)
+PROTOCOL_MEANING = {
+    "single-step": "the gain at a token from one update on that token's own loss (fixed context, held-out "
+                   "base-student rollouts)",
+    "paper": "the gain at a token after full-token OPD trained on all tokens: latest checkpoint vs the base "
+             "student, re-scored on the OPD run's own first rollouts (the paper's protocol)",
+}
+BANK_COLUMNS = ("prompt_id", "prompt_ids", "response_ids")  # what a bank file (`bank`) must hold
+RELATIVE_GAIN_EPS = 1e-12  # the release's (KL_base - KL_after) / (KL_base + eps)
 
 
 @dataclass
@@ -75,6 +90,9 @@ class DiagnoseConfig:
     max_new_tokens: int = 0  # 0 = the testbed's response length, or 256 for real models
     backend: str = "auto"  # "auto" or a registered backend (`diagnostics.backends.list_backends`)
     mode: Literal["single-step", "checkpoint", "first-order"] = "single-step"
+    protocol: Literal["single-step", "paper"] = "single-step"  # what the gain measures (PROTOCOL_MEANING)
+    bank: str = ""  # parquet of responses (BANK_COLUMNS) to re-score instead of sampling fresh rollouts
+    train: dict[str, Any] = field(default_factory=dict)  # protocol=paper: TrainConfig overrides of its OPD run
     loss: str = "reverse_kl"  # a registered loss (diagnostics.losses), at its first step
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 1e-5  # small-step regime: first-order estimate and measured gain agree on the testbed
@@ -103,7 +121,9 @@ class DiagnoseConfig:
         check(self.loss in list_losses(), "loss", f"unknown loss {self.loss!r}; registered: {', '.join(list_losses())}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check_at_least(self, 0, "max_new_tokens")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        # one small step: first-order regime; lr > 1 moves weights by O(1) per step (Adam) and gives absurd gains
+        check(0 < self.lr <= 1, "lr", f"must be in (0, 1] (the diagnostic measures one small step), got {self.lr}")
+        check_device(self.device)
         check(self.k >= 0, "k", f"must be >= 1 (or 0 for the pair's default), got {self.k}")
         check(all(k >= 1 for k in self.extra_k), "extra_k", f"every K must be >= 1, got {self.extra_k}")
         check(all(0 < r <= 1 for r in self.group_ratios), "group_ratios",
@@ -115,8 +135,10 @@ class DiagnoseConfig:
         check_at_least(self, 0, "n_boot")
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
-        check(self.mode != "checkpoint" or bool(self.checkpoint), "checkpoint",
-              "mode=checkpoint needs a checkpoint path")
+        check(self.mode != "checkpoint" or bool(self.checkpoint) or self.protocol == "paper", "checkpoint",
+              "mode=checkpoint needs a checkpoint path (protocol=paper trains its own)")
+        check(self.protocol == "paper" or not self.train, "train",
+              f"only protocol=paper trains (got protocol={self.protocol}); remove the train overrides")
 
     def run_id(self, models: dict[str, str] | None = None) -> str:
         """The run directory name: stable for a config and its resolved model paths, so a rerun
@@ -125,7 +147,7 @@ class DiagnoseConfig:
             return self.run_name
         payload = {k: v for k, v in config_to_dict(self).items() if k not in ("run_name", "out_dir", "n_boot")}
         payload["models"] = models or {}
-        return f"{self.mode}-{config_hash(payload)}"
+        return f"{self.protocol if self.protocol == 'paper' else self.mode}-{config_hash(payload)}"
 
 
 # ------------------------------------------------------------------------------------------ one shard
@@ -157,8 +179,19 @@ def compute_shard(
     default_k: int,
     trained: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Signals and gains for one shard of sequences. -> name: [b, T] tensors (NaN where invalid)."""
-    teacher_lp = full_logprobs(pair.teacher, bank, pair.vocab_size)  # [b, T, V]: this shard only
+    """Signals and gains for one shard of sequences. -> name: [b, T] tensors (NaN where invalid).
+
+    A memory-bounded chunk of the shard's sequences at a time (`diagnostics.forward.map_sequence_chunks`): both
+    models' [b, T, V] log-probs exist for one chunk only (2 sequences at Qwen's vocabulary and T = 74).
+    """
+    return map_sequence_chunks(lambda part, _rows: _shard_chunk(pair, part, config, ks, default_k, trained),
+                               bank, pair.vocab_size)
+
+
+def _shard_chunk(pair: ModelPair, bank: ResponseBatch, config: DiagnoseConfig, ks: list[int], default_k: int,
+                 trained: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """`compute_shard` on one chunk of sequences."""
+    teacher_lp = full_logprobs(pair.teacher, bank, pair.vocab_size)  # [b, T, V]: this chunk only
     student_lp = full_logprobs(pair.student, bank, pair.vocab_size)
     out = shard_signals(student_lp, teacher_lp, bank, ks, default_k)
     step = engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr)
@@ -198,10 +231,33 @@ def bank_grids(
         if not path.is_file():
             rows = slice(shard * config.shard_sequences, (shard + 1) * config.shard_sequences)
             table = compute_shard(pair, bank.select(rows), config, ks, default_k, trained)
+            check_shard_finite(table, bank.select(rows).valid, shard, rows.start, shard_dir.parent, config)
             atomic_write(path, lambda tmp, table=table: torch.save(table, tmp))
         for name, grid in torch.load(path, weights_only=True).items():
             parts.setdefault(name, []).append(grid)
     return {name: torch.cat(grids) for name, grids in parts.items()}
+
+
+# gains and the KLs they come from: finite at every valid position, or the step blew up
+FINITE_GRIDS = ["kl_forward_before", "kl_forward_after", "gain", "kl_reverse_after", "gain_first_order"]
+
+
+def check_shard_finite(table: dict[str, torch.Tensor], valid: torch.Tensor, shard: int, first_row: int,
+                       run_dir: Path, config: DiagnoseConfig) -> None:
+    """Stop before a shard with a NaN/inf gain is saved: nonfinite.json names the quantity, the shard,
+    the bank sequence and response position; the finished shards (the last good state) are kept."""
+    hit = first_nonfinite_position(table, valid, FINITE_GRIDS)
+    if hit is None:
+        return
+    name, row, pos, count = hit
+    done = sorted(p.name for p in (run_dir / "shards").glob("shard_*.pt"))
+    where = f"shard {shard}, bank sequence {first_row + row}, response position {pos}"
+    write_nonfinite_record(run_dir, recipe="diagnose", quantity=name, shard=shard, seq_id=first_row + row,
+                           pos=pos, n_nonfinite=count, mode=config.mode, lr=config.lr, optimizer=config.optimizer,
+                           last_good=done)
+    raise NonFiniteError(f"{name} is non-finite at {where} ({count} positions in the shard; mode {config.mode}, "
+                         f"{config.optimizer} lr={config.lr:g}): the update blew up, lower lr; {len(done)} finished "
+                         f"shards kept, details in {run_dir / 'nonfinite.json'}")
 
 
 # ------------------------------------------------------------------------------------------ the whole bank
@@ -225,6 +281,16 @@ def bank_scores(grids: dict[str, torch.Tensor], valid: torch.Tensor, ks: list[in
         for name, score in scores.items():
             out[(name if name == "q3" else f"score_{name}") + sfx] = score
     return out
+
+
+def release_columns(grids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The release's definitions beside ours, in every mode (issue 12 items 2-3): `gain_rel_paper` =
+    (KL_base - KL_after) / (KL_base + 1e-12) (release `tools/eval_fixed_context_bank.py` L199-201, G_KLf;
+    `gain_rel` is NaN where KL_base = 0 instead) and `disagreement_full` = the full-vocabulary forward
+    KL(pT || pS_base) (L156, KLf_full), the D of the release's analyses (`disagreement` is union-top-K)."""
+    before = grids["kl_forward_before"]
+    return {"gain_rel_paper": (before - grids["kl_forward_after"]) / (before + RELATIVE_GAIN_EPS),
+            "disagreement_full": grids["kl_forward"].clone()}
 
 
 def token_table(grids: dict[str, torch.Tensor], bank: ResponseBatch, bank_df: pd.DataFrame, tokenizer
@@ -261,6 +327,19 @@ def resolved_models(config: DiagnoseConfig, resolved: ResolvedPair) -> dict[str,
             "checkpoint_path": config.checkpoint}
 
 
+def read_bank_file(path: str, n_sequences: int) -> pd.DataFrame:
+    """The first `n_sequences` responses of a bank file (`bank`): a parquet with BANK_COLUMNS, e.g. the
+    paper protocol's OPD rollouts (the release's `tools/export_fixed_context_bank.py --max-samples`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"bank: {path} does not exist")
+    frame = pd.read_parquet(path)
+    missing = [c for c in BANK_COLUMNS if c not in frame.columns]
+    check(not missing, "bank", f"{path} lacks the columns {missing} (a bank file holds {list(BANK_COLUMNS)})")
+    check(len(frame) >= n_sequences, "n_sequences",
+          f"the bank file {path} holds {len(frame)} responses, fewer than n_sequences={n_sequences}")
+    return frame.head(n_sequences).reset_index(drop=True)
+
+
 def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: Path) -> pd.DataFrame:
     """Held-out student rollouts, stored at `path` with their manifest (read back on resume)."""
     from diagnostics.rollouts import SamplingConfig, generate_rollouts
@@ -284,20 +363,26 @@ def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: P
     return rollouts
 
 
-def run_diagnose(config: DiagnoseConfig, *, progress: bool = True) -> Path:
-    """Run (or resume) the diagnostic; returns the run directory holding tokens.parquet."""
+def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extra: dict | None = None) -> Path:
+    """Run (or resume) the diagnostic; returns the run directory holding tokens.parquet. protocol=paper
+    runs come through `opd.paper_protocol`, which adds its provenance as `manifest_extra`."""
     started = time.perf_counter()
     resolved = resolve_pair(config.student, config.teacher, testbed_config=config.testbed_config, k=config.k,
                             max_new_tokens=config.max_new_tokens)
-    check_pair(resolved.student_path, resolved.teacher_path)  # cheap: tokenizers and configs only
+    _, vocab = check_pair(resolved.student_path, resolved.teacher_path)  # cheap: tokenizers and configs only
+    check_k(vocab, k=resolved.k, extra_k=config.extra_k)
     if config.mode == "checkpoint":
-        check_pair(resolved.student_path, config.checkpoint)
+        check_path(config.checkpoint, "checkpoint")
+        check_pair(resolved.student_path, config.checkpoint, names=("student", "checkpoint"))
     run_dir = Path(config.out_dir) / config.run_id(resolved_models(config, resolved))
-    check_run_dir(run_dir, saved_config(config, resolved), ignore={"n_boot"})
+    claim_run_dir(run_dir, saved_config(config, resolved), ignore={"n_boot"})
     write_json(run_dir / "config.json", saved_config(config, resolved))
     ks = [resolved.k] + [k for k in config.extra_k if k != resolved.k]
 
-    rollouts = sample_bank_rollouts(config, resolved, run_dir / "rollouts.parquet")
+    if config.bank:
+        rollouts = read_bank_file(config.bank, config.n_sequences)
+    else:
+        rollouts = sample_bank_rollouts(config, resolved, run_dir / "rollouts.parquet")
     pair = load_pair(resolved.student_path, resolved.teacher_path, device=config.device, dtype=config.dtype)
     trained = load_model(config.checkpoint, pair.device, pair.dtype) if config.mode == "checkpoint" else None
 
@@ -311,6 +396,7 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True) -> Path:
 
     grids = bank_grids(pair, bank, config, ks, resolved.k, trained, run_dir / "shards", progress=progress)
     grids.update(bank_scores(grids, bank.valid, ks, resolved.k, config.seed))
+    grids.update(release_columns(grids))
     tokens = token_table(grids, bank, bank_df, pair.tokenizer)
     write_parquet(run_dir / "tokens.parquet", tokens)
 
@@ -319,6 +405,7 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True) -> Path:
 
     method = "checkpoint" if config.mode == "checkpoint" else choose_method(config, pair.student, bank)
     manifest = build_manifest(config, resolved, pair, ks, bank_path, tokens, method, time.perf_counter() - started)
+    manifest.update(manifest_extra or {})
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
 
@@ -345,6 +432,13 @@ def run_group(pair: ModelPair, bank: ResponseBatch, grids: dict[str, torch.Tenso
     return pd.concat(frames, ignore_index=True)
 
 
+def protocol_meaning(config: DiagnoseConfig) -> str:
+    """What the run's gain measures, for manifest.json and the summary."""
+    if config.mode == "checkpoint" and config.protocol == "single-step":
+        return "the gain at a token between the base student and the given checkpoint (fixed context)"
+    return PROTOCOL_MEANING[config.protocol]
+
+
 def build_manifest(config: DiagnoseConfig, resolved: ResolvedPair, pair: ModelPair, ks: list[int], bank_path: Path,
                    tokens: pd.DataFrame, method: str, seconds: float) -> dict:
     """manifest.json of a diagnostic run: the shared provenance keys plus the diagnostic's own."""
@@ -356,12 +450,17 @@ def build_manifest(config: DiagnoseConfig, resolved: ResolvedPair, pair: ModelPa
         "checkpoint_hash": directory_hash(config.checkpoint) if config.checkpoint else None,
         "bank_path": str(bank_path),
         "mode": config.mode,
+        "protocol": config.protocol,
+        "protocol_meaning": protocol_meaning(config),
+        "bank_source": config.bank or "held-out base-student rollouts (rollouts.parquet)",
         "loss": config.loss,
         "optimizer": config.optimizer,
         "lr": config.lr,
         "extra_k": [k for k in ks if k != resolved.k],
         "seed": config.seed,
         "gain": "absolute forward-KL reduction KL(pT||pS_before) - KL(pT||pS_after), nats",
+        "gain_rel_paper": "(KL(pT||pS_before) - KL(pT||pS_after)) / (KL(pT||pS_before) + 1e-12), the release's",
+        "disagreement_full": "full-vocabulary forward KL(pT||pS_before), the release's D",
         "method": method,
         "n_sequences": int(tokens["seq_id"].nunique()),
         "n_tokens": len(tokens),

@@ -12,14 +12,22 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from diagnostics.config import check, check_at_least, config_to_dict
+from diagnostics.answers import ANSWER_CHECKS
+from diagnostics.config import check, check_at_least, check_device, config_to_dict
 from diagnostics.losses import list_losses
 from diagnostics.run import config_hash
-from diagnostics.signals import list_scores
+from diagnostics.signals import SIGNAL_NORMALIZATIONS, SelectionOptions, get_score, list_scores
+from diagnostics.signals.selectors import SIGNAL_MODES, TIE_BREAKS
 from opd.normalization import NORMALIZATIONS
+from opd.optim import OPTIMIZERS
+from opd.presets import apply_presets
 
+# Keys left out of the config fingerprint while at these defaults: the run hashes of configs written
+# before the keys existed stay the same (the manifest records every selection option either way).
+OMITTED_AT_DEFAULT = {"preset": "", "signals": "exact", "signal_normalization": "valid_rows",
+                      "tie_break": "row_major", "top_up": "", "q3_fill": False}
 # Keys that do not change what a run computes: a resume may differ in them.
-RESUME_IGNORED = ("progress",)
+RESUME_IGNORED = ("progress", "report_to", "save_rollouts")
 
 
 @dataclass
@@ -38,6 +46,13 @@ class TrainConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     min_per_sequence: int = 0  # kept positions guaranteed per response, beyond the budget (released code: 1)
     k: int = 0  # top-K of the signals; 0 = the pair's default (testbed 4, real models 16)
+    # selection details (named options; `preset: paper` = the released code's: opd.presets, configs/train.yaml)
+    preset: Literal["", "paper"] = ""  # "" = the keys as given | paper: the release's values of the keys it names
+    signals: Literal["exact", "release_topk"] = "exact"  # H, D, C selection reads: exact | the release's top-K proxies
+    signal_normalization: Literal["valid_rows", "all_response_rows"] = "valid_rows"  # Q05/Q95 rows and formula
+    tie_break: Literal["row_major", "earliest_position"] = "row_major"  # equal scores: sequence first | position first
+    top_up: str = ""  # min_per_sequence top-up: "" = the selector's own score | a registered score (all positions)
+    q3_fill: bool = False  # a Q3 selector short of its budget fills it with the best positions outside Q3
     # rollouts
     steps: int = 200  # optimizer steps per arm; one fresh rollout batch per step
     batch_size: int = 32  # prompts per step, over all processes
@@ -50,7 +65,7 @@ class TrainConfig:
     normalization: Literal["kept_global", "per_sequence_mean"] = "kept_global"
     clip_low: float = 0.2
     clip_high: float = 0.28
-    optimizer: Literal["adamw", "adam"] = "adamw"
+    optimizer: Literal["adamw", "adam", "paper"] = "adamw"  # paper: the release's Megatron Adam (opd.optim)
     lr: float = 1e-4  # testbed value from a sweep on the full arm (configs/train.yaml)
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -58,12 +73,14 @@ class TrainConfig:
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole local batch
     # evaluation and the live selector check
     eval_every: int = 50  # steps between held-out evaluations (also after the last step)
-    eval_problems: int = 500  # held-out problems for greedy exact match
+    eval_problems: int = 500  # held-out problems for greedy accuracy
+    answer_check: str = "exact"  # exact (whole response, the testbed) | math (math-verify: diagnostics.answers)
     bank_sequences: int = 64  # held-out base-student rollouts: the common bank for KL and live gain
     bank_max_tokens: int = 192  # bank responses cut to this many tokens
     # checkpoints, output, machine
     checkpoint_every: int = 50  # steps between checkpoints (0 = none)
     save_students: bool = True  # keep each arm's final student under arms/<arm>/student
+    save_rollouts: bool = False  # keep every step's rollouts in arms/<arm>/rollouts/ (opd.paper_protocol's bank)
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cpu_threads: int = 1  # torch threads on CPU; 0 = torch's default (see the YAML)
@@ -71,8 +88,12 @@ class TrainConfig:
     run_name: str = ""  # "" = train-<config hash>
     out_dir: str = "results/train"
     progress: bool = True
+    # engine
+    engine: Literal["own", "trl"] = "own"  # own: opd.trainer; trl: opd.trl_recipe (TRL's DistillationTrainer)
+    report_to: str = "none"  # engine=trl only: TRL's report_to (none | trackio | wandb | tensorboard, comma-separated)
 
     def __post_init__(self) -> None:
+        apply_presets(self)  # first: the checks below see the preset's (and optimizer: paper's) values
         unknown = [s for s in self.selectors if s not in list_scores()]
         check(not unknown, "selectors",
               f"unknown selector {unknown[0]!r}; registered: {', '.join(list_scores())}" if unknown else "")
@@ -95,6 +116,15 @@ class TrainConfig:
         check(self.top_p == 1.0, "top_p", f"must be 1.0 in training (the loss uses log_softmax(logits / temperature) "
               f"over the whole vocabulary and cannot honour nucleus sampling), got {self.top_p}")
         check(self.loss in list_losses(), "loss", f"unknown loss {self.loss!r}; registered: {', '.join(list_losses())}")
+        check(self.signals in SIGNAL_MODES, "signals", f"must be one of {list(SIGNAL_MODES)}, got {self.signals!r}")
+        check(self.signal_normalization in SIGNAL_NORMALIZATIONS, "signal_normalization",
+              f"must be one of {list(SIGNAL_NORMALIZATIONS)}, got {self.signal_normalization!r}")
+        check(self.tie_break in TIE_BREAKS, "tie_break", f"must be one of {list(TIE_BREAKS)}, got {self.tie_break!r}")
+        check(not self.top_up or self.top_up in list_scores(), "top_up",
+              f"must be '' or a registered score ({', '.join(list_scores())}), got {self.top_up!r}")
+        check(not self.top_up or not get_score(self.top_up).restrict_to_q3, "top_up",
+              f"{self.top_up!r} is -inf outside Q3; a top-up score must rank every position")
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         check(self.normalization in NORMALIZATIONS, "normalization",
               f"must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}")
         check(0 <= self.clip_low < 1, "clip_low", f"must be in [0, 1), got {self.clip_low}")
@@ -106,8 +136,15 @@ class TrainConfig:
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
         check_at_least(self, 0, "micro_batch_size")
         check_at_least(self, 1, "eval_every", "eval_problems", "bank_sequences", "bank_max_tokens")
+        check(self.answer_check in ANSWER_CHECKS, "answer_check",
+              f"must be one of {', '.join(ANSWER_CHECKS)}, got {self.answer_check!r}")
         check_at_least(self, 0, "checkpoint_every", "cpu_threads")
         check_at_least(self, 1, "scoring_tokens")
+        # accelerate places each process: "cuda" (one GPU per process, by LOCAL_RANK) or "cpu"; no cuda:N here
+        check_device(self.device, allowed=("auto", "cpu", "cuda"), indexed=False)
+        check(self.engine in ("own", "trl"), "engine", f"must be own or trl, got {self.engine!r}")
+        check(self.engine == "trl" or self.report_to == "none", "report_to",
+              f"is for engine=trl (TRL's report_to); the own engine logs to the console, got {self.report_to!r}")
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
         check(not self.student or bool(self.prompts), "prompts", "real models need a JSONL training prompt file")
@@ -119,11 +156,19 @@ class TrainConfig:
         pairs = [(s, r) for s in self.selectors for r in ([1.0] if s == "full" else self.ratios)]
         return [Arm(selector, float(ratio), seed) for selector, ratio in pairs for seed in self.seeds]
 
+    def selection_options(self) -> SelectionOptions:
+        """The selection's named choices (`diagnostics.signals.select_by_name`)."""
+        return SelectionOptions(signals=self.signals, normalization=self.signal_normalization,
+                                tie_break=self.tie_break, q3_fill=self.q3_fill, top_up=self.top_up)
+
     def fingerprint(self) -> dict:
-        """The config as a plain dict without the keys a resume may change."""
+        """The config as a plain dict without the keys a resume may change (nor OMITTED_AT_DEFAULT ones)."""
         data = json.loads(json.dumps(config_to_dict(self)))
         for key in RESUME_IGNORED:
             data.pop(key, None)
+        for key, default in OMITTED_AT_DEFAULT.items():
+            if data.get(key) == default:
+                data.pop(key)
         return data
 
     def run_id(self) -> str:

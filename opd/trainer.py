@@ -14,10 +14,11 @@ same number of steps and the same rollouts per step. One step (`train_step`):
      come from here too (at temperature T != 1 those of log_softmax(logits / T): `opd.step.TEMPERATURE_CONVENTION`);
   4. selection (`opd.step.select_kept`): `selection_scores` + `select` with the SAME score registry as the
      diagnostic, over the whole rollout batch (signals gathered from every process), at least
-     `min_per_sequence` kept positions per response;
+     `min_per_sequence` kept positions per response, under the run's named selection options
+     (`TrainConfig.selection_options`; `preset: paper` = the release's, `opd.presets`);
   5. `opd.step.opd_step`: the registered loss at the kept positions only (`diagnostics.forward.PositionLM`: the
      LM head runs on kept rows only), normalised by the GLOBAL kept count (or per sequence), backward;
-  6. finite checks, then the optimizer step (AdamW).
+  6. finite checks, then the optimizer step (`opd.optim`: adamw | adam | paper, the release's Megatron Adam).
 Every `eval_every` steps: greedy held-out exact match and KL(pT||pS) on the common bank
 (`opd.evaluation`); every `checkpoint_every` steps: an atomic checkpoint (`opd.checkpoint`). After an
 arm: the live selector check (G on the common bank, the engine's checkpoint protocol). After all
@@ -63,7 +64,8 @@ from diagnostics.run import (
     BANK_SPLIT_SEED,
     ResolvedPair,
     bank_batch,
-    check_run_dir,
+    check_k,
+    claim_run_dir,
     heldout_problems,
     make_bank,
     manifest_base,
@@ -78,6 +80,8 @@ from opd.distributed import World
 from opd.evaluation import evaluate, live_gains
 from opd.logger import NullLogger, make_logger
 from opd.memory import peak_mb, reset_peak
+from opd.nonfinite import check_weights, stop_arm
+from opd.optim import make_optimizer, optimizer_record  # make_optimizer: also imported from here by others
 from opd.step import TEMPERATURE_CONVENTION, NonFiniteError, opd_step, select_kept
 
 # training prompt stream of seed s: the testbed task's problems(seed=TRAIN_PROMPT_SEED + s)
@@ -140,8 +144,9 @@ def training_texts(config: TrainConfig, testbed, seed: int, tokenizer) -> list[s
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, world: World) -> None:
-    """A fresh run directory, or (with resume) one holding the same config; errors name the keys."""
-    check_run_dir(run_dir, config.fingerprint(), resume=resume)
+    """A fresh run directory, or (with resume) one holding the same config; errors name the keys.
+    Rank 0 holds the run's lock (`diagnostics.lock`): a second command on the same run refuses."""
+    claim_run_dir(run_dir, config.fingerprint(), resume=resume, lock=world.is_main)
     world.barrier()  # every rank has checked before rank 0 writes
     if world.is_main:
         write_json(run_dir / "config.json", config.fingerprint())
@@ -170,6 +175,9 @@ def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
     pair = resolve_pair(config.student, config.teacher, testbed_config=config.testbed_config, k=config.k,
                         max_new_tokens=config.max_new_tokens, progress=False)
     tokenizer, vocab_size = check_pair(pair.student_path, pair.teacher_path)  # raises on a mismatched pair
+    check_k(vocab_size, k=pair.k)
+    eval_problems = heldout(config, pair, config.eval_problems, EVAL_SPLIT_SEED, tokenizer)  # file too short: now
+    bank_problems = heldout(config, pair, config.bank_sequences, BANK_SPLIT_SEED, tokenizer)
     run_dir = Path(config.out_dir) / config.run_id()
     prepare_run_dir(run_dir, config, resume, world)
     dtype = resolve_dtype(config.dtype, world.device)
@@ -178,11 +186,10 @@ def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
         p.requires_grad_(False)
     teacher = PositionLM(teacher_model, vocab_size).eval()
     check_head_path(teacher_model, torch.tensor([[tokenizer.eos_token_id or 0] * 4], device=world.device))
-    bank_problems = heldout(config, pair, config.bank_sequences, BANK_SPLIT_SEED, tokenizer)
     ctx = RunContext(
         config=config, world=world, logger=logger, run_dir=run_dir, pair=pair, tokenizer=tokenizer,
         vocab_size=vocab_size, stop_ids=sorted({tokenizer.eos_token_id} - {None}), dtype=dtype, teacher=teacher,
-        eval_problems=heldout(config, pair, config.eval_problems, EVAL_SPLIT_SEED, tokenizer),
+        eval_problems=eval_problems,
         bank=build_bank(pair, tokenizer, vocab_size, bank_problems, config, run_dir / "bank.parquet", world),
         base_eval={},
         train_texts={seed: training_texts(config, pair.testbed, seed, tokenizer) for seed in config.seeds},
@@ -199,7 +206,7 @@ def base_evaluation(ctx: RunContext) -> dict[str, float]:
     student = load_model(ctx.pair.student_path, ctx.world.device, ctx.dtype)
     reset_peak(ctx.world.device)
     result = evaluate(student, ctx.teacher.model, ctx.tokenizer, ctx.eval_problems, ctx.bank, ctx.vocab_size,
-                      ctx.pair.max_new_tokens, ctx.world)
+                      ctx.pair.max_new_tokens, ctx.world, answer_check=ctx.config.answer_check)
     result["peak_mem_mb"] = peak_mb(ctx.world.device)
     if ctx.world.is_main:
         write_json(path, result)
@@ -220,6 +227,9 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
                               seed=_seed(arm.seed, step, world.rank, "rollout"))
     rollouts = generate_rollouts(student, ctx.tokenizer, texts, sampling, backend=BACKEND, chat_template=False,
                                  progress=False)
+    if config.save_rollouts:  # the paper protocol's bank is the run's own rollouts (opd.paper_protocol)
+        write_parquet(ctx.run_dir / "arms" / arm.name / "rollouts" / f"step_{step:06d}_rank{world.rank}.parquet",
+                      rollouts[["prompt_id", "sample_idx", "prompt_ids", "response_ids"]].assign(step=step))
     scored = get_backend(BACKEND).score(rollouts, teacher=ctx.teacher.model, k=ctx.pair.k, stop_ids=ctx.stop_ids,
                                         student=student, vocab_size=ctx.vocab_size,
                                         max_tokens_per_batch=config.scoring_tokens, temperature=config.temperature,
@@ -228,13 +238,14 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
     batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]),
                                    ctx.tokenizer.pad_token_id or 0, scored.valid)
     keep = select_kept(scored.signals, scored.valid, arm, config.min_per_sequence, world,
-                       seed=_seed(arm.seed, step, "select"))
+                       seed=_seed(arm.seed, step, "select"), options=config.selection_options())
     stats = opd_step(model, ctx.teacher, batch, scored.signals, keep, config, world)
     grad_norm = world.clip_grad_norm(model.parameters(), config.max_grad_norm)
     if not math.isfinite(grad_norm):
         raise NonFiniteError(f"gradient norm is {grad_norm} (loss {stats['loss']:.6g} was finite)")
     if stats["kept_tokens"] > 0:  # nothing kept (possible for Q3 selectors): no update at all
         optimizer.step()
+        check_weights(student)  # a finite gradient can still overflow a weight (lr too large)
     optimizer.zero_grad(set_to_none=True)
     return {**stats, "valid_tokens": int(world.sum(scored.valid.sum()))}
 
@@ -249,11 +260,6 @@ def metric_row(arm: Arm, step: int, **values) -> dict:
            "peak_mem_mb": math.nan, "valid_tokens": 0}
     row.update(values)
     return row
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.betas))
 
 
 def train_arm(ctx: RunContext, arm: Arm, *, progress: bool = True) -> None:
@@ -279,19 +285,17 @@ def train_arm(ctx: RunContext, arm: Arm, *, progress: bool = True) -> None:
         reset_peak(world.device)
         try:
             stats = train_step(ctx, arm, model, optimizer, step)
-        except NonFiniteError as err:
-            path = save_checkpoint(arm_dir, step - 1, student, optimizer, state, metrics, world)
-            if world.is_main:
-                write_json(arm_dir / "nonfinite.json", {"step": step, "what": str(err), "checkpoint": str(path)})
-            raise NonFiniteError(f"{arm.name}: step {step}: {err}; training stopped, last good state saved in {path}"
-                                 ) from None
+        except (RuntimeError, ValueError) as err:  # NonFiniteError, or a blow-up surfacing elsewhere (opd.nonfinite)
+            stop_arm(err, arm_name=arm.name, step=step, arm_dir=arm_dir, student=student, optimizer=optimizer,
+                     state=state, metrics=metrics, world=world, tokenizer=ctx.tokenizer,
+                     prompt=ctx.train_texts[arm.seed][(step - 1) * config.batch_size])
         seconds = state["train_seconds"] + time.perf_counter() - started
         state = {"step": step, "data_position": step * config.batch_size, "train_seconds": seconds}
         row = metric_row(arm, step, loss=stats["loss"], kept_tokens=stats["kept_tokens"],
                          valid_tokens=stats["valid_tokens"], wall_time_s=seconds, peak_mem_mb=peak_mb(world.device))
         if step % config.eval_every == 0 or step == config.steps:
             row.update(evaluate(student, ctx.teacher.model, ctx.tokenizer, ctx.eval_problems, ctx.bank, ctx.vocab_size,
-                                ctx.pair.max_new_tokens, world))
+                                ctx.pair.max_new_tokens, world, answer_check=config.answer_check))
             student.train()
         metrics.append(row)
         ctx.logger.log(row)
@@ -369,6 +373,8 @@ def build_manifest(ctx: RunContext, seconds: float) -> dict:
         "loss": config.loss,
         "normalization": config.normalization,
         "normalization_meaning": NORMALIZATION_MEANING[config.normalization],
+        "selection": {"preset": config.preset, **config.selection_options().to_dict()},  # diagnostics.signals.selectors
+        "optimizer": optimizer_record(config),
         "rollout_backend": BACKEND,
         "old_logprobs": "student log-probs from the scoring pass (no grad), before the update",
         "temperature": config.temperature,
@@ -392,6 +398,10 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
     Writes the raw tables: metrics.parquet (every arm's rows) and live_gain.parquet (every arm's
     per-sequence live gain), and manifest.json; `taopd train` adds the comparison table.
     """
+    if config.engine == "trl":  # the same arms and outputs, each arm trained by TRL (opd/trl_recipe.py)
+        from opd.trl_recipe import run_training_trl  # imports this module: a local import, no cycle at load
+
+        return run_training_trl(config, resume=resume)
     started = time.perf_counter()
     ctx = setup_run(config, resume=resume)
     arms = config.arms()

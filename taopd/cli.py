@@ -4,22 +4,29 @@ Subcommands mirror the Makefile targets:
   taopd testbed   build (or reuse) the embedded teacher-student testbed and print its report
   taopd diagnose  the fixed-context diagnostic: rollouts -> bank -> per-token gains -> summary
   taopd train     TA-OPD and baseline selective OPD runs (metrics, comparison, live gain)
+  taopd evaluate  answer accuracy of trained students (exact / math-verify; lm-eval tasks)
   taopd analyze   the full statistical report of a diagnostic run
   taopd figures   every figure for every run under results/
   taopd scores    the registered token scores/selectors
-Every subcommand takes `--config FILE` and `key=value` overrides of that config's keys.
+Every subcommand takes `--config FILE` and `key=value` overrides of that config's keys (before or
+after the flags). A bad input ends in one line, `error: ...`, naming the key, file or position, and exit
+status 2; TAOPD_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
+error_console = Console(stderr=True, soft_wrap=True)  # one line, whatever the terminal width
 
 OVERRIDES_HELP = "config overrides as key=value (nested keys with dots, e.g. teacher.train_steps=500)"
 
@@ -99,31 +106,42 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     overrides = _with_model_overrides(args)
     config = load_config(DiagnoseConfig, args.config, overrides)
-    run_dir = run_diagnose(config)
+    if config.protocol == "paper":  # trains full-token OPD first: the chain lives in opd (diagnostics never imports it)
+        from opd.paper_protocol import run_paper_protocol
+
+        run_dir = run_paper_protocol(config)
+    else:
+        run_dir = run_diagnose(config)
     report_run(run_dir, n_boot=config.n_boot, seed=config.seed)
     return 0
 
 
-def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None = None) -> dict:
-    """Summary statistics of a diagnostic run (from analysis/), printed and written to summary.json."""
+def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None = None,
+               out_dir: Path | None = None) -> dict:
+    """Summary statistics of a diagnostic run (from analysis/), printed and written to summary.json in
+    `out_dir` (default: the run directory)."""
     import pandas as pd
 
     from analysis import format_report, load_run, summarize
     from analysis.variants import first_order_agreement, group_summary
+    from diagnostics.diagnose import PROTOCOL_MEANING
     from diagnostics.files import write_json
 
     tokens, manifest = load_run(run_dir)
     summary = summarize(tokens, n_boot=n_boot, seed=seed, manifest=manifest)
+    summary["protocol"] = manifest.get("protocol", "single-step")  # runs from before the key were single-step
+    summary["protocol_meaning"] = manifest.get("protocol_meaning", PROTOCOL_MEANING[summary["protocol"]])
     agreement = first_order_agreement(tokens)  # mode=first-order: Proposition 1 vs the measured gain
     if agreement is not None:
         summary["first_order_agreement"] = agreement
     group_path = Path(run_dir) / "group.parquet"
     if group_path.is_file():
         summary["group"] = group_summary(pd.read_parquet(group_path))
-    write_json(Path(run_dir) / "summary.json", summary)
+    write_json(Path(out_dir or run_dir) / "summary.json", summary)
     if json_path is not None:
         write_json(json_path, summary)
     console.print(format_report(summary), markup=False, highlight=False)
+    console.print(f"protocol {summary['protocol']}: {summary['protocol_meaning']}", markup=False, highlight=False)
     if "first_order_agreement" in summary:
         agreement = summary["first_order_agreement"]
         console.print(f"first-order estimate vs single-step gain: Spearman {agreement['spearman']:+.3f} "
@@ -140,14 +158,39 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
     return summary
 
 
+def check_analyze_args(args: argparse.Namespace) -> Path:
+    """Every analyze argument checked before any statistics run; returns where the outputs go."""
+    run = Path(args.run)
+    if run.is_file():
+        raise ValueError(f"analyze: {run} is a file; give its run directory ({run.parent})")
+    if not run.is_dir():
+        raise FileNotFoundError(f"analyze: run directory {run} does not exist")
+    if not (run / "tokens.parquet").is_file():
+        raise FileNotFoundError(f"analyze: {run} holds no tokens.parquet (not a finished diagnostic run)")
+    if args.n_boot < 0:
+        raise ValueError(f"--n-boot: must be >= 0 (0 = no intervals), got {args.n_boot}")
+    out = Path(args.out) if args.out else run
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a directory")
+    if args.json and not Path(args.json).parent.is_dir():
+        raise FileNotFoundError(f"--json: directory {Path(args.json).parent} does not exist")
+    writable = out if out.is_dir() else out.parent
+    if writable.is_dir() and not os.access(writable, os.W_OK):
+        raise PermissionError(errno.EACCES, "cannot write the report there (pass --out DIR)", str(writable))
+    return out
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    report_run(Path(args.run), n_boot=args.n_boot, seed=args.seed, json_path=Path(args.json) if args.json else None)
+    out = check_analyze_args(args)
+    out.mkdir(parents=True, exist_ok=True)
+    report_run(Path(args.run), n_boot=args.n_boot, seed=args.seed, json_path=Path(args.json) if args.json else None,
+               out_dir=out)
     if args.html:
         from analysis import load_run, write_token_view
 
         tokens, manifest = load_run(args.run)
         run_name = manifest.get("run_name", Path(args.run).name)
-        out = write_token_view(tokens, Path(args.run) / "tokens.html", run_name=run_name)
+        out = write_token_view(tokens, out / "tokens.html", run_name=run_name)
         console.print(f"token view: {out}")
     return 0
 
@@ -165,16 +208,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from diagnostics.config import load_config
     from opd.config import TrainConfig
-    from opd.step import NonFiniteError
     from opd.trainer import run_training
 
     overrides = _with_model_overrides(args)
     config = load_config(TrainConfig, args.config, overrides)
-    try:
-        run_dir = run_training(config, resume=args.resume)
-    except (FileExistsError, NonFiniteError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
+    run_dir = run_training(config, resume=args.resume)  # errors: one line from main
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch / torchrun: rank 0 only
         from analysis.figures import plot_learning_curves, plot_selector_comparison, save_figure
         from analysis.io import load_train_run
@@ -191,6 +229,33 @@ def cmd_train(args: argparse.Namespace) -> int:
             figure = plot_selector_comparison(comparison, run_name=manifest["run_name"])
             paths += save_figure(figure, run_dir, "selector_comparison")
         console.print(f"run: {run_dir}\nfigures: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from analysis.evaluation import student_accuracy
+    from analysis.training import run_comparison, to_markdown
+    from diagnostics.config import load_config
+    from diagnostics.files import atomic_write, write_parquet
+    from opd.evaluate import EvaluateConfig, run_evaluation
+
+    config = load_config(EvaluateConfig, args.config, args.overrides)
+    out = run_evaluation(config)
+    students = student_accuracy(pd.read_parquet(out / "evaluation.parquet"))  # statistics live in analysis
+    markdown = to_markdown(students, title=f"pass@1 of each student ({out})")
+    lm_eval = pd.read_parquet(out / "lm_eval.parquet")
+    if not lm_eval.empty:
+        markdown += "\n" + to_markdown(lm_eval, title="lm-eval results")
+    atomic_write(out / "evaluation.md", lambda tmp: Path(tmp).write_text(markdown))
+    console.print(markdown, markup=False, highlight=False, soft_wrap=True)
+    if config.run:  # the run's comparison table gains eval_pass1_* (and lm_*) columns
+        comparison, table_md = run_comparison(config.run)
+        write_parquet(Path(config.run) / "comparison.parquet", comparison)
+        atomic_write(Path(config.run) / "comparison.md", lambda tmp: Path(tmp).write_text(table_md))
+        console.print(table_md, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"evaluation: {out}")
     return 0
 
 
@@ -216,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="print the full statistical report of a diagnostic run")
     p.add_argument("run", help="a run directory, e.g. results/diagnose/single-step-1a2b3c4d")
     p.add_argument("--json", help="also write the report as JSON to this file")
-    p.add_argument("--html", action="store_true", help="also write the token view (tokens.html) into the run")
-    p.add_argument("--n-boot", type=int, default=1000, help="cluster-bootstrap resamples (default 1000)")
+    p.add_argument("--out", help="directory for summary.json (and tokens.html); default: the run directory")
+    p.add_argument("--html", action="store_true", help="also write the token view (tokens.html) beside summary.json")
+    p.add_argument("--n-boot", type=int, default=1000, help="cluster-bootstrap resamples, >= 0 (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=cmd_analyze)
 
@@ -234,17 +300,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the config's run directory from its last checkpoints")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="answer accuracy of trained students (own generation and lm-eval tasks)")
+    _add_config_args(p, "configs/evaluate.yaml")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from diagnostics.config import ConfigError
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, with `key=value` overrides allowed after the flags too (`a=1 --resume b=2`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [token for token in extra if token.startswith("-") or "=" not in token or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
-    args = build_parser().parse_args(argv)
+
+def error_line(exc: BaseException) -> str:
+    """The one-line message of an expected error: the exception's text with its file, never a traceback."""
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | FileExistsError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        hint = {errno.ENOSPC: " (the disk is full: free space and rerun; finished work is kept)",
+                errno.EACCES: " (no permission: choose another out_dir / --out)",
+                errno.EROFS: " (read-only file system: choose another out_dir / --out)"}.get(exc.errno, "")
+        text = f"{exc.strerror}{where}{hint}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())  # one line: YAML and library messages span several
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diagnostics.lock import RunLockedError
+    from diagnostics.nonfinite import NonFiniteError
+
+    args = parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    except (ValueError, OSError, RunLockedError, NonFiniteError) as exc:  # ConfigError is a ValueError
+        if os.environ.get("TAOPD_DEBUG"):
+            raise
+        error_console.print(f"[red]error:[/red] {escape(error_line(exc))}", highlight=False)
         return 2
 
 
