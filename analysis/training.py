@@ -115,12 +115,20 @@ def to_markdown(table: pd.DataFrame, *, title: str = "") -> str:
 
 
 def run_comparison(run_dir: str | Path) -> tuple[pd.DataFrame, str]:
-    """(comparison table, its markdown) of a training run folder, from its raw tables and manifest."""
+    """(comparison table, its markdown) of a training run folder, from its raw tables and manifest; with
+    `taopd evaluate`'s columns (eval_pass1_*, lm_*: `analysis.evaluation.add_evaluation`) once it ran."""
     folder = Path(run_dir)
     metrics = pd.read_parquet(folder / "metrics.parquet")
     live_gains = pd.read_parquet(folder / "live_gain.parquet")
     manifest = json.loads((folder / "manifest.json").read_text())
     table = comparison_table(metrics, live_gains)
+    evaluated = folder / "evaluation" / "evaluation.parquet"  # `taopd evaluate run=<run>` adds its columns
+    if evaluated.is_file():
+        from analysis.evaluation import add_evaluation
+
+        lm_path = evaluated.with_name("lm_eval.parquet")
+        lm_eval = pd.read_parquet(lm_path) if lm_path.is_file() else None
+        table = add_evaluation(table, pd.read_parquet(evaluated), lm_eval)
     title = f"{manifest['run_name']}: selector comparison ({manifest['loss']}, {manifest['normalization']})"
     return table, to_markdown(table, title=title)
 

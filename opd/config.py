@@ -15,6 +15,7 @@ from typing import Literal
 from diagnostics.answers import ANSWER_CHECKS
 from diagnostics.config import check, check_at_least, check_device, config_to_dict
 from diagnostics.losses import list_losses
+from diagnostics.precision import MIXED_PRECISION
 from diagnostics.run import config_hash
 from diagnostics.signals import SIGNAL_NORMALIZATIONS, SelectionOptions, get_score, list_scores
 from diagnostics.signals.selectors import SIGNAL_MODES, TIE_BREAKS
@@ -25,7 +26,8 @@ from opd.presets import apply_presets
 # Keys left out of the config fingerprint while at these defaults: the run hashes of configs written
 # before the keys existed stay the same (the manifest records every selection option either way).
 OMITTED_AT_DEFAULT = {"preset": "", "signals": "exact", "signal_normalization": "valid_rows",
-                      "tie_break": "row_major", "top_up": "", "q3_fill": False}
+                      "tie_break": "row_major", "top_up": "", "q3_fill": False, "mixed_precision": "auto",
+                      "rollout_backend": "hf"}
 # Keys that do not change what a run computes: a resume may differ in them.
 RESUME_IGNORED = ("progress", "report_to", "save_rollouts")
 
@@ -83,6 +85,10 @@ class TrainConfig:
     save_rollouts: bool = False  # keep every step's rollouts in arms/<arm>/rollouts/ (opd.paper_protocol's bank)
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # the student: float32 master weights + bf16 autocast forwards (diagnostics.precision); auto = bf16 when dtype
+    # resolves to bfloat16 (CUDA), else no
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    rollout_backend: Literal["hf", "vllm"] = "hf"  # vllm: colocated, weights synced each step (opd.rollout_engine)
     cpu_threads: int = 1  # torch threads on CPU; 0 = torch's default (see the YAML)
     scoring_tokens: int = 16384  # tokens per teacher-forcing batch when scoring
     run_name: str = ""  # "" = train-<config hash>
@@ -140,6 +146,10 @@ class TrainConfig:
               f"must be one of {', '.join(ANSWER_CHECKS)}, got {self.answer_check!r}")
         check_at_least(self, 0, "checkpoint_every", "cpu_threads")
         check_at_least(self, 1, "scoring_tokens")
+        check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
+              f"must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        check(self.rollout_backend in ("hf", "vllm"), "rollout_backend",
+              f"must be hf or vllm, got {self.rollout_backend!r}")
         # accelerate places each process: "cuda" (one GPU per process, by LOCAL_RANK) or "cpu"; no cuda:N here
         check_device(self.device, allowed=("auto", "cpu", "cuda"), indexed=False)
         check(self.engine in ("own", "trl"), "engine", f"must be own or trl, got {self.engine!r}")

@@ -7,7 +7,8 @@ same number of steps and the same rollouts per step. One step (`train_step`):
   1. prompts: the next `batch_size` training problems of the seed's stream (data position =
      (step - 1) * batch_size; this process takes its contiguous share);
   2. rollouts: the live student samples `samples_per_prompt` responses per prompt
-     (`diagnostics.rollouts.generate_rollouts`, HF backend on the in-memory model);
+     (`opd.rollout_engine`, `rollout_backend`: HF generate on the in-memory model, or a vLLM engine colocated
+     in this process whose weights are loaded from the student after every optimizer step);
   3. scoring: teacher and student logits on prompt + response, no grad, sliced to the shared
      vocabulary V, in position chunks -> `diagnostics.signals.token_signals`
      (the `hf` backend's `score`, `diagnostics.scoring.score_rollouts_hf`); log pS_old(y_t) and log pT(y_t)
@@ -27,11 +28,11 @@ arms: the raw tables metrics.parquet and live_gain.parquet, and manifest.json in
 run from each arm's last checkpoint.
 
 Simplifications, and what a GPU deployment would change (none of it is tested here: no GPU):
-* Rollouts use HF `generate` on the live student, on every device. On a GPU cluster they would use
-  vLLM colocated with training (one engine per process, `enable_sleep_mode=True`, sleeping during the
-  update and woken with fresh weights loaded after each optimizer step); the teacher could be a
-  separate vLLM server queried in top-K mode (`diagnostics.scoring.score_rollouts_vllm`,
-  `token_signals_topk`: D with the 1e-12 floor, C as its lower bound). Only the hf path is built.
+* Precision (`mixed_precision`, `diagnostics.precision`): on CUDA the student keeps float32 master weights and
+  runs its forwards (rollouts, scoring, the loss, evaluation) under bf16 autocast; the teacher is stored in `dtype`.
+* `rollout_backend: vllm` runs one colocated engine for one process (sleeping during the update on CUDA); with
+  several processes only hf is built. The teacher could be a separate vLLM server queried in top-K mode
+  (`diagnostics.scoring.score_rollouts_vllm`, `token_signals_topk`); only exact (HF) teacher scoring is built.
 * Under FSDP (`configs/accelerate_fsdp.yaml`) generation and checkpointing would need the full
   parameters gathered (`FSDP.summon_full_params` / `accelerator.get_state_dict`); this recipe reads
   the unwrapped module directly, which is right for one process and DDP only.
@@ -57,6 +58,7 @@ from diagnostics.backends import get_backend
 from diagnostics.files import write_json, write_parquet
 from diagnostics.forward import PositionLM, ResponseBatch, check_head_path
 from diagnostics.models import check_pair, load_model, resolve_dtype
+from diagnostics.precision import Precision, inference, position_lm, resolve_precision
 from diagnostics.progress import progress_bar
 from diagnostics.prompts import render_text
 from diagnostics.rollouts import SamplingConfig, generate_rollouts
@@ -82,6 +84,7 @@ from opd.logger import NullLogger, make_logger
 from opd.memory import peak_mb, reset_peak
 from opd.nonfinite import check_weights, stop_arm
 from opd.optim import make_optimizer, optimizer_record  # make_optimizer: also imported from here by others
+from opd.rollout_engine import RolloutEngine
 from opd.step import TEMPERATURE_CONVENTION, NonFiniteError, opd_step, select_kept
 
 # training prompt stream of seed s: the testbed task's problems(seed=TRAIN_PROMPT_SEED + s)
@@ -119,6 +122,8 @@ class RunContext:
     bank: ResponseBatch
     base_eval: dict[str, float]
     train_texts: dict[int, list[str]] = field(default_factory=dict)  # seed -> rendered prompts, steps * batch_size
+    precision: Precision | None = None  # the trained student's: float32 master weights + autocast, or dtype
+    rollouts: RolloutEngine | None = None  # rollout_backend hf | vllm (colocated, synced after each step)
 
 
 def heldout(config: TrainConfig, pair: ResolvedPair, n: int, split_seed: int, tokenizer) -> list[Problem]:
@@ -181,6 +186,9 @@ def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
     run_dir = Path(config.out_dir) / config.run_id()
     prepare_run_dir(run_dir, config, resume, world)
     dtype = resolve_dtype(config.dtype, world.device)
+    precision = resolve_precision(config.mixed_precision, dtype, world.device)
+    rollout_engine = RolloutEngine(config.rollout_backend, pair.student_path, tokenizer, precision, max_model_len=None,
+                                   world_size=world.size)
     teacher_model = load_model(pair.teacher_path, world.device, dtype)
     for p in teacher_model.parameters():
         p.requires_grad_(False)
@@ -193,6 +201,7 @@ def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
         bank=build_bank(pair, tokenizer, vocab_size, bank_problems, config, run_dir / "bank.parquet", world),
         base_eval={},
         train_texts={seed: training_texts(config, pair.testbed, seed, tokenizer) for seed in config.seeds},
+        precision=precision, rollouts=rollout_engine,
     )
     ctx.base_eval = base_evaluation(ctx)
     return ctx
@@ -203,10 +212,11 @@ def base_evaluation(ctx: RunContext) -> dict[str, float]:
     path = ctx.run_dir / "base_eval.json"
     if path.is_file():
         return json.loads(path.read_text())
-    student = load_model(ctx.pair.student_path, ctx.world.device, ctx.dtype)
+    student = load_model(ctx.pair.student_path, ctx.world.device, ctx.precision.master)  # as the trained students
     reset_peak(ctx.world.device)
-    result = evaluate(student, ctx.teacher.model, ctx.tokenizer, ctx.eval_problems, ctx.bank, ctx.vocab_size,
-                      ctx.pair.max_new_tokens, ctx.world, answer_check=ctx.config.answer_check)
+    with inference(ctx.precision):
+        result = evaluate(student, ctx.teacher.model, ctx.tokenizer, ctx.eval_problems, ctx.bank, ctx.vocab_size,
+                          ctx.pair.max_new_tokens, ctx.world, answer_check=ctx.config.answer_check)
     result["peak_mem_mb"] = peak_mb(ctx.world.device)
     if ctx.world.is_main:
         write_json(path, result)
@@ -225,15 +235,15 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
     texts = texts[world.local_rows(len(texts))]
     sampling = SamplingConfig(config.temperature, config.top_p, ctx.pair.max_new_tokens, config.samples_per_prompt,
                               seed=_seed(arm.seed, step, world.rank, "rollout"))
-    rollouts = generate_rollouts(student, ctx.tokenizer, texts, sampling, backend=BACKEND, chat_template=False,
-                                 progress=False)
+    rollouts = ctx.rollouts.generate(student, texts, sampling)  # hf, or the colocated vLLM engine (synced)
     if config.save_rollouts:  # the paper protocol's bank is the run's own rollouts (opd.paper_protocol)
         write_parquet(ctx.run_dir / "arms" / arm.name / "rollouts" / f"step_{step:06d}_rank{world.rank}.parquet",
                       rollouts[["prompt_id", "sample_idx", "prompt_ids", "response_ids"]].assign(step=step))
-    scored = get_backend(BACKEND).score(rollouts, teacher=ctx.teacher.model, k=ctx.pair.k, stop_ids=ctx.stop_ids,
-                                        student=student, vocab_size=ctx.vocab_size,
-                                        max_tokens_per_batch=config.scoring_tokens, temperature=config.temperature,
-                                        progress=False)
+    with inference(ctx.precision):  # old log-probs in the loss forward's precision: the first ratio is 1
+        scored = get_backend(BACKEND).score(rollouts, teacher=ctx.teacher.model, k=ctx.pair.k, stop_ids=ctx.stop_ids,
+                                            student=student, vocab_size=ctx.vocab_size,
+                                            max_tokens_per_batch=config.scoring_tokens,
+                                            temperature=config.temperature, progress=False)
     student.train()
     batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]),
                                    ctx.tokenizer.pad_token_id or 0, scored.valid)
@@ -246,6 +256,7 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
     if stats["kept_tokens"] > 0:  # nothing kept (possible for Q3 selectors): no update at all
         optimizer.step()
         check_weights(student)  # a finite gradient can still overflow a weight (lr too large)
+        ctx.rollouts.sync(student)  # rollout_backend vllm: the next step samples the updated weights
     optimizer.zero_grad(set_to_none=True)
     return {**stats, "valid_tokens": int(world.sum(scored.valid.sum()))}
 
@@ -270,14 +281,16 @@ def train_arm(ctx: RunContext, arm: Arm, *, progress: bool = True) -> None:
         return
     torch.manual_seed(_seed(arm.seed, "init"))
     np.random.seed(_seed(arm.seed, "numpy"))
-    student = load_model(ctx.pair.student_path, world.device, ctx.dtype).train()
-    model, optimizer = world.prepare(PositionLM(student, ctx.vocab_size), make_optimizer(student, config))
+    student = load_model(ctx.pair.student_path, world.device, ctx.precision.master).train()
+    model, optimizer = world.prepare(position_lm(student, ctx.vocab_size, ctx.precision),
+                                     make_optimizer(student, config))
     metrics = [metric_row(arm, 0, **{k: ctx.base_eval[k] for k in ("accuracy", "kl_to_teacher", "peak_mem_mb")})]
     state = {"step": 0, "data_position": 0, "train_seconds": 0.0}
     checkpoint = latest_checkpoint(arm_dir)
     if checkpoint is not None:
         state, metrics = load_checkpoint(checkpoint, student, optimizer, world)
         ctx.logger.info(f"[{arm.name}] resumed from {checkpoint} (step {state['step']})")
+    ctx.rollouts.sync(student)  # the arm's starting weights (base or checkpoint) into a vllm engine
     bar = progress_bar(range(state["step"] + 1, config.steps + 1), desc=arm.name, leave=False,
                        enabled=progress and world.is_main)
     for step in bar:
@@ -287,15 +300,15 @@ def train_arm(ctx: RunContext, arm: Arm, *, progress: bool = True) -> None:
             stats = train_step(ctx, arm, model, optimizer, step)
         except (RuntimeError, ValueError) as err:  # NonFiniteError, or a blow-up surfacing elsewhere (opd.nonfinite)
             stop_arm(err, arm_name=arm.name, step=step, arm_dir=arm_dir, student=student, optimizer=optimizer,
-                     state=state, metrics=metrics, world=world, tokenizer=ctx.tokenizer,
-                     prompt=ctx.train_texts[arm.seed][(step - 1) * config.batch_size])
+                     state=state, metrics=metrics, world=world, bank=ctx.bank)
         seconds = state["train_seconds"] + time.perf_counter() - started
         state = {"step": step, "data_position": step * config.batch_size, "train_seconds": seconds}
         row = metric_row(arm, step, loss=stats["loss"], kept_tokens=stats["kept_tokens"],
                          valid_tokens=stats["valid_tokens"], wall_time_s=seconds, peak_mem_mb=peak_mb(world.device))
         if step % config.eval_every == 0 or step == config.steps:
-            row.update(evaluate(student, ctx.teacher.model, ctx.tokenizer, ctx.eval_problems, ctx.bank, ctx.vocab_size,
-                                ctx.pair.max_new_tokens, world, answer_check=config.answer_check))
+            with inference(ctx.precision):
+                row.update(evaluate(student, ctx.teacher.model, ctx.tokenizer, ctx.eval_problems, ctx.bank,
+                                    ctx.vocab_size, ctx.pair.max_new_tokens, world, answer_check=config.answer_check))
             student.train()
         metrics.append(row)
         ctx.logger.log(row)
@@ -310,7 +323,7 @@ def finish_arm(ctx: RunContext, arm: Arm, arm_dir: Path, student: torch.nn.Modul
     """Live gain on the common bank, the final student, the arm's metrics; result.json marks it done."""
     world = ctx.world
     if world.is_main:
-        base = load_model(ctx.pair.student_path, world.device, ctx.dtype)
+        base = load_model(ctx.pair.student_path, world.device, ctx.precision.master)
         gains = live_gains(base, student.eval(), ctx.teacher.model, ctx.bank, ctx.vocab_size)
         write_parquet(arm_dir / "live_gain.parquet", gains)
         if ctx.config.save_students:
@@ -375,7 +388,8 @@ def build_manifest(ctx: RunContext, seconds: float) -> dict:
         "normalization_meaning": NORMALIZATION_MEANING[config.normalization],
         "selection": {"preset": config.preset, **config.selection_options().to_dict()},  # diagnostics.signals.selectors
         "optimizer": optimizer_record(config),
-        "rollout_backend": BACKEND,
+        "rollout_backend": config.rollout_backend,
+        "mixed_precision": ctx.precision.name,
         "old_logprobs": "student log-probs from the scoring pass (no grad), before the update",
         "temperature": config.temperature,
         "temperature_convention": TEMPERATURE_CONVENTION,
@@ -410,6 +424,7 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
                     f"{ctx.base_eval['accuracy']:.3f}, KL(T||S) {ctx.base_eval['kl_to_teacher']:.4f})")
     for arm in progress_bar(arms, desc="arms", enabled=config.progress and ctx.world.is_main):
         train_arm(ctx, arm, progress=config.progress)
+    ctx.rollouts.close()
     if ctx.world.is_main:
         metrics, gains = collect(ctx)
         write_parquet(ctx.run_dir / "metrics.parquet", metrics)
