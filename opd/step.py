@@ -1,6 +1,7 @@
 """The math of one training step: selection over the whole batch, the registered loss at the kept positions.
 
-`select_kept` picks this process's kept positions with the score registry over every process's rollouts;
+`select_kept` picks this process's kept positions with the score registry over every process's rollouts, under
+the run's named selection options (`TrainConfig.selection_options`: signals, normalisation, ties, top-up, fill);
 `opd_step` runs the student's LM head at those positions only (`diagnostics.forward.PositionLM`), evaluates
 the registered loss (`diagnostics.losses`), weights it by the run's normalisation (`opd.normalization`) and
 accumulates gradients. The recipe around it (rollouts, scoring, optimizer, evaluation) is `opd.trainer`.
@@ -16,8 +17,9 @@ import torch
 
 from diagnostics.forward import PositionLM, ResponseBatch, kept_index
 from diagnostics.losses import LossInputs, get_loss
+from diagnostics.nonfinite import NonFiniteError as BaseNonFiniteError
 from diagnostics.scoring import TEMPERED_KEYS
-from diagnostics.signals import select, selection_scores
+from diagnostics.signals import SelectionOptions, select_by_name
 from opd.config import Arm, TrainConfig
 from opd.distributed import World
 from opd.normalization import token_weights
@@ -38,26 +40,29 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(BaseNonFiniteError):
     """A loss or gradient was NaN or infinite; the message names the step and what was non-finite."""
 
 
 def select_kept(
-    signals: dict[str, torch.Tensor], valid: torch.Tensor, arm: Arm, min_per_sequence: int, world: World, seed: int
+    signals: dict[str, torch.Tensor], valid: torch.Tensor, arm: Arm, min_per_sequence: int, world: World, seed: int,
+    options: SelectionOptions = SelectionOptions(),
 ) -> torch.Tensor:
     """[b, T] kept mask of this process, selected over the WHOLE batch of every process.
 
-    signals: [b, T] "student_entropy", "disagreement", "compat_mass"; valid: [b, T] bool. The
-    gathered [B, T'] signals are identical on every rank, so every rank selects the same mask.
-    These are the UNTEMPERED model distributions' signals at every temperature (the paper's definitions of
-    D, C and the entropy); only the loss reads tempered log-probs (TEMPERATURE_CONVENTION).
+    signals: [b, T], the keys `options.source_keys()` names (exact: "student_entropy", "disagreement",
+    "compat_mass"); valid: [b, T] bool. The gathered [B, T'] signals are identical on every rank, so every
+    rank selects the same mask. These are the UNTEMPERED model distributions' signals at every temperature
+    (the paper's definitions of D, C and the entropy); only the loss reads tempered log-probs
+    (TEMPERATURE_CONVENTION). The response rows of "all_response_rows" are the valid positions: scoring
+    stops at a response's stop token and there is no other loss mask.
     """
-    names = ("student_entropy", "disagreement", "compat_mass")
+    names = options.source_keys()
     local = torch.stack([*(signals[n] for n in names), valid.float()], dim=-1)  # [b, T, 4]
     every = world.gather_rows(local)  # [B, T', 4], rank order
     valid_all = every[..., 3] > 0
-    scores = selection_scores({n: every[..., i] for i, n in enumerate(names)}, valid_all, seed=seed)
-    keep = select(scores[arm.selector], valid_all, arm.ratio, min_per_sequence=min_per_sequence)  # [B, T']
+    keep = select_by_name({n: every[..., i] for i, n in enumerate(names)}, valid_all, arm.selector, arm.ratio,
+                          min_per_sequence=min_per_sequence, seed=seed, options=options)  # [B, T']
     return keep[world.local_rows(keep.shape[0]), : valid.shape[1]]
 
 

@@ -72,3 +72,54 @@ def test_accelerate_configs_load(name, kind):
 
     config = load_config_from_file(str(ROOT / "configs" / name))
     assert config.distributed_type.name == kind
+
+
+def test_paper_preset_sets_the_release_values_and_no_default_moves():
+    """opd/presets.py: the released training code's choices (tip_compat.py selection, per-sequence loss
+    normalisation, Megatron Adam); without a preset every key keeps today's default."""
+    config = load_config(TrainConfig, ROOT / "configs/train.yaml", ["preset=paper"])
+    assert (config.signals, config.signal_normalization, config.tie_break, config.top_up, config.q3_fill) == (
+        "release_topk", "all_response_rows", "earliest_position", "teachability_entropy_ndc", False)
+    assert (config.min_per_sequence, config.normalization, config.optimizer) == (1, "per_sequence_mean", "paper")
+    assert (config.betas, config.weight_decay, config.max_grad_norm, config.lr) == ([0.9, 0.98], 0.1, 1.0, 1e-4)
+    options = config.selection_options()
+    assert options.to_dict() == {"signals": "release_topk", "normalization": "all_response_rows",
+                                 "tie_break": "earliest_position", "q3_fill": False,
+                                 "top_up": "teachability_entropy_ndc"}
+    default = TrainConfig()
+    assert (default.signals, default.signal_normalization, default.tie_break, default.top_up) == (
+        "exact", "valid_rows", "row_major", "")
+    assert (default.min_per_sequence, default.normalization, default.optimizer, default.max_grad_norm) == (
+        0, "kept_global", "adamw", 0.0)
+    # the resolved values are what config.json records; loading them back is the same config
+    assert TrainConfig(**{**config.fingerprint(), "progress": True}) == config
+
+
+@pytest.mark.parametrize("override, key", [
+    ("min_per_sequence=2", "min_per_sequence"), ("optimizer=adam", "optimizer"),
+    ("normalization=kept_global", None), ("betas=[0.9, 0.95]", "betas"),
+])
+def test_paper_preset_refuses_a_conflicting_key(override, key):
+    if key is None:  # the default value of a key the preset sets cannot be told from "not written"
+        assert load_config(TrainConfig, ROOT / "configs/train.yaml", ["preset=paper", override]).normalization == (
+            "per_sequence_mean")
+        return
+    with pytest.raises(ConfigError, match=rf"{key}: .*(preset: paper|optimizer: paper)"):
+        load_config(TrainConfig, ROOT / "configs/train.yaml", ["preset=paper", override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("signals=topk", "signals"), ("signal_normalization=rows", "signal_normalization"),
+    ("tie_break=random", "tie_break"), ("top_up=nope", "top_up"), ("top_up=q3_only", "top_up"),
+    ("preset=release", "preset"), ("optimizer=sgd", "optimizer"),
+])
+def test_bad_selection_options_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"{key}"):
+        load_config(TrainConfig, ROOT / "configs/train.yaml", [override])
+
+
+def test_new_keys_at_default_leave_the_run_hash_alone():
+    fingerprint = TrainConfig().fingerprint()
+    assert not {"preset", "signals", "signal_normalization", "tie_break", "top_up", "q3_fill"} & set(fingerprint)
+    assert TrainConfig(signals="release_topk").run_id() != TrainConfig().run_id()
+    assert TrainConfig(signals="release_topk").fingerprint()["signals"] == "release_topk"

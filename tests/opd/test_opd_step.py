@@ -113,3 +113,26 @@ def test_a_registered_loss_is_trainable_and_diagnosable(world):
     assert fast["gain"][valid].abs().max() > 0
     assert torch.allclose(fast["gain"][valid], oracle["gain"][valid], atol=1e-6, rtol=1e-4)
     assert torch.equal(fast["gain"].isnan(), ~valid)
+
+
+def test_select_kept_follows_the_runs_selection_options(world):
+    """The trainer's selection hook: TrainConfig.selection_options() reaches select_by_name; the default
+    options are today's select(selection_scores(...)) bit for bit."""
+    from diagnostics.signals import select, select_by_name, selection_scores
+    from opd.config import Arm
+    from opd.step import select_kept
+
+    gen = torch.Generator().manual_seed(4)
+    keys = ("student_entropy", "disagreement", "compat_mass", "student_entropy_topk", "disagreement_topk_proxy",
+            "compat_mass_lower")
+    signals = {k: torch.rand(5, 9, generator=gen) for k in keys}
+    valid = torch.rand(5, 9, generator=gen) < 0.8
+    valid[:, 0] = True
+    arm = Arm("q3_only_ranked", 0.1, 0)
+    today = select_kept(signals, valid, Arm("teachability", 0.1, 0), 1, world, seed=3)
+    scores = selection_scores({k: signals[k] for k in keys[:3]}, valid, seed=3)
+    assert torch.equal(today, select(scores["teachability"], valid, 0.1, min_per_sequence=1))
+    paper = TrainConfig(preset="paper").selection_options()
+    got = select_kept(signals, valid, arm, 1, world, seed=3, options=paper)
+    want = select_by_name(signals, valid, "q3_only_ranked", 0.1, min_per_sequence=1, seed=3, options=paper)
+    assert torch.equal(got, want) and all(got[b].any() for b in range(5))  # top-up reaches every response
