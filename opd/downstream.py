@@ -115,17 +115,18 @@ def run_lm_eval(
     model_args: str = "",
     chat_template: bool = False,
     seed: int = 0,
+    task_manager: Any = None,
 ) -> dict[str, Any]:
-    """`lm_eval.simple_evaluate` of one model on `tasks`; local task folders in `include_path`."""
+    """`lm_eval.simple_evaluate` of one model on `tasks`; local task folders in `include_path`
+    (`task_manager`: one from `task_manager(include_path)`, reused over students: indexing lm-eval's
+    task folders takes seconds)."""
     if backend not in ("hf", "vllm"):
         raise ValueError(f"lm_eval_backend: must be hf or vllm, got {backend!r}")
     if not tasks:
         raise ValueError("lm_eval_tasks: no task to run")
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    include = [str(Path(p).resolve()) for p in include_path]
-    manager = TaskManager(include_path=include or None)
+    manager = task_manager or make_task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"lm_eval_tasks: unknown task {unknown[0]!r} (see `lm-eval ls tasks`; a local task "
@@ -147,6 +148,14 @@ def run_lm_eval(
     if results is None:  # only rank 0 of a multi-process run gets results
         raise RuntimeError("lm-eval returned no results (not the main process?)")
     return results
+
+
+def make_task_manager(include_path: Sequence[str | Path] = ()) -> Any:
+    """lm-eval's TaskManager over its registered tasks plus the local task folders in `include_path`."""
+    from lm_eval.tasks import TaskManager
+
+    include = [str(Path(p).resolve()) for p in include_path]
+    return TaskManager(include_path=include or None)
 
 
 def results_rows(student: str, results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -46,7 +46,14 @@ from diagnostics.run import DEFAULT_MAX_NEW_TOKENS_REAL, config_hash, resolve_pa
 from diagnostics.store import package_versions
 from diagnostics.task import Problem
 from opd.config import TrainConfig
-from opd.downstream import HELDOUT_TASK, LM_EVAL_COLUMNS, results_rows, run_lm_eval, write_problem_task
+from opd.downstream import (
+    HELDOUT_TASK,
+    LM_EVAL_COLUMNS,
+    make_task_manager,
+    results_rows,
+    run_lm_eval,
+    write_problem_task,
+)
 from opd.downstream import write_results_json as write_lm_eval_json
 
 EVALUATION_COLUMNS = ["student", "selector", "ratio", "train_seed", "eval_seed", "sample", "problem_id", "response",
@@ -272,10 +279,10 @@ def run_lm_eval_all(config: EvaluateConfig, students: list[Student], problems: l
         tasks.append(HELDOUT_TASK)
     dtype = "float32" if config.dtype == "auto" and device.type == "cpu" else (
         "bfloat16" if config.dtype == "auto" else config.dtype)
-    rows = []
+    rows, manager = [], make_task_manager(include)
     for student in students:
         try:
-            results = run_lm_eval(student.path, tasks, backend=config.lm_eval_backend, include_path=include,
+            results = run_lm_eval(student.path, tasks, backend=config.lm_eval_backend, task_manager=manager,
                                   limit=config.lm_eval_limit, batch_size=config.lm_eval_batch_size,
                                   device=str(device), dtype=dtype, gen_kwargs=config.lm_eval_gen_kwargs,
                                   model_args=config.lm_eval_model_args, chat_template=config.lm_eval_chat_template,
