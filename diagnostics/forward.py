@@ -133,6 +133,39 @@ class PositionLM(nn.Module):
         return self.model.get_output_embeddings()(picked)[:, : self.vocab_size]
 
 
+# Bytes one dense [b, T, V] float32 tensor may take where a bank is processed a chunk of sequences at a time
+# (the group variant, a diagnose shard's signals and gains, training's evaluation): each step holds a few
+# such tensors (teacher and student log-probs, a loss's temporaries and their gradients), so the peak stays
+# within ~10 x this at any vocabulary. At V = 151,936 and T = 74 a chunk is 2 sequences.
+DENSE_CHUNK_BYTES = 128 * 2**20
+
+
+def sequence_chunks(n_rows: int, horizon: int, vocab_size: int, *, budget_bytes: float = DENSE_CHUNK_BYTES,
+                    max_rows: int | None = None) -> list[slice]:
+    """Row slices covering 0..n_rows whose [b, horizon, vocab_size] float32 tensors fit `budget_bytes` (at least
+    one row each), and at most `max_rows` rows."""
+    rows = max(1, int(budget_bytes // max(1, horizon * vocab_size * 4)))
+    if max_rows is not None:
+        rows = max(1, min(rows, max_rows))
+    return [slice(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+
+
+def map_sequence_chunks(fn, batch: ResponseBatch, vocab_size: int, *, budget_bytes: float = DENSE_CHUNK_BYTES,
+                        max_rows: int | None = None) -> dict[str, Tensor]:
+    """`fn(sub_batch, rows)` -> {name: [b, ...]} on each chunk of `sequence_chunks`, concatenated over rows.
+
+    The one wrapper that bounds dense [b, T, V] log-probs by memory instead of by a fixed sequence count; `fn`
+    must treat sequences independently (per-sequence results do not depend on the chunking).
+    """
+    parts: dict[str, list[Tensor]] = {}
+    chunks = sequence_chunks(len(batch), batch.valid.shape[1], vocab_size, budget_bytes=budget_bytes,
+                             max_rows=max_rows)
+    for rows in chunks:
+        for name, value in fn(batch.select(rows), rows).items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
 @torch.no_grad()
 def full_logprobs(model: nn.Module, batch: ResponseBatch, vocab_size: int, batch_size: int = 16) -> Tensor:
     """log p(. | context) at every response position (valid or not), float32 on the CPU. -> [B, T, V]."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +31,14 @@ CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 ALL_WORDS = ["".join(pair) for pair in itertools.product(string.ascii_lowercase, repeat=2)][::3]
 
 
-def task_words(n_words: int) -> list[str]:
-    """The task's vocabulary of `n_words` words, in sorted (alphabetical) order."""
-    if not 2 <= n_words <= len(ALL_WORDS):
-        raise ValueError(f"n_words: must be in [2, {len(ALL_WORDS)}], got {n_words}")
-    return ALL_WORDS[:n_words]
+def task_words(n_words: int, pool: Sequence[str] = ALL_WORDS) -> list[str]:
+    """The task's vocabulary: the first `n_words` words of `pool` (sorted, alphabetical; default `ALL_WORDS`;
+    the Qwen2-vocabulary testbed passes the words that are one Qwen2 token)."""
+    if not 2 <= n_words <= len(pool):
+        raise ValueError(f"n_words: must be in [2, {len(pool)}], got {n_words}")
+    if list(pool) != sorted(pool):
+        raise ValueError("pool: the task's words must be in alphabetical order (answers sort by position)")
+    return list(pool[:n_words])
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,10 @@ class Problem:
     answer: str
 
 
-def sort_problems(n: int, *, seed: int, n_items: int, n_words: int) -> list[Problem]:
-    """`n` problems: sort `n_items` distinct words drawn from the first `n_words` words. Seeded."""
-    words = task_words(n_words)
+def sort_problems(n: int, *, seed: int, n_items: int, n_words: int, pool: Sequence[str] = ALL_WORDS
+                  ) -> list[Problem]:
+    """`n` problems: sort `n_items` distinct words drawn from the first `n_words` words of `pool`. Seeded."""
+    words = task_words(n_words, pool)
     rng = np.random.default_rng(seed)
     problems = []
     for i in range(n):
@@ -85,9 +89,11 @@ def trace_length(n_items: int) -> int:
     return sum(n_items - j + 3 for j in range(1, n_items)) + 2
 
 
-def trace_problems(n: int, *, seed: int, n_items: int, n_words: int) -> list[Problem]:
-    """`n` problems `sort w1 .. wn :` whose answer is the selection-sort trace. Seeded."""
-    words = task_words(n_words)
+def trace_problems(n: int, *, seed: int, n_items: int, n_words: int, pool: Sequence[str] = ALL_WORDS
+                   ) -> list[Problem]:
+    """`n` problems `sort w1 .. wn :` (words from the first `n_words` of `pool`) whose answer is the
+    selection-sort trace. Seeded."""
+    words = task_words(n_words, pool)
     rng = np.random.default_rng(seed)
     problems = []
     for i in range(n):
@@ -100,7 +106,7 @@ def trace_problems(n: int, *, seed: int, n_items: int, n_words: int) -> list[Pro
 class Task:
     """A testbed task: its seeded problem stream, its response length and the symbols its tokenizer needs."""
 
-    problems: Callable[..., list[Problem]]  # (n, *, seed, n_items, n_words) -> problems
+    problems: Callable[..., list[Problem]]  # (n, *, seed, n_items, n_words, pool) -> problems
     response_tokens: Callable[[int], int]  # n_items -> tokens per response, EOS included
     symbols: tuple[str, ...] = ()  # single-token ` symbol`s beyond `sort`, ` :` and the words
 
@@ -126,6 +132,11 @@ def load_problems(path: str | Path) -> list[Problem]:
             raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from None
         if not isinstance(row, dict) or "prompt" not in row:
             raise ValueError(f"{path}:{line_no}: expected an object with a 'prompt' key")
+        prompt = row["prompt"]
+        messages = isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
+        if not (isinstance(prompt, str) and prompt.strip()) and not (messages and prompt):
+            raise ValueError(f"{path}:{line_no}: 'prompt' must be non-empty text or a chat message list, "
+                             f"got {type(prompt).__name__} {prompt!r:.60}")
         problems.append(Problem(len(problems), row["prompt"], str(row.get("answer", ""))))
     if not problems:
         raise ValueError(f"prompt file {path} holds no prompts")

@@ -26,6 +26,8 @@ Builds are written to a temporary directory and renamed, so a killed build leave
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import math
@@ -43,8 +45,14 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from diagnostics.config import check, config_to_dict
-from diagnostics.evaluation import exact_match_accuracy
-from diagnostics.task import CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, TASKS, Problem, Task, task_words
+from diagnostics.qwen_vocab import (
+    build_qwen2_tokenizer,
+    calibrate_rows,
+    expand_vocabulary,
+    row_lookup,
+    single_token_words,
+)
+from diagnostics.task import ALL_WORDS, CHAT_TOKENS, EOS_TOKEN, PAD_TOKEN, TASKS, Problem, Task, task_words
 
 # Bump when the build procedure changes, so old caches are not reused.
 BUILD_VERSION = 4
@@ -61,6 +69,8 @@ class ModelSpec:
     num_heads: int = 6
     intermediate_size: int = 512
     vocab_multiple: int = 1  # pad LM-head rows to a multiple of this (Qwen-style padding)
+    vocab_rows: int = 0  # > 0: exactly this many LM-head rows (Qwen2.5: 151,936), instead of vocab_multiple
+    tie_embeddings: bool = False  # one matrix for the input embedding and the LM head (Qwen2.5-0.5B..3B tie)
     train_steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
@@ -77,6 +87,7 @@ class ModelSpec:
             f"head size hidden_size/num_heads = {head_size} is not one vLLM's CPU attention supports "
             f"{VLLM_CPU_HEAD_SIZES}",
         )
+        check(self.vocab_rows >= 0, "vocab_rows", f"must be >= 0, got {self.vocab_rows}")
         check(self.train_steps >= 0, "train_steps", f"must be >= 0, got {self.train_steps}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -90,6 +101,7 @@ class TestbedConfig:
 
     seed: int = 0
     task: str = "trace"  # trace (the selection-sort trace) | sort (the sorted list only)
+    vocabulary: str = "task"  # task (a BPE of the task's words only) | qwen2 (the real Qwen2 vocabulary, 151,665)
     n_items: int = 8  # words per problem
     n_words: int = 200  # size of the task's word vocabulary, each word one token
     k: int = 4  # default top-K of this model pair
@@ -107,6 +119,11 @@ class TestbedConfig:
     eval_problems: int = 500  # held-out problems for the accuracy report
     spread_problems: int = 200  # student samples for the C-spread report
     capacity_steps: int = 3000  # >0: keep training the student to this step and report its accuracy
+    # vocabulary qwen2: the task is learned with the softmax over the task's tokens, then this many steps of
+    # the full-vocabulary softmax train the other LM-head rows alone (diagnostics.qwen_vocab.calibrate_rows)
+    calibration_steps: int = 0
+    calibration_batch_size: int = 8
+    calibration_lr: float = 3e-3
     cache_dir: str = ".cache/testbed"
 
     def __post_init__(self) -> None:
@@ -117,7 +134,13 @@ class TestbedConfig:
             f"must be 0 or > student.train_steps ({self.student.train_steps}), got {self.capacity_steps}",
         )
         check(self.n_items >= 2, "n_items", f"must be >= 2, got {self.n_items}")
-        check(self.n_items <= self.n_words <= 226, "n_words", f"must be in [n_items, 226], got {self.n_words}")
+        check(self.vocabulary in VOCABULARIES, "vocabulary", f"must be one of {VOCABULARIES}, got {self.vocabulary!r}")
+        pool = len(word_pool(self.vocabulary))
+        check(self.n_items <= self.n_words <= pool, "n_words", f"must be in [n_items, {pool}], got {self.n_words}")
+        check(self.calibration_steps >= 0, "calibration_steps", f"must be >= 0, got {self.calibration_steps}")
+        check(self.calibration_batch_size >= 1, "calibration_batch_size",
+              f"must be >= 1, got {self.calibration_batch_size}")
+        check(self.calibration_lr > 0, "calibration_lr", f"must be > 0, got {self.calibration_lr}")
         check(self.k >= 1, "k", f"must be >= 1, got {self.k}")
         check(self.eval_problems >= 1, "eval_problems", f"must be >= 1, got {self.eval_problems}")
         check(self.spread_problems >= 1, "spread_problems", f"must be >= 1, got {self.spread_problems}")
@@ -133,21 +156,68 @@ class TestbedConfig:
 
     def problems(self, n: int, seed: int) -> list[Problem]:
         """`n` problems of this testbed's task from the seeded stream `seed`."""
-        return self.task_spec.problems(n, seed=seed, n_items=self.n_items, n_words=self.n_words)
+        return self.task_spec.problems(n, seed=seed, n_items=self.n_items, n_words=self.n_words,
+                                       pool=word_pool(self.vocabulary))
 
     def cache_key(self) -> str:
         payload = config_to_dict(self)
         payload.pop("cache_dir")
         # fields added after version 4 stay out of the hash at the values older builds had, so their caches stay valid
-        for key, default in (("task", "sort"), ("capacity_steps", 0)):
+        later = (("task", "sort"), ("capacity_steps", 0), ("vocabulary", "task"), ("calibration_steps", 0),
+                 ("calibration_batch_size", 8), ("calibration_lr", 3e-3))
+        for key, default in later:
             if payload[key] == default:
                 payload.pop(key)
+        for role in ("teacher", "student"):
+            for key, default in (("vocab_rows", 0), ("tie_embeddings", False)):
+                if payload[role][key] == default:
+                    payload[role].pop(key)
         payload["build_version"] = BUILD_VERSION
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+VOCABULARIES = ("task", "qwen2")
+
+
+@functools.cache
+def word_pool(vocabulary: str) -> tuple[str, ...]:
+    """The task's candidate words (sorted) for a vocabulary: with Qwen2's, those whose ` word` is one token."""
+    if vocabulary == "qwen2":
+        return tuple(single_token_words(qwen2_tokenizer(), ALL_WORDS))
+    return tuple(ALL_WORDS)
+
+
+@functools.cache
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    """The Qwen2 tokenizer with the testbed's chat template (built once per process, ~3 s)."""
+    tokenizer = build_qwen2_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tokenizer(config: TestbedConfig) -> Qwen2Tokenizer:
+    """The testbed's tokenizer; with the Qwen2 vocabulary, checked to write each task word and symbol as one token."""
+    if config.vocabulary == "task":
+        return build_tokenizer(config.n_words, config.task_spec.symbols)
+    tokenizer = copy.deepcopy(qwen2_tokenizer())
+    pieces = ["sort", " :", *(" " + s for s in config.task_spec.symbols)]
+    split = [p for p in pieces if len(tokenizer(p, add_special_tokens=False)["input_ids"]) != 1]
+    if split:
+        raise ValueError(f"vocabulary: {split} are not single tokens of the Qwen2 vocabulary")
+    return tokenizer
+
+
+def task_token_ids(config: TestbedConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token id the task's prompts and responses use (words, `sort`, ` :`, symbols, EOS), sorted."""
+    texts = ["sort :", *(" " + w for w in task_words(config.n_words, word_pool(config.vocabulary))),
+             *(" " + s for s in config.task_spec.symbols)]
+    ids = {i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    return sorted(ids | {tokenizer.eos_token_id})
+
+
 # Held-out problems use seeds far from the training streams.
 TRAIN_SEED_OFFSET = {"teacher": 1_000, "student": 2_000}
+CALIBRATION_SEED_OFFSET = 3_000
 HELDOUT_SEED = 7_777_777
 
 
@@ -197,8 +267,18 @@ def encode_problem(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> tupl
     return prompt, response
 
 
-def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, n_positions: int, seed: int) -> Qwen2ForCausalLM:
-    rows = math.ceil(len(tokenizer) / spec.vocab_multiple) * spec.vocab_multiple
+def vocab_rows_of(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> int:
+    """LM-head rows of a model: `vocab_rows`, or the tokenizer's length rounded up to `vocab_multiple`."""
+    rows = spec.vocab_rows or math.ceil(len(tokenizer) / spec.vocab_multiple) * spec.vocab_multiple
+    if rows < len(tokenizer):
+        raise ValueError(f"vocab_rows: {rows} LM-head rows for a tokenizer of {len(tokenizer)} tokens")
+    return rows
+
+
+def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, n_positions: int, seed: int,
+               rows: int | None = None) -> Qwen2ForCausalLM:
+    """A fresh seeded Qwen2 of `spec`; `rows` vocabulary rows (default `vocab_rows_of`)."""
+    rows = vocab_rows_of(spec, tokenizer) if rows is None else rows
     config = Qwen2Config(
         vocab_size=rows,
         hidden_size=spec.hidden_size,
@@ -207,10 +287,11 @@ def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, n_positions:
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_heads,
         max_position_embeddings=max(64, 2 * n_positions),
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_embeddings,
         bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        # a task-vocabulary model (rows < the tokenizer) numbers its tokens 0..rows-1: no special ids there
+        eos_token_id=tokenizer.eos_token_id if rows >= len(tokenizer) else None,
+        pad_token_id=tokenizer.pad_token_id if rows >= len(tokenizer) else None,
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
@@ -226,8 +307,12 @@ def train_on_task(
     *,
     steps: int | None = None,
     snapshot: Callable[[int, Qwen2ForCausalLM], None] | None = None,
+    vocab_ids: torch.Tensor | None = None,
 ) -> Qwen2ForCausalLM:
     """Supervised training on fresh problems each step; loss on response tokens only.
+
+    `vocab_ids` [n] (sorted token ids): `model` has n vocabulary rows, row j for token vocab_ids[j]
+    (`diagnostics.qwen_vocab.expand_vocabulary` makes the full model of it afterwards).
 
     The schedule (linear warmup, cosine decay to 10%) spans `steps` (default `spec.train_steps`);
     `snapshot(step, model)` is called after every step, so one run can save an early checkpoint.
@@ -244,10 +329,13 @@ def train_on_task(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     problems = config.problems(steps * spec.batch_size, seed)
+    lookup = None if vocab_ids is None else row_lookup(vocab_ids, len(tokenizer))
     bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
         batch = [encode_problem(tokenizer, p) for p in problems[step * spec.batch_size : (step + 1) * spec.batch_size]]
         ids = torch.tensor([prompt + response for prompt, response in batch])  # [B, L]: all the same length
+        if lookup is not None:
+            ids = lookup[ids]  # token ids -> rows of the task-vocabulary model
         labels = ids.clone()
         labels[:, : len(batch[0][0])] = -100  # no loss on the prompt
         loss = model(input_ids=ids, labels=labels).loss
@@ -322,30 +410,47 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
 def _build_into(tmp: Path, config: TestbedConfig) -> dict:
     """Train the teacher and the student into `tmp`, measure them, write report.json; the report."""
     started = time.perf_counter()
-    tokenizer = build_tokenizer(config.n_words, config.task_spec.symbols)
+    tokenizer = make_tokenizer(config)
     n_positions = config.n_items + 2 + config.max_new_tokens  # `sort`, the words, ` :`, the response
     durations = {}
+    # the Qwen2 vocabulary: the task is learned with the softmax over its own tokens (see diagnostics.qwen_vocab)
+    vocab_ids = torch.tensor(task_token_ids(config, tokenizer)) if config.vocabulary != "task" else None
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(config, role)
         seed = config.seed + TRAIN_SEED_OFFSET[role]
         t0 = time.perf_counter()
-        model = make_model(spec, tokenizer, n_positions, seed)
+        model = make_model(spec, tokenizer, n_positions, seed, rows=None if vocab_ids is None else len(vocab_ids))
+
+        def save(model: Qwen2ForCausalLM, out: Path, spec: ModelSpec = spec, seed: int = seed) -> None:
+            if vocab_ids is not None:  # the task-vocabulary model at its full vocabulary
+                model = expand_vocabulary(model, vocab_ids, vocab_rows_of(spec, tokenizer), seed,
+                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            save_checkpoint(model, tokenizer, out)
+
         if role == "student" and config.capacity_steps:
             # one run to capacity_steps; the student is its snapshot at student.train_steps
             def save_student(step: int, model: Qwen2ForCausalLM) -> None:
                 if step == spec.train_steps:
-                    save_checkpoint(model.eval(), tokenizer, tmp / "student")
+                    save(model.eval(), tmp / "student")
                     model.train()
 
             train_on_task(
                 model, spec, tokenizer, config, seed, "training student",
-                steps=config.capacity_steps, snapshot=save_student,
+                steps=config.capacity_steps, snapshot=save_student, vocab_ids=vocab_ids,
             )
-            save_checkpoint(model, tokenizer, tmp / "student_capacity")
+            save(model, tmp / "student_capacity")
         else:
-            train_on_task(model, spec, tokenizer, config, seed, desc=f"training {role}")
-            save_checkpoint(model, tokenizer, tmp / role)
+            train_on_task(model, spec, tokenizer, config, seed, desc=f"training {role}", vocab_ids=vocab_ids)
+            save(model, tmp / role)
         durations[f"{role}_train_s"] = round(time.perf_counter() - t0, 1)
+    if vocab_ids is not None and config.calibration_steps:
+        t0 = time.perf_counter()
+        for name in ("teacher", "student", "student_capacity"):
+            if (tmp / name).is_dir():
+                calibrate_checkpoint(tmp / name, tokenizer, config, vocab_ids)
+        durations["calibration_s"] = round(time.perf_counter() - t0, 1)
+    from diagnostics.testbed_report import measure_testbed  # the report reads this module's problems
+
     report = measure_testbed(tmp / "student", tmp / "teacher", config)
     report.update(durations, build_s=round(time.perf_counter() - started, 1), cache_key=config.cache_key())
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -353,86 +458,15 @@ def _build_into(tmp: Path, config: TestbedConfig) -> dict:
     return report
 
 
-def measure_testbed(student_path: Path, teacher_path: Path, config: TestbedConfig) -> dict:
-    """Accuracies, vocabulary size, response length and the C spread among high-D positions."""
-    from diagnostics.models import load_pair  # local import: models imports nothing from here
-
-    pair = load_pair(str(student_path), str(teacher_path), device="cpu", dtype="float32")
-    problems = heldout_problems(config, config.eval_problems)
-    acc = {}
-    for role, model in (("teacher", pair.teacher), ("student", pair.student)):
-        for mode in ("greedy", "sampled"):
-            acc[f"{role}_acc_{mode}"] = exact_match_accuracy(
-                model, pair.tokenizer, problems, max_new_tokens=config.max_new_tokens, greedy=mode == "greedy",
-                seed=config.seed,
-            )
-    spread = support_spread(pair, config)
-    capacity = student_path.parent / "student_capacity"
-    if capacity.is_dir():  # the same student trained to capacity_steps: shows it has room to learn
-        from diagnostics.models import load_model
-
-        long_student = load_model(str(capacity), torch.device("cpu"), torch.float32)
-        acc["capacity_acc_greedy"] = exact_match_accuracy(
-            long_student, pair.tokenizer, problems, max_new_tokens=config.max_new_tokens, greedy=True, seed=config.seed
-        )
-    return {
-        **acc,
-        "vocab_size": pair.vocab_size,
-        "student_vocab_rows": pair.student.config.vocab_size,
-        "teacher_vocab_rows": pair.teacher.config.vocab_size,
-        "response_tokens": config.max_new_tokens,
-        "k": config.k,
-        **spread,
-    }
-
-
-@torch.no_grad()
-def support_spread(pair, config: TestbedConfig, top_fraction: float = 0.2) -> dict:
-    """On the student's own samples (temperature 1): their lengths, and the spread of C among the
-    top-20% D positions.
-
-    Both kinds of disagreement must occur side by side: learnable (high D, high C) and incompatible
-    (high D, low C). Reports the 10%/90% quantiles of C over those positions and their range.
-    """
-    from diagnostics.signals import token_signals
-
-    tokenizer = pair.tokenizer
-    problems = heldout_problems(config, config.spread_problems, split_seed=1)
-    prompts = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
-    ids = torch.tensor(prompts)  # [B, P]: testbed prompts all have the same length
-    torch.manual_seed(config.seed)
-    out = pair.student.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=config.max_new_tokens,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    prompt_len = ids.shape[1]
-    response = out[:, prompt_len:]
-    # valid positions: up to and including the first EOS
-    is_eos = response == tokenizer.eos_token_id
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    valid = ~after_eos
-    logits_s = pair.student(out).logits[:, prompt_len - 1 : -1, : pair.vocab_size]
-    logits_t = pair.teacher(out).logits[:, prompt_len - 1 : -1, : pair.vocab_size]
-    lengths = valid.sum(dim=1).float()  # [B] tokens per sampled response, EOS included
-    sig = token_signals(logits_s[valid], logits_t[valid], k=config.k)
-    d, c = sig["disagreement"], sig["compat_mass"]
-    top = d >= torch.quantile(d, 1 - top_fraction)
-    c_top = c[top]
-    q10, q90 = torch.quantile(c_top, 0.1).item(), torch.quantile(c_top, 0.9).item()
-    return {
-        "response_tokens_q10": torch.quantile(lengths, 0.1).item(),  # the student's own samples at T = 1
-        "response_tokens_median": torch.quantile(lengths, 0.5).item(),
-        "response_tokens_q90": torch.quantile(lengths, 0.9).item(),
-        "spread_positions": int(valid.sum()),
-        "c_top20d_q10": round(q10, 4),
-        "c_top20d_q90": round(q90, 4),
-        "c_top20d_range": round(q90 - q10, 4),
-        "c_all_q10": round(torch.quantile(c, 0.1).item(), 4),
-    }
+def calibrate_checkpoint(path: Path, tokenizer: PreTrainedTokenizerBase, config: TestbedConfig,
+                         vocab_ids: torch.Tensor) -> None:
+    """`calibrate_rows` on a saved checkpoint (the rows outside the task's tokens, full softmax), saved back."""
+    model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    size = config.calibration_batch_size
+    problems = config.problems(config.calibration_steps * size, config.seed + CALIBRATION_SEED_OFFSET)
+    batches = []
+    for start in range(0, len(problems), size):
+        encoded = [encode_problem(tokenizer, p) for p in problems[start : start + size]]
+        batches.append((torch.tensor([prompt + response for prompt, response in encoded]), len(encoded[0][0])))
+    calibrate_rows(model, batches, vocab_ids, config.calibration_lr)
+    save_checkpoint(model, tokenizer, path)
