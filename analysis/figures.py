@@ -11,6 +11,7 @@ at 0 (`GAIN_CMAP`, blue = the student moved toward the teacher); non-negative sc
 
     <out>/diagnose/<run>/{gain_heatmap, quadrant_scores, coefficients_by_k, top_n, bucket_curves,
                           score_hexbins, kept_overlap}.{png,pdf}
+    <out>/diagnose/<run>/paper_*.{png,pdf}     (a "protocol": "paper" run: analysis.paper_figures)
     <out>/support_gap_by_run.{png,pdf}          (one bar per diagnostic run and K)
     <out>/train/<run>/{learning_curves, selector_comparison}.{png,pdf}
 """
@@ -212,7 +213,8 @@ def plot_coefficients(ols_by_k: Mapping[str, Mapping[str, Any]], *, run_name: st
 
 
 @house_style
-def plot_support_gaps(gaps: Mapping[str, Mapping[str, Any]], *, title: str = "Q3 support gap by run") -> Figure:
+def plot_support_gaps(gaps: Mapping[str, Mapping[str, Any]], *, title: str = "Q3 support gap by run",
+                      unit: str = "nats", xlabel: str = "setting (run, top-K)") -> Figure:
     """One bar per setting (run, or run/K): the Q3 support gap in nats with its 95% CI."""
     labels = list(gaps)
     vals = np.array([_f(gaps[k].get("gap")) for k in labels])
@@ -225,14 +227,15 @@ def plot_support_gaps(gaps: Mapping[str, Mapping[str, Any]], *, title: str = "Q3
            yerr=np.where(np.isfinite(err), err, 0.0), capsize=3)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right")
-    ax.set_xlabel("setting (run, top-K)")
-    ax.set_ylabel("support gap: mean G high-C minus low-C (nats)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"support gap: mean G high-C minus low-C ({unit})")
     fig.suptitle(title)
     return fig
 
 
 @house_style
-def plot_top_n(table: pd.DataFrame, *, mean_gain_all: float | None = None, run_name: str = "run") -> Figure:
+def plot_top_n(table: pd.DataFrame, *, mean_gain_all: float | None = None, run_name: str = "run",
+               unit: str = "nats") -> Figure:
     """Left: mean G of each selector's kept tokens per ratio (95% CI); right: gain per keep vs ratio."""
     require_columns(table, ["selector", "ratio", "mean_gain", "ci_low", "ci_high", "gain_per_keep"], "top-N figure")
     ratios = sorted(table["ratio"].unique())
@@ -254,13 +257,13 @@ def plot_top_n(table: pd.DataFrame, *, mean_gain_all: float | None = None, run_n
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(order)), order, rotation=35, ha="right")
     ax.set_xlabel("selector (exact top-N by score)")
-    ax.set_ylabel("mean gain of kept tokens G (nats)")
+    ax.set_ylabel(f"mean gain of kept tokens G ({unit})")
     ax.legend(title="retention", ncols=2)
     for name in order:
         t = table[table["selector"] == name].sort_values("ratio")
         ax2.plot(t["ratio"] * 100, t["gain_per_keep"], marker="o", color=colors[name], label=name)
     ax2.set_xlabel("retention ratio (%)")
-    ax2.set_ylabel("gain per keep: mean G / ratio (nats)")
+    ax2.set_ylabel(f"gain per keep: mean G / ratio ({unit})")
     ax2.legend(fontsize=6, ncols=2)
     fig.suptitle(f"{run_name}: exact top-N selector analysis")
     return fig
@@ -454,6 +457,11 @@ def make_all_figures(results_dir: str | Path, out_dir: str | Path, *, n_boot: in
             name = str(manifest.get("run_name", run.name))
             p, gap_by_k = diagnose_figures(df, out_dir / "diagnose" / run.name, run_name=name,
                                            base_k=manifest.get("k"), n_boot=n_boot, seed=seed)
+            if manifest.get("protocol") == "paper":  # the release's definitions (analysis.paper_figures)
+                from analysis.paper_figures import paper_figures
+
+                p += paper_figures(df, out_dir / "diagnose" / run.name, run_name=name, manifest=manifest,
+                                   n_boot=n_boot, seed=seed)
         except (ValueError, OSError, KeyError) as err:
             warnings.warn(f"figures: skipped diagnostic run {run}: {err}", stacklevel=2)
             continue

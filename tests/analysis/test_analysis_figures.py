@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -21,7 +22,7 @@ from analysis.figures import (
     plot_top_n,
     save_figure,
 )
-from analysis.io import load_train_run
+from analysis.io import load_run, load_train_run
 from analysis.report import per_k_stats
 from analysis.selectors import kept_overlap, top_n_table
 from analysis.stats import bucket_curves, residual_curves
@@ -117,6 +118,7 @@ def test_make_all_figures(fixture_results, tmp_path):
                  "kept_overlap"):
         assert f"diagnose/fixture/{stem}.png" in rel and f"diagnose/fixture/{stem}.pdf" in rel
     assert not any(r.startswith("diagnose/broken") for r in rel)
+    assert not any("/paper_" in r for r in rel)  # the paper figures are for "protocol": "paper" runs only
     expected = {"support_gap_by_run.png", "train/fixture/learning_curves.png", "train/fixture/selector_comparison.pdf"}
     assert expected <= rel
     assert all(p.stat().st_size > 1000 for p in paths)
@@ -125,3 +127,31 @@ def test_make_all_figures(fixture_results, tmp_path):
 def test_make_all_figures_empty(tmp_path):
     with pytest.warns(UserWarning, match="no diagnostic or training runs"):
         assert make_all_figures(tmp_path, tmp_path / "out") == []
+
+
+def test_paper_protocol_run_gets_the_paper_figures(fixture_results, tmp_path, monkeypatch):
+    """A run whose manifest says "protocol": "paper" also gets Figure 2A (asinh), coefficient bars per K,
+    top-N with gain per keep and the support-proxy gaps, in the release's definitions (others do not:
+    test_make_all_figures)."""
+    results = tmp_path / "results"
+    run = fixture_results / "diagnose" / "fixture"
+    manifest = json.loads((run / "manifest.json").read_text())
+    shutil.copytree(run, results / "diagnose" / "paper_run")
+    (results / "diagnose" / "paper_run" / "manifest.json").write_text(
+        json.dumps({**manifest, "run_name": "paper_run", "protocol": "paper"}))
+    # the project's own figures are covered by test_make_all_figures; stubbed here to keep this test fast
+    monkeypatch.setattr("analysis.figures.diagnose_figures", lambda *a, **k: ([], {}))
+    paths = make_all_figures(results, tmp_path / "figures", n_boot=20)
+    rel = {p.relative_to(tmp_path / "figures").as_posix() for p in paths}
+    for stem in ("paper_gain_heatmap", "paper_coefficients_by_k", "paper_top_n", "paper_support_proxies"):
+        assert f"diagnose/paper_run/{stem}.png" in rel and f"diagnose/paper_run/{stem}.pdf" in rel
+
+
+def test_asinh_heatmap_labels(fixture_results):
+    from analysis.paper_figures import plot_asinh_gain_heatmap
+
+    df, _ = load_run(fixture_results / "diagnose" / "fixture")
+    fig = plot_asinh_gain_heatmap(df, run_name="fixture")
+    assert _labels(fig)[0] == ("incompatible disagreement D^I percentile (%)",
+                               "learnable disagreement D^L percentile (%)")
+    assert "asinh" in _title(fig)
