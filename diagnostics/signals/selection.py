@@ -129,17 +129,26 @@ def select(
     keep = eligible & (rank < budget)
     if min_per_sequence == 0:
         return keep
-    if top_up_score is None:
-        # Within-row place in the global order; a row's kept set is always its best-ranked prefix.
-        row_place = torch.empty_like(rank)
-        places = torch.arange(t, device=score.device).expand(b, t).contiguous()
-        row_place.scatter_(1, rank.argsort(dim=1, stable=True), places)
-        return keep | (cand & (row_place < min_per_sequence))
-    top = _check_score(top_up_score, valid, "top_up_score", allow_neg_inf=False)
+    if top_up_score is not None:
+        top = _check_score(top_up_score, valid, "top_up_score", allow_neg_inf=False)
+        return _top_up(keep, valid, top, min_per_sequence)
+    # Within-row place in the global order; a row's kept set is always its best-ranked prefix.
+    row_place = _row_places(rank.argsort(dim=1, stable=True))
+    return keep | (cand & (row_place < min_per_sequence))
+
+
+def _row_places(order: Tensor) -> Tensor:
+    """[B, T] place of each position in its row's ``order`` ([B, T] column indices, best first)."""
+    b, t = order.shape
+    place = torch.empty_like(order)
+    place.scatter_(1, order, torch.arange(t, device=order.device).expand(b, t).contiguous())
+    return place
+
+
+def _top_up(keep: Tensor, valid: Tensor, top: Tensor, min_per_sequence: int) -> Tensor:
+    """``keep`` plus, in every row with fewer than ``min_per_sequence`` kept, its best free valid positions
+    by ``top`` (descending, ties toward earlier positions: a stable sort), up to that many in all."""
     need = (min_per_sequence - keep.sum(dim=1, keepdim=True)).clamp_min(0)  # [B, 1]
     free = valid & ~keep
-    # Per row: free positions by top_up_score descending, ties toward earlier positions (stable sort).
-    by_row = top.masked_fill(~free, NEG_INF).sort(dim=1, descending=True, stable=True).indices  # [B, T]
-    place = torch.empty_like(by_row)
-    place.scatter_(1, by_row, torch.arange(t, device=score.device).expand(b, t).contiguous())
+    place = _row_places(top.masked_fill(~free, NEG_INF).sort(dim=1, descending=True, stable=True).indices)
     return keep | (free & (place < need))
