@@ -35,7 +35,7 @@ from analysis.figures import (
 from analysis.paper import paper_frame
 from analysis.paper_summary import summarize_paper
 
-RELATIVE_UNIT = "relative: (KL_base - KL_after) / KL_base"
+RELATIVE_UNIT = "relative gain"
 
 
 @house_style
@@ -53,14 +53,14 @@ def plot_asinh_gain_heatmap(df: pd.DataFrame, *, bins: int = 10, run_name: str =
     ax.set_xlabel("incompatible disagreement D^I percentile (%)")
     ax.set_ylabel("learnable disagreement D^L percentile (%)")
     ax.grid(False)
-    fig.suptitle(f"{run_name}: asinh gain over D^L x D^I, paper definitions (grey: no tokens)")
+    fig.suptitle(f"{run_name}: asinh gain over D^L x D^I\n(paper definitions; grey: no tokens)")
     return fig
 
 
 def _audit_gaps(audit: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Table 6 rows -> {proxy (release name): {gap, ci}} for the bar figure."""
-    return {f"{r['proxy']} ({r['release_name']})": {"gap": r["gap_dl"], "ci": (r["gap_dl_ci_low"],
-                                                                              r["gap_dl_ci_high"])} for r in audit}
+    return {f"{r['proxy']}\n({r['release_name']})": {"gap": r["gap_dl"], "ci": (r["gap_dl_ci_low"],
+                                                                                r["gap_dl_ci_high"])} for r in audit}
 
 
 def paper_figures(df: pd.DataFrame, out_dir: str | Path, *, run_name: str, summary: Mapping[str, Any] | None = None,
@@ -78,7 +78,7 @@ def paper_figures(df: pd.DataFrame, out_dir: str | Path, *, run_name: str, summa
         fig = plot_top_n(base, run_name=f"{run_name} (paper definitions, winsorised 1/99)", unit=RELATIVE_UNIT)
         paths += save_figure(fig, out_dir, "paper_top_n")
     if summary.get("support_proxies"):
-        fig = plot_support_gaps(_audit_gaps(summary["support_proxies"]), unit="relative gain",
+        fig = plot_support_gaps(_audit_gaps(summary["support_proxies"]), unit="relative",
                                 title=f"{run_name}: Q3 gap of D*c by support proxy c (paper Table 6)",
                                 xlabel="support proxy c (release name)")
         paths += save_figure(fig, out_dir, "paper_support_proxies")
