@@ -27,7 +27,7 @@ from opd.presets import apply_presets
 # before the keys existed stay the same (the manifest records every selection option either way).
 OMITTED_AT_DEFAULT = {"preset": "", "signals": "exact", "signal_normalization": "valid_rows",
                       "tie_break": "row_major", "top_up": "", "q3_fill": False, "mixed_precision": "auto",
-                      "rollout_backend": "hf"}
+                      "rollout_backend": "hf", "engine": "own"}
 # Keys that do not change what a run computes: a resume may differ in them.
 RESUME_IGNORED = ("progress", "report_to", "save_rollouts")
 

@@ -230,7 +230,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         return int(state[0])
 
     def _log_selection(self, signals: dict[str, Tensor], valid: Tensor, keep: Tensor) -> None:
-        """Global kept count, effective ratio and each signal's mean over kept and all positions."""
+        """Global kept and valid counts, effective ratio, each signal's mean over kept and all positions."""
         parts = [keep.sum(), valid.sum()]
         for name in SELECTION_SIGNALS:
             parts += [signals[name][keep].sum(), signals[name][valid].sum()]
@@ -238,6 +238,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         kept, n_valid = totals[0], totals[1]
         metrics = self._metrics["train"]
         metrics["selection/kept_tokens"].append(kept)
+        metrics["selection/valid_tokens"].append(n_valid)
         metrics["selection/effective_ratio"].append(kept / max(n_valid, 1))
         for i, name in enumerate(SELECTION_SIGNALS):
             metrics[f"selection/{name}_kept"].append(totals[2 + 2 * i] / max(kept, 1))

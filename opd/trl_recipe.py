@@ -1,0 +1,184 @@
+"""`taopd train engine=trl`: the selector comparison of `opd.trainer`, each arm trained by TRL.
+
+Same run as the project's trainer (`opd.trainer.run_training`), with the same run directory, setup and
+outputs: `setup_run` (pair, held-out problems, common bank, base evaluation, every seed's prompt stream),
+one arm per (selector, ratio, seed), `finish_arm` (live gain on the common bank, the final student,
+arms/<arm>/metrics.parquet, result.json), `collect` and `build_manifest` (metrics.parquet,
+live_gain.parquet, manifest.json); `taopd train` then writes the same comparison.parquet/.md through
+`analysis.training`. Only the training loop of an arm differs: `SelectiveDistillationTrainer`
+(`opd.integrations.trl`, a subclass of `trl.DistillationTrainer`) generates the rollouts, computes the
+signals, selects with the registry over the global batch and applies the configured loss and
+normalisation; TRL runs the optimizer, checkpoints (every `checkpoint_every` steps, under
+arms/<arm>/trl/, resumed with `--resume`), and logs through `report_to` (`TrainConfig.report_to`).
+
+What maps how (`opd.integrations.trl.distillation_config`): the arm's prompt stream in order (each
+prompt repeated `samples_per_prompt` times), steps, rollouts per step, completion length, temperature,
+loss and normalisation, AdamW (betas, weight decay; TRL exempts biases and norm weights from the decay),
+constant lr, clipping, float32 on CPU. Both models' embedding and LM-head rows past the tokenizer's
+vocabulary are dropped (`cut_vocab`: TRL needs equal vocab sizes; the logits on real ids are unchanged).
+Streams differ from the project's: TRL samples with `args.seed` = the arm's seed, and the random
+selector's scores use `SelectiveDistillationTrainer._selection_seed`.
+
+Evaluation: greedy held-out exact match and KL(pT||pS) on the common bank every `eval_every` steps and
+after the last (`opd.evaluation.evaluate`, as the own engine), recorded in TRL's log history (so a
+resumed arm keeps them). Per-step metrics rows: TRL's loss, the global kept and valid token counts,
+cumulative training time (generation to optimizer step, without evaluation), peak memory of the step.
+
+Not supported here (clear errors): `micro_batch_size` (TRL's micro-batching is gradient accumulation,
+and the registry losses count kept positions per generation batch), optimizers other than AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+
+from diagnostics.evaluation import encode_prompts
+from diagnostics.files import write_json, write_parquet
+from diagnostics.models import load_model
+from diagnostics.progress import progress_bar
+from opd.config import Arm, TrainConfig
+from opd.evaluation import evaluate
+from opd.integrations.trl import SelectiveDistillationTrainer, cut_vocab, distillation_config
+from opd.memory import peak_mb, reset_peak
+from opd.step import NonFiniteError
+from opd.trainer import RunContext, build_manifest, collect, finish_arm, metric_row, setup_run
+
+TRL_TRAINER = "opd.integrations.trl.SelectiveDistillationTrainer (a trl.DistillationTrainer subclass)"
+
+
+def check_trl_config(config: TrainConfig) -> None:
+    """What this recipe cannot run, named by key."""
+    if config.micro_batch_size:
+        raise ValueError(f"micro_batch_size: engine=trl runs the whole local batch per step (TRL's micro-batching is "
+                         f"gradient accumulation, not supported with the registry losses); got "
+                         f"{config.micro_batch_size}, use 0")
+    if config.optimizer != "adamw":
+        raise ValueError(f"optimizer: engine=trl runs AdamW (TRL's adamw_torch), got {config.optimizer!r}")
+
+
+class ArmCallback(TrainerCallback):
+    """Per step: peak memory; every `eval_every` steps and after the last, the project's evaluation; both
+    appended to TRL's log history (saved in its checkpoints). Stops on a non-finite loss."""
+
+    def __init__(self, ctx: RunContext, teacher: torch.nn.Module):
+        self.ctx, self.teacher, self.trainer, self.started = ctx, teacher, None, time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        reset_peak(self.ctx.world.device)
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ctx, step = self.ctx, state.global_step
+        entry: dict[str, Any] = {"step": step, "peak_mem_mb": peak_mb(ctx.world.device),
+                                 "step_seconds": time.perf_counter() - self.started}  # generation to update
+        if step % ctx.config.eval_every == 0 or step == state.max_steps:
+            student = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            entry.update(evaluate(student, self.teacher, ctx.tokenizer, ctx.eval_problems, ctx.bank, ctx.vocab_size,
+                                  ctx.pair.max_new_tokens, ctx.world))
+            student.train()
+        state.log_history.append(entry)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteError(f"step {state.global_step}: TRL's training loss is {loss}")
+
+
+def arm_rows(arm: Arm, history: list[dict], base_eval: dict[str, float]) -> list[dict]:
+    """metrics.parquet rows of an arm (the own engine's columns) from TRL's log history."""
+    rows = {0: metric_row(arm, 0, **{k: base_eval[k] for k in ("accuracy", "kl_to_teacher", "peak_mem_mb")})}
+    seconds = 0.0
+    for entry in sorted(history, key=lambda e: e["step"]):  # stable: a step's entries keep their order
+        step = int(entry["step"])
+        row = rows.setdefault(step, metric_row(arm, step))
+        if "selection/kept_tokens" in entry:  # TRL's training log of the step (logging_steps=1)
+            row.update(loss=float(entry["loss"]), kept_tokens=round(entry["selection/kept_tokens"]),
+                       valid_tokens=round(entry["selection/valid_tokens"]))
+        if "step_seconds" in entry:  # ArmCallback's: generation, signals, selection, update (no evaluation)
+            seconds += float(entry["step_seconds"])
+            row["wall_time_s"] = seconds
+        row.update({k: float(entry[k]) for k in ("accuracy", "kl_to_teacher", "peak_mem_mb") if k in entry})
+    return [rows[step] for step in sorted(rows)]
+
+
+def make_trainer(ctx: RunContext, arm: Arm, arm_dir: Path, student, teacher) -> SelectiveDistillationTrainer:
+    """The arm's TRL trainer: settings mapped from the config, its prompt stream, its selector."""
+    from datasets import Dataset
+
+    config, world = ctx.config, ctx.world
+    texts = ctx.train_texts[arm.seed]
+    tokenizer = AutoTokenizer.from_pretrained(ctx.pair.student_path, padding_side="left")
+    if tokenizer(text=texts[:64])["input_ids"] != encode_prompts(ctx.tokenizer, texts[:64]):
+        raise RuntimeError("TRL and the project encode the training prompts differently (special tokens?)")
+    prompts = [text for text in texts for _ in range(config.samples_per_prompt)]  # TRL samples one per prompt
+    save = dict(save_strategy="steps", save_steps=config.checkpoint_every) if config.checkpoint_every else {}
+    args = distillation_config(
+        config, max_new_tokens=ctx.pair.max_new_tokens, seed=arm.seed, output_dir=str(arm_dir / "trl"),
+        processes=world.size, use_cpu=world.device.type == "cpu", bf16=ctx.dtype == torch.bfloat16,
+        fp16=ctx.dtype == torch.float16, logging_steps=1, disable_tqdm=not (config.progress and world.is_main),
+        report_to=config.report_to, run_name=f"{config.run_id()}/{arm.name}", dataloader_num_workers=0, **save)
+    trainer = SelectiveDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": prompts}), selector=arm.selector, ratio=arm.ratio,
+        min_per_sequence=config.min_per_sequence, k=ctx.pair.k, loss=config.loss,
+        normalization=config.normalization, clip_low=config.clip_low, clip_high=config.clip_high)
+    trainer.remove_callback(PrinterCallback)  # one printed dict per step otherwise
+    return trainer
+
+
+def train_arm_trl(ctx: RunContext, arm: Arm) -> None:
+    """Train one arm through TRL (from its last TRL checkpoint with `resume`); writes arms/<arm>/ when done."""
+    arm_dir = ctx.run_dir / "arms" / arm.name
+    if (arm_dir / "result.json").is_file():
+        return
+    device, dtype = ctx.world.device, ctx.dtype
+    student = cut_vocab(load_model(ctx.pair.student_path, device, dtype), ctx.vocab_size).train()
+    teacher = cut_vocab(load_model(ctx.pair.teacher_path, device, dtype), ctx.vocab_size).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    trainer = make_trainer(ctx, arm, arm_dir, student, teacher)
+    callback = ArmCallback(ctx, teacher)
+    callback.trainer = trainer
+    trainer.add_callback(callback)
+    checkpoints = sorted((arm_dir / "trl").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if checkpoints:
+        ctx.logger.info(f"[{arm.name}] resuming TRL from {checkpoints[-1]}")
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    finish_arm(ctx, arm, arm_dir, trained, arm_rows(arm, trainer.state.log_history, ctx.base_eval))
+    if ctx.world.is_main:
+        shutil.rmtree(arm_dir / "trl", ignore_errors=True)  # TRL's checkpoints, as finish_arm removes the own
+    ctx.world.barrier()
+
+
+def run_training_trl(config: TrainConfig, *, resume: bool = False) -> Path:
+    """`opd.trainer.run_training` with every arm trained by TRL; same outputs. Returns the run directory."""
+    check_trl_config(config)
+    started = time.perf_counter()
+    ctx = setup_run(config, resume=resume)
+    arms = config.arms()
+    ctx.logger.info(f"run {ctx.run_dir} (engine trl): {len(arms)} arms x {config.steps} steps x "
+                    f"{config.batch_size * config.samples_per_prompt} rollouts (base student: accuracy "
+                    f"{ctx.base_eval['accuracy']:.3f})")
+    for arm in progress_bar(arms, desc="arms", enabled=config.progress and ctx.world.is_main):
+        train_arm_trl(ctx, arm)
+    if ctx.world.is_main:
+        metrics, gains = collect(ctx)
+        write_parquet(ctx.run_dir / "metrics.parquet", metrics)
+        write_parquet(ctx.run_dir / "live_gain.parquet", gains)
+        manifest = build_manifest(ctx, time.perf_counter() - started)
+        manifest.update(engine="trl", trl_trainer=TRL_TRAINER, trl_version=metadata.version("trl"),
+                        rollout_backend="trl (transformers generate; vLLM with use_vllm)",
+                        old_logprobs="student log-probs of the trainer's signals pass (no grad), before the update",
+                        report_to=config.report_to)
+        write_json(ctx.run_dir / "manifest.json", manifest)
+    ctx.world.barrier()
+    return ctx.run_dir
