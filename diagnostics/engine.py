@@ -24,6 +24,15 @@ Every forward is `diagnostics.forward`'s (decoder, then the LM head at response 
 `single_step_reference` is the plain oracle (deep copy, torch.optim step, forward) the tests hold
 both against.
 
+Mixed precision (`StepConfig.compute_dtype`, `diagnostics.precision`): the student keeps float32 master
+weights, so the update is applied to float32 values and a step far below bf16's spacing survives; the
+forward of the LOSS (and the old log-probs it is compared with, so a PPO ratio is still exactly 1) runs
+under bf16 autocast, the gradient is taken outside it. The MEASUREMENT (KL before and after, on the
+float32 master weights) stays float32: a gain is a difference of two KLs of ~1e-4 nats at small lr, below
+bf16's resolution. Measured on the small testbed, SGD 1e-4: gains through bf16 re-scoring correlate 0.17
+with float32's, through float32 re-scoring of the bf16-gradient update they agree to a few percent
+(tests/diagnostics/test_engine.py).
+
 `first_order`: Proposition 1's estimate lr * <grad KL_fwd_t, update direction of l_t>.
 `group_step`: one update on the mean loss of a whole kept set, gains measured at every position.
 `checkpoint_gains`: gains between the base student and a trained checkpoint (the paper's protocol).
@@ -38,8 +47,9 @@ from typing import Literal
 import torch
 from torch.func import functional_call, jacrev, vmap
 
-from diagnostics.forward import PositionLM, ResponseBatch, full_logprobs
+from diagnostics.forward import DENSE_CHUNK_BYTES, PositionLM, ResponseBatch, full_logprobs, sequence_chunks
 from diagnostics.losses import LossInputs, LossSpec, get_loss, kl_divergence, list_losses
+from diagnostics.precision import autocast, check_master_weights
 
 Optimizer = Literal["sgd", "adam"]
 ADAM_EPS = 1e-8  # torch.optim.Adam's default
@@ -96,11 +106,23 @@ def update_direction(grad: torch.Tensor, optimizer: Optimizer) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _sequence_logprobs(lm: PositionLM, params, ids, pred_idx) -> torch.Tensor:
+def _sequence_logprobs(lm: PositionLM, params, ids, pred_idx, compute: torch.dtype | None = None) -> torch.Tensor:
     """Functional forward of ONE sequence: [L] ids, [T] pred_idx -> [T, V] float32 log-probs."""
     rows = torch.zeros_like(pred_idx)  # the one sequence of the [1, L] batch
-    logits = functional_call(lm, params, (ids.unsqueeze(0), None, rows, pred_idx))
+    with autocast(pred_idx.device.type, compute):  # the forward only; jacrev's backward runs after it returns
+        logits = functional_call(lm, params, (ids.unsqueeze(0), None, rows, pred_idx))
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def old_logprobs(model: torch.nn.Module, batch: ResponseBatch, vocab_size: int, step: StepConfig,
+                 base_logprobs: torch.Tensor) -> torch.Tensor:
+    """[B, T] log pS_old(y_t) of the base student, in the precision of the loss forward (so the first step's
+    PPO ratio is exactly 1): `base_logprobs` [B, T, V] without mixed precision, else an autocast forward."""
+    if step.compute_dtype is None:
+        return token_logprobs(base_logprobs, batch.targets.to(base_logprobs.device))
+    with step.autocast(next(model.parameters()).device):
+        lp = full_logprobs(model, batch, vocab_size, batch_size=len(batch))
+    return token_logprobs(lp, batch.targets).to(base_logprobs.device)
 
 
 def _detached_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -117,6 +139,9 @@ class StepConfig:
     loss: str = "reverse_kl"  # a name in diagnostics.losses
     optimizer: Optimizer = "sgd"
     lr: float = 1.0
+    # autocast dtype of every student forward (mixed precision: the student's parameters must be float32, the
+    # master weights the update is applied to); None = forwards in the parameters' dtype
+    compute_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in list_losses():
@@ -125,6 +150,16 @@ class StepConfig:
             raise ValueError(f"optimizer: must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.compute_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype: must be None, torch.bfloat16 or torch.float16, got {self.compute_dtype}")
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Mixed precision needs float32 master weights: a bf16 parameter would round the update away."""
+        check_master_weights(model, self.compute_dtype is not None)
+
+    def autocast(self, device: torch.device):
+        """The autocast region of a student forward (no-op without mixed precision)."""
+        return autocast(device.type, self.compute_dtype)
 
 
 def _gain_table(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -177,20 +212,21 @@ def single_step_vmap(
 
 
 def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_order, memory_budget_bytes, device):
+    step.check_model(model)
     lm = PositionLM(model, vocab_size)
     params = _detached_params(lm)
-    spec = get_loss(step.loss)
+    spec, compute = get_loss(step.loss), step.compute_dtype
     horizon = bank.valid.shape[1]
     chunk = _chunk_size(model, horizon, memory_budget_bytes)
 
     def losses(p, ids, pred_idx, t_lp, targets, old_lp, valid):  # one sequence -> [T]
-        s_lp = _sequence_logprobs(lm, p, ids, pred_idx)
+        s_lp = _sequence_logprobs(lm, p, ids, pred_idx, compute)
         return position_loss(spec, s_lp, t_lp, targets, old_lp) * valid
 
     def fwd_kls(p, ids, pred_idx, t_lp, valid):  # one sequence -> [T] forward KL (for first order)
         return forward_kl(t_lp, _sequence_logprobs(lm, p, ids, pred_idx)) * valid
 
-    def measure(p, ids, pred_idx, t_lp):  # one updated copy -> ([T] forward KL, [T] reverse KL)
+    def measure(p, ids, pred_idx, t_lp):  # one updated copy -> ([T] forward KL, [T] reverse KL), float32
         s_lp = _sequence_logprobs(lm, p, ids, pred_idx)
         return forward_kl(t_lp, s_lp), reverse_kl(t_lp, s_lp)
 
@@ -200,7 +236,7 @@ def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_ord
         t_lp = teacher_logprobs[start : start + chunk].to(device)
         b, T = part.valid.shape
         s_lp = full_logprobs(model, part, vocab_size, batch_size=b).to(device)  # [b, T, V], one batched forward
-        old_lp = token_logprobs(s_lp, part.targets)  # [b, T] the base student's log pS(y_t)
+        old_lp = old_logprobs(model, part, vocab_size, step, s_lp)  # [b, T] the base student's log pS(y_t)
         validf = part.valid.float()
         args = (part.ids, part.pred_idx, t_lp, part.targets, old_lp, validf)
         grads = vmap(jacrev(losses), in_dims=(None, 0, 0, 0, 0, 0, 0))(params, *args)  # name -> [b, T, *shape]
@@ -248,6 +284,7 @@ def single_step_loop(
 ) -> dict[str, torch.Tensor]:
     """Single-step gains one position at a time (large models). Same outputs as `single_step_vmap`."""
     device = next(model.parameters()).device
+    step.check_model(model)
     lm, spec = PositionLM(model, vocab_size), get_loss(step.loss)
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
@@ -260,19 +297,20 @@ def single_step_loop(
         seq = bank.select(slice(i, i + 1)).to(device)
         t_lp = teacher_logprobs[i : i + 1].to(device)
         base_lp = full_logprobs(model, seq, vocab_size).to(device)  # [1, T, V]
-        old_lp = token_logprobs(base_lp, seq.targets)  # [1, T]
+        old_lp = old_logprobs(model, seq, vocab_size, step, base_lp)  # [1, T]
         before_f[i], before_r[i] = forward_kl(t_lp, base_lp)[0].cpu(), reverse_kl(t_lp, base_lp)[0].cpu()
         row = torch.zeros(1, dtype=torch.long, device=device)
         for t in range(int(seq.valid.sum())):
             # a fresh forward per position: the in-place update below invalidates any retained graph
             at = slice(t, t + 1)
-            s_lp = torch.log_softmax(lm(seq.ids, None, row, seq.pred_idx[0, at]).float(), dim=-1)  # [1, V]
-            loss = position_loss(spec, s_lp, t_lp[0, at], seq.targets[0, at], old_lp[0, at])[0]
+            with step.autocast(device):  # the forward and loss only; the gradient is taken outside autocast
+                s_lp = torch.log_softmax(lm(seq.ids, None, row, seq.pred_idx[0, at]).float(), dim=-1)  # [1, V]
+                loss = position_loss(spec, s_lp, t_lp[0, at], seq.targets[0, at], old_lp[0, at])[0]
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_(step.lr * update_direction(g, step.optimizer))
-                new_lp = full_logprobs(model, seq, vocab_size)[0].to(device)  # [T, V]
+                new_lp = full_logprobs(model, seq, vocab_size)[0].to(device)  # [T, V], float32 measurement
                 kl_after[i, t] = forward_kl(t_lp[0], new_lp).cpu()
                 rev_after[i, t] = reverse_kl(t_lp[0, t], new_lp[t]).cpu()
                 for p, original in zip(params, saved):
@@ -294,8 +332,10 @@ def single_step_reference(
     """The plain oracle: for each position, deep-copy the student, take one torch.optim step on that
     position's loss, and re-score the same sequence. Slow; used by tests and the benchmark."""
     B, T = bank.valid.shape
-    spec = get_loss(step.loss)
+    spec, device = get_loss(step.loss), next(model.parameters()).device
+    step.check_model(model)
     before_lp = full_logprobs(model, bank, vocab_size)
+    old_all = old_logprobs(model, bank, vocab_size, step, before_lp)  # [B, T]
     kl_after = torch.full((B, T, T), torch.nan)
     rev_after = torch.full((B, T), torch.nan)
     for i in range(B):
@@ -305,11 +345,13 @@ def single_step_reference(
             student = copy.deepcopy(model)
             optimizer_cls = torch.optim.SGD if step.optimizer == "sgd" else torch.optim.Adam
             optimizer = optimizer_cls(student.parameters(), lr=step.lr)
-            logits = PositionLM(student, vocab_size)(seq.ids, None, torch.zeros(T, dtype=torch.long), seq.pred_idx[0])
-            s_lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
             at = slice(t, t + 1)
-            old_lp = token_logprobs(before_lp[i, at], seq.targets[0, at])  # [1]
-            position_loss(spec, s_lp[at], t_lp[0, at], seq.targets[0, at], old_lp)[0].backward()
+            with step.autocast(device):  # forward and loss; backward outside autocast
+                logits = PositionLM(student, vocab_size)(seq.ids, None, torch.zeros(T, dtype=torch.long),
+                                                         seq.pred_idx[0])
+                s_lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+                loss = position_loss(spec, s_lp[at], t_lp[0, at], seq.targets[0, at], old_all[i, at])[0]
+            loss.backward()
             optimizer.step()
             new_lp = full_logprobs(student, seq, vocab_size)[0]
             kl_after[i, t] = forward_kl(t_lp[0], new_lp)
@@ -347,12 +389,15 @@ def group_step_gains(
     step: StepConfig,
     vocab_size: int,
     batch_size: int = 16,
+    dense_chunk_bytes: float = DENSE_CHUNK_BYTES,
 ) -> torch.Tensor:
     """One update on the mean loss over the kept positions `keep` [B, T] (the kept_global
     normalisation), then the forward-KL reduction at EVERY bank position. -> [B, T] (NaN invalid).
 
-    The teacher's (and the students') [b, T, V] log-probs exist for one batch of `batch_size`
-    sequences at a time, never for the whole bank (the teacher runs twice: before and after the update).
+    The teacher's (and the students') [b, T, V] log-probs exist for one chunk of at most `batch_size`
+    sequences and `dense_chunk_bytes` per tensor at a time (`diagnostics.forward.sequence_chunks`), never
+    for the whole bank (the teacher runs twice: before and after the update). The chunking changes only
+    the order of the gradient's sum.
     """
     if keep.shape != bank.valid.shape:
         raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {tuple(bank.valid.shape)}")
@@ -360,34 +405,38 @@ def group_step_gains(
     if n_kept == 0:
         raise ValueError("keep: no valid position is kept")
     device = next(model.parameters()).device
+    step.check_model(model)
     student = copy.deepcopy(model)
     lm, spec = PositionLM(student, vocab_size), get_loss(step.loss)
-    starts = range(0, len(bank), batch_size)
-    before_f = []  # [b, T] forward KLs of the base student, per batch
+    chunks = sequence_chunks(len(bank), bank.valid.shape[1], vocab_size, budget_bytes=dense_chunk_bytes,
+                             max_rows=batch_size)
+    before_f = []  # [b, T] forward KLs of the base student, per chunk
     student.zero_grad(set_to_none=True)
-    for start in starts:  # accumulate sum over kept / n_kept
-        part = bank.select(slice(start, start + batch_size))
+    for chunk in chunks:  # accumulate sum over kept / n_kept
+        part = bank.select(chunk)
         t_lp = full_logprobs(teacher, part, vocab_size, batch_size)  # [b, T, V]
         before_lp = full_logprobs(model, part, vocab_size, batch_size)
         before_f.append(forward_kl(t_lp, before_lp))
-        mask = (keep[start : start + batch_size] & part.valid).to(device)
+        mask = (keep[chunk] & part.valid).to(device)
         if not mask.any():
             continue
         part, t_lp = part.to(device), t_lp.to(device)
         b, horizon = part.pred_idx.shape
         rows = torch.arange(b, device=device).repeat_interleave(horizon)  # every position, row-major: [b*T]
-        s_lp = torch.log_softmax(lm(part.ids, None, rows, part.pred_idx.reshape(-1)).float(), dim=-1)  # [b*T, V]
-        old_lp = token_logprobs(before_lp.to(device), part.targets)  # [b, T]
-        flat = (s_lp, t_lp.reshape(b * horizon, -1), part.targets.reshape(-1), old_lp.reshape(-1))
-        loss = (position_loss(spec, *flat).reshape(b, horizon) * mask).sum() / n_kept
+        with step.autocast(device):  # forward and loss; backward outside autocast
+            s_lp = torch.log_softmax(lm(part.ids, None, rows, part.pred_idx.reshape(-1)).float(), dim=-1)  # [b*T, V]
+            old_lp = old_logprobs(model, part, vocab_size, step, before_lp).to(device)  # [b, T]
+            flat = (s_lp, t_lp.reshape(b * horizon, -1), part.targets.reshape(-1), old_lp.reshape(-1))
+            loss = (position_loss(spec, *flat).reshape(b, horizon) * mask).sum() / n_kept
         loss.backward()
+        del s_lp, flat, loss, t_lp, before_lp  # the next chunk's [b, T, V] tensors replace these, not join them
     with torch.no_grad():
         for p in student.parameters():
             if p.grad is not None:
                 p.sub_(step.lr * update_direction(p.grad, step.optimizer))
     gains = []
-    for start, before in zip(starts, before_f):
-        part = bank.select(slice(start, start + batch_size))
+    for chunk, before in zip(chunks, before_f):
+        part = bank.select(chunk)
         t_lp = full_logprobs(teacher, part, vocab_size, batch_size)
         gains.append(before - forward_kl(t_lp, full_logprobs(student, part, vocab_size, batch_size)))
     return torch.where(bank.valid, torch.cat(gains), torch.nan)

