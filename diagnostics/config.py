@@ -12,6 +12,7 @@ Nested dataclasses are addressed with dots: `teacher.num_layers=4`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -37,6 +38,33 @@ def check_at_least(config: Any, minimum: int, *keys: str) -> None:
     for key in keys:
         value = getattr(config, key)
         check(value >= minimum, key, f"must be >= {minimum}, got {value}")
+
+
+def check_device(device: str, key: str = "device", *, allowed: tuple[str, ...] = ("auto", "cpu", "cuda", "mps"),
+                 indexed: bool = True) -> None:
+    """`device` names a device type in `allowed` (with `:N` when `indexed`) that exists on this machine.
+
+    "auto" always passes (it picks CUDA when present, else CPU). A device that torch does not know or that
+    this machine lacks is an error naming `key` now, not a silent CPU run whose manifest says otherwise.
+    """
+    if device == "auto":
+        return
+    kind, _, index = device.partition(":")
+    forms = ", ".join(allowed) + (" (cuda:N for one GPU)" if indexed and "cuda" in allowed else "")
+    check(kind in allowed and (not index or (indexed and index.isdigit())), key,
+          f"must be one of {forms}, got {device!r}")
+    if kind == "cpu":
+        check(not index, key, f"cpu takes no index, got {device!r}")
+        return
+    import torch  # only for a GPU device: plain config loading stays light
+
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        check(count > 0, key, f"{device!r} requested but this machine has no CUDA GPU visible to torch "
+              f"(use {key}=cpu, or {key}=auto to take a GPU when there is one)")
+        check(not index or int(index) < count, key, f"{device!r} requested but only {count} GPU(s) are visible")
+    elif kind == "mps":
+        check(torch.backends.mps.is_available(), key, f"{device!r} requested but MPS is not available here")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -89,6 +117,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # no config number means inf or NaN; YAML reads `.inf` / `.nan` as floats
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -121,9 +151,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    if not key:
+    if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        column = f" at column {where.column + 1} of the value" if where is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"override {text!r}: {key}: cannot parse {raw!r}{column}: {problem} "
+                          f"(lists are written [1, 2], strings with spaces quoted)") from None
     return key.split("."), value
 
 
@@ -148,7 +185,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
+            raise ConfigError(f"config file {path}: invalid YAML: {' '.join(str(exc).split())}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path}: cannot read it: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
         data = loaded or {}

@@ -43,6 +43,7 @@ from diagnostics.forward import ResponseBatch, full_logprobs, map_sequence_chunk
 from diagnostics.losses import list_losses
 from diagnostics.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
 from diagnostics.nonfinite import NonFiniteError, first_nonfinite_position, write_nonfinite_record
+from diagnostics.precision import MIXED_PRECISION, master_weights, resolve_precision
 from diagnostics.progress import progress_bar
 from diagnostics.run import (
     BANK_SPLIT_SEED,
@@ -109,6 +110,9 @@ class DiagnoseConfig:
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # the updated student: float32 master weights, loss forward under bf16 autocast, float32 measurement
+    # (diagnostics.precision, engine.StepConfig.compute_dtype); auto = bf16 when dtype resolves to bfloat16
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     run_name: str = ""  # "" = derived from the config hash, so a rerun resumes the same run
     out_dir: str = "results/diagnose"
     n_boot: int = 1000  # cluster-bootstrap resamples for the summary
@@ -133,6 +137,8 @@ class DiagnoseConfig:
         check_at_least(self, 1, "shard_sequences")
         check(self.memory_budget_gb > 0, "memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
         check_at_least(self, 0, "n_boot")
+        check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
+              f"must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
         check(self.mode != "checkpoint" or bool(self.checkpoint) or self.protocol == "paper", "checkpoint",
@@ -194,7 +200,7 @@ def _shard_chunk(pair: ModelPair, bank: ResponseBatch, config: DiagnoseConfig, k
     teacher_lp = full_logprobs(pair.teacher, bank, pair.vocab_size)  # [b, T, V]: this chunk only
     student_lp = full_logprobs(pair.student, bank, pair.vocab_size)
     out = shard_signals(student_lp, teacher_lp, bank, ks, default_k)
-    step = engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr)
+    step = step_config(config, pair)
     if config.mode == "checkpoint":
         gains = engine.checkpoint_gains(pair.student, trained, bank, teacher_lp, pair.vocab_size)
     elif choose_method(config, pair.student, bank) == "vmap":
@@ -208,6 +214,13 @@ def _shard_chunk(pair: ModelPair, bank: ResponseBatch, config: DiagnoseConfig, k
         gains = engine.single_step_loop(pair.student, bank, teacher_lp, step, pair.vocab_size)
     out.update(engine.finish_gains(gains))
     return out
+
+
+def step_config(config: DiagnoseConfig, pair: ModelPair) -> engine.StepConfig:
+    """The engine's update: loss, optimizer, lr, and bf16 autocast of the loss forward under mixed precision."""
+    precision = resolve_precision(config.mixed_precision, pair.dtype, pair.device)
+    return engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr,
+                             compute_dtype=precision.compute)
 
 
 def choose_method(config: DiagnoseConfig, model: torch.nn.Module, bank: ResponseBatch) -> str:
@@ -384,6 +397,8 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
     else:
         rollouts = sample_bank_rollouts(config, resolved, run_dir / "rollouts.parquet")
     pair = load_pair(resolved.student_path, resolved.teacher_path, device=config.device, dtype=config.dtype)
+    pair.student = master_weights(pair.student, resolved.student_path,
+                                  resolve_precision(config.mixed_precision, pair.dtype, pair.device))
     trained = load_model(config.checkpoint, pair.device, pair.dtype) if config.mode == "checkpoint" else None
 
     bank_path = run_dir / "bank.parquet"
@@ -418,7 +433,7 @@ def run_group(pair: ModelPair, bank: ResponseBatch, grids: dict[str, torch.Tenso
     whole bank at once.
     """
     rows, cols = bank.valid.nonzero(as_tuple=True)
-    step = engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr)
+    step = step_config(config, pair)
     frames = []
     for selector in config.group_selectors:
         score = torch.where(bank.valid, grids[f"score_{selector}"], float("-inf"))

@@ -1,4 +1,8 @@
-"""Atomic file writes: a killed process leaves either the old file or the complete new one."""
+"""Atomic file writes: a killed process leaves either the old file or the complete new one.
+
+Results are meant to be shared: a written file gets the mode a plain `open(path, "w")` would give it
+(0666 less the process umask), not the 0600 of the temporary file it is renamed from.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """0o666 less the current umask (what `open(path, "w")` creates)."""
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, then os.replace it into place.
 
@@ -32,6 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())  # mkstemp made it 0600
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from diagnostics.progress import quiet_library_bars
@@ -42,10 +44,28 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def check_path(path: str, what: str) -> None:
-    """A local-looking path that does not exist is an error now, not a hub lookup later."""
+    """A local-looking path that does not exist, or a directory that holds no model, is an error now
+    naming `what` and the path, not a hub lookup or a tokenizer library's message later."""
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
-    if looks_local and not Path(path).expanduser().is_dir():
+    local = Path(path).expanduser()
+    if looks_local and not local.is_dir():
         raise FileNotFoundError(f"{what}: model directory {path} does not exist")
+    if looks_local and not (local / "config.json").is_file():
+        held = sorted(p.name for p in local.iterdir())[:5]
+        raise FileNotFoundError(f"{what}: {path} holds no model (no config.json; "
+                                f"{'it is empty' if not held else 'found: ' + ', '.join(held)})")
+
+
+def _pretrained(loader, path: str, what: str):
+    """`loader.from_pretrained(path)`, its errors (no network for a hub id, unreadable files) naming `what`."""
+    try:
+        return loader.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not Path(path).expanduser().is_dir():
+            raise FileNotFoundError(f"{what}: {path} is not a local directory and cannot be loaded from the Hugging "
+                                    f"Face hub or its cache (offline? {first})") from None
+        raise ValueError(f"{what}: cannot load {loader.__name__.removeprefix('Auto')} from {path}: {first}") from None
 
 
 def check_compatibility(
@@ -108,17 +128,19 @@ class ModelPair:
     dtype: torch.dtype
 
 
-def check_pair(student_path: str, teacher_path: str) -> tuple[PreTrainedTokenizerBase, int]:
-    """The compatibility check alone (tokenizers and configs, no weights). Returns (tokenizer, V)."""
-    check_path(student_path, "student")
-    check_path(teacher_path, "teacher")
-    student_tok = AutoTokenizer.from_pretrained(student_path)
-    teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
+def check_pair(student_path: str, teacher_path: str, *, names: tuple[str, str] = ("student", "teacher")
+               ) -> tuple[PreTrainedTokenizerBase, int]:
+    """The compatibility check alone (tokenizers and configs, no weights). Returns (tokenizer, V).
+    `names` are the config keys of the two paths, for the error messages."""
+    check_path(student_path, names[0])
+    check_path(teacher_path, names[1])
+    student_tok = _pretrained(AutoTokenizer, student_path, names[0])
+    teacher_tok = _pretrained(AutoTokenizer, teacher_path, names[1])
     vocab = check_compatibility(
         student_tok,
         teacher_tok,
-        vocab_rows(AutoConfig.from_pretrained(student_path)),
-        vocab_rows(AutoConfig.from_pretrained(teacher_path)),
+        vocab_rows(_pretrained(AutoConfig, student_path, names[0])),
+        vocab_rows(_pretrained(AutoConfig, teacher_path, names[1])),
     )
     return student_tok, vocab
 
@@ -126,7 +148,12 @@ def check_pair(student_path: str, teacher_path: str) -> tuple[PreTrainedTokenize
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A causal LM in eval mode on `device` in `dtype` (hub id or local directory)."""
     quiet_library_bars()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, SafetensorError, EOFError, pickle.UnpicklingError) as exc:  # a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot load the model weights in {path} ({type(exc).__name__}: {first}); "
+                         f"a truncated or damaged weights file? re-download or re-save it") from None
     return model.to(device).eval()
 
 

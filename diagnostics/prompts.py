@@ -2,7 +2,9 @@
 
 Shared by the rollout backends (`diagnostics.backends`), the diagnostic and the trainer:
 * `render_text`: text (or a message list) through the tokenizer's chat template when it has one;
-* `render_prompts`: token ids of text, message-list or token-id prompts;
+* `render_prompts`: token ids of text, message-list or token-id prompts; a character the tokenizer
+  cannot encode (dropped, or mapped to its unknown token) is an error naming the prompt and the character
+  (`check_encodable`), never a silently different prompt;
 * `fit_prompts`: prompt + max_new_tokens within the model's context (or left-truncated);
 * `stop_token_ids`, `cut_at_stop`: where a response ends (EOS included);
 * `text_config`, `max_positions`, `load_generation_config`: what a checkpoint declares.
@@ -10,6 +12,7 @@ Shared by the rollout backends (`diagnostics.backends`), the diagnostic and the 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,11 +46,14 @@ def render_prompts(
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str) and not (chat_template and has_template):
+            check_encodable(tokenizer, prompt, f"prompts[{i}]")
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         elif isinstance(prompt, str) or (len(prompt) and isinstance(prompt[0], dict)):
             if not has_template:
                 raise ValueError(f"prompts[{i}]: a chat message list needs a tokenizer with a chat template")
-            ids = tokenizer(render_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            text = render_text(tokenizer, prompt)
+            check_encodable(tokenizer, text, f"prompts[{i}]")
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         elif all(isinstance(t, (int, np.integer)) for t in prompt):
             ids = [int(t) for t in prompt]
         else:
@@ -58,6 +64,28 @@ def render_prompts(
             raise ValueError(f"prompts[{i}]: the prompt encodes to zero tokens")
         out.append(ids)
     return out
+
+
+_encodable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> characters known to encode
+
+
+def check_encodable(tokenizer: PreTrainedTokenizerBase, text: str, where: str) -> None:
+    """Raise ValueError naming `where`, the character and its offset when a character of `text` encodes to
+    nothing (a byte-level BPE without that byte drops it) or to the unknown token.
+
+    Checked per distinct character: whitespace is skipped (some tokenizers fold it into the next token).
+    """
+    known = _encodable.setdefault(tokenizer, set())
+    unk = tokenizer.unk_token_id
+    for offset, char in enumerate(text):
+        if char in known or char.isspace():
+            continue
+        ids = tokenizer(char, add_special_tokens=False)["input_ids"]
+        if not ids or (unk is not None and unk in ids):
+            raise ValueError(f"{where}: character {char!r} (U+{ord(char):04X}) at offset {offset} is not in the "
+                             f"tokenizer's vocabulary ({'dropped' if not ids else 'unknown token'}); "
+                             f"remove it or use a tokenizer that encodes it")
+        known.add(char)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None) -> list[int]:

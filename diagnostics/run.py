@@ -3,8 +3,10 @@
 * `resolve_pair`: the run's teacher-student pair -- real models as given, or the embedded testbed
   (built or reused from its cache) -- with its top-K and response-length defaults (`ResolvedPair`).
 * `heldout_problems`: held-out problems: a split of the testbed's, or a slice of a JSONL file.
-* `config_hash`, `check_run_dir`: a run directory is named by a hash of what the run computes, and
-  holds one config: continuing it with another is an error naming the differing keys.
+* `config_hash`, `check_run_dir`, `claim_run_dir`: a run directory is named by a hash of what the run
+  computes, and holds one config: continuing it with another is an error naming the differing keys;
+  one process at a time works in it (`diagnostics.lock`).
+* `check_k`: top-K values against the pair's vocabulary, as soon as the vocabulary is known.
 * `make_bank`, `validate_bank`, `read_bank`, `bank_batch`: the frozen context bank (held-out
   responses of the base student, each cut to at most L tokens) and its padded tensors.
 * `manifest_base`: the provenance keys every run manifest records (models, hashes, signal mode).
@@ -25,6 +27,7 @@ import torch
 
 from diagnostics.config import ConfigError, config_to_dict
 from diagnostics.forward import ResponseBatch
+from diagnostics.lock import acquire_run_lock
 from diagnostics.models import directory_hash, tokenizer_hash
 from diagnostics.task import Problem
 
@@ -106,13 +109,46 @@ def check_run_dir(
         raise FileExistsError(
             f"{run_dir} already holds a run: pass --resume to continue it, or run_name=<new name> for a new one"
         )
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{saved_path}: the run's saved config is not valid JSON ({exc}); the run directory is "
+                          f"damaged: restore the file or use another run_name") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{saved_path}: the run's saved config is not a JSON object; use another run_name")
     differing = sorted(k for k in set(saved) | set(record) if k not in ignore and saved.get(k) != record.get(k))
     if differing:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {record.get(k)!r}" for k in differing)
         raise ConfigError(
             f"{run_dir} holds a run with a different config (differing keys: {detail}); use another run_name"
         )
+
+
+def claim_run_dir(
+    run_dir: Path, record: dict[str, Any], *, resume: bool | None = None, ignore: Collection[str] = (),
+    lock: bool = True,
+) -> None:
+    """`check_run_dir`, then this process's lock on `run_dir` (`diagnostics.lock`), then the check again.
+
+    The first check fails before the directory is created; the second, under the lock, sees what a
+    process that held the lock before us left. `lock` False: another rank of this run holds it.
+    """
+    check_run_dir(run_dir, record, resume=resume, ignore=ignore)
+    if lock:
+        acquire_run_lock(run_dir)
+        check_run_dir(run_dir, record, resume=resume, ignore=ignore)
+
+
+def check_k(vocab_size: int, *, k: int, extra_k: Collection[int] = (), key: str = "k") -> None:
+    """Every top-K must be below the vocabulary: K >= V makes every token "in the top-K", so C = 1 - 0
+    carries no information (and K > V cannot be computed); raised right after the model config is read."""
+    if k >= vocab_size:
+        raise ConfigError(f"{key}: K={k} is not below the pair's vocabulary of {vocab_size} tokens "
+                          f"(top-K signals need 1 <= K < {vocab_size})")
+    bad = [value for value in extra_k if value >= vocab_size]
+    if bad:
+        raise ConfigError(f"extra_k: K={bad[0]} is not below the pair's vocabulary of {vocab_size} tokens "
+                          f"(top-K signals need 1 <= K < {vocab_size})")
 
 
 # ------------------------------------------------------------------------------------------ the context bank

@@ -70,6 +70,11 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         ("student exact match (sampled, T=1)", f"{report['student_acc_sampled']:.1%}"),
         ("vocabulary (tokenizer length)", str(report["vocab_size"])),
         ("LM-head rows student / teacher", f"{report['student_vocab_rows']} / {report['teacher_vocab_rows']}"),
+        ("BPE tokens + added tokens", f"{report['bpe_tokens']:,} + {report['added_tokens']}" if "bpe_tokens" in report
+         else "?"),
+        ("probability outside the task's tokens: student / teacher",
+         f"{report['off_task_mass_student']:.2e} / {report['off_task_mass_teacher']:.2e}"
+         if "off_task_mass_student" in report else "?"),
         ("same student trained to capacity_steps (greedy)", _percent(report.get("capacity_acc_greedy"))),
         ("response tokens (incl. EOS)", str(report["response_tokens"])),
         ("student samples' tokens: q10 / median / q90", _quantiles(report, "response_tokens")),

@@ -121,7 +121,7 @@ def test_hf_same_seed_same_rollouts_other_seed_other_rollouts(student, tokenizer
 
 
 def test_hf_backend_loads_a_path_and_accepts_chat_and_token_prompts(vllm_testbed, tokenizer):
-    text = "sort 3 1 2 5 :"
+    text = "sort aj aa am ad :"  # in the testbed vocabulary (an unencodable character is an error)
     chat = [{"role": "user", "content": text}]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert render_prompts(tokenizer, [text, chat, ids]) == [ids, ids, ids]  # the testbed's template is trivial
@@ -149,15 +149,15 @@ def test_empty_prompt_list_and_missing_model_are_named(student, tokenizer, tmp_p
     with pytest.raises(ValueError, match="prompts: empty list"):
         generate_rollouts(student, tokenizer, [], SamplingConfig(), backend="hf")
     with pytest.raises(FileNotFoundError, match=f"model: model directory {tmp_path}/missing does not exist"):
-        generate_rollouts(str(tmp_path / "missing"), None, ["sort 1 2 :"], SamplingConfig())
+        generate_rollouts(str(tmp_path / "missing"), None, ["sort aa ad :"], SamplingConfig())
     with pytest.raises(ValueError, match="prompt_ids: 1 ids for 2 prompts"):
         generate_rollouts(student, tokenizer, ["a", "b"], SamplingConfig(), prompt_ids=[0])
     with pytest.raises(ValueError, match=r"prompts\[1\]: the prompt encodes to zero tokens"):
-        generate_rollouts(student, tokenizer, ["sort 1 :", ""], SamplingConfig(), chat_template=False)
+        generate_rollouts(student, tokenizer, ["sort aa :", ""], SamplingConfig(), chat_template=False)
     with pytest.raises(ValueError, match="in-memory model"):
-        generate_rollouts(student, tokenizer, ["sort 1 :"], SamplingConfig(), backend="vllm")
+        generate_rollouts(student, tokenizer, ["sort aa :"], SamplingConfig(), backend="vllm")
     with pytest.raises(ValueError, match="logprobs_k=999 exceeds"):
-        generate_rollouts(student, tokenizer, ["sort 1 :"], SamplingConfig(logprobs_k=999), backend="hf")
+        generate_rollouts(student, tokenizer, ["sort aa :"], SamplingConfig(logprobs_k=999), backend="hf")
 
 
 def test_sampling_config_ranges():

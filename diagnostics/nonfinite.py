@@ -1,0 +1,75 @@
+"""Numerical blow-ups stop a run with what, where and when named, and leave the last good state.
+
+Both recipes use it. A blow-up (NaN or inf in a loss, a gradient, a weight, a logit or a measured gain)
+raises `NonFiniteError`; before that the recipe writes `nonfinite.json` into its run (or arm) directory
+(`write_nonfinite_record`): which quantity, at which step (training: the arm and optimizer step;
+the diagnostic: the shard, sequence and response position), and which saved state is the last good one
+(a training checkpoint; the diagnostic's finished shards). Nothing good is overwritten: the failing
+step's state is not saved over it.
+
+Helpers that find the first non-finite entry:
+* `first_nonfinite_parameter`: the first weight tensor of a model holding NaN/inf (name, count);
+* `first_nonfinite_position`: the first valid [b, T] position where any of some grids is NaN/inf.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diagnostics.files import write_json
+
+RECORD_NAME = "nonfinite.json"
+
+
+class NonFiniteError(RuntimeError):
+    """A quantity became NaN or infinite; the message names the quantity, where and at which step."""
+
+
+def write_nonfinite_record(directory: str | Path, **fields: Any) -> Path:
+    """`<directory>/nonfinite.json` with `fields` (quantity, step, last good state, ...) and the time."""
+    record = {**fields, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return write_json(Path(directory) / RECORD_NAME, record)
+
+
+def first_nonfinite_parameter(model: torch.nn.Module) -> tuple[str, int, int] | None:
+    """(parameter name, non-finite entries, entries) of the first weight holding NaN/inf, or None.
+
+    One fused check over all parameters first (cheap on any device); names only on a hit.
+    """
+    params = [p for p in model.parameters()]
+    if not params:
+        return None
+    norms = torch.stack([p.detach().float().abs().amax() if p.numel() else p.new_zeros((), dtype=torch.float32)
+                         for p in params])
+    if bool(torch.isfinite(norms).all()):
+        return None
+    for name, p in model.named_parameters():
+        bad = ~torch.isfinite(p.detach())
+        if bool(bad.any()):
+            return name, int(bad.sum()), p.numel()
+    return None
+
+
+def largest_weight(model: torch.nn.Module) -> float:
+    """max |w| over the model's weights (a finite but exploding model shows here)."""
+    values = [float(p.detach().abs().amax()) for p in model.parameters() if p.numel()]
+    return max(values) if values else math.nan
+
+
+def first_nonfinite_position(grids: dict[str, torch.Tensor], valid: torch.Tensor, names: list[str]
+                             ) -> tuple[str, int, int, int] | None:
+    """(name, row, position, count) of the first valid position where grid `name` is NaN/inf, in the
+    order of `names` (grids [b, T], valid [b, T] bool); None when all are finite there."""
+    for name in names:
+        if name not in grids:
+            continue
+        bad = valid & ~torch.isfinite(grids[name])
+        if bool(bad.any()):
+            row, pos = (int(i) for i in bad.nonzero()[0])
+            return name, row, pos, int(bad.sum())
+    return None
