@@ -9,6 +9,7 @@ and 1-D parameters and clips at global norm 1.0 by default (megatron/core/optimi
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,36 @@ def test_paper_optimizer_refuses_other_hyperparameters(override):
     key = next(iter(override))
     with pytest.raises(ConfigError, match=rf"{key}.*optimizer: paper"):
         TrainConfig(optimizer="paper", **override)
+
+
+def test_the_trainer_builds_and_clips_with_the_paper_optimizer(tmp_path, monkeypatch):
+    """One step of `run_training` (small testbed, preset=paper): the optimizer the trainer steps is the paper's
+    and every step clips the global gradient norm at 1.0."""
+    from diagnostics.config import load_config
+    from opd import trainer
+
+    seen = {"optimizers": [], "max_norms": []}
+    build = trainer.make_optimizer
+
+    def spy_optimizer(model, config):
+        seen["optimizers"].append(build(model, config))
+        return seen["optimizers"][-1]
+
+    clip = World.clip_grad_norm
+
+    def spy_clip(self, parameters, max_norm):
+        seen["max_norms"].append(max_norm)
+        return clip(self, parameters, max_norm)
+
+    monkeypatch.setattr(trainer, "make_optimizer", spy_optimizer)
+    monkeypatch.setattr(World, "clip_grad_norm", spy_clip)
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(TrainConfig, root / "configs/train_quick.yaml", [
+        "preset=paper", "selectors=[teachability]", "steps=1", "eval_every=1", "eval_problems=4", "bank_sequences=2",
+        f"out_dir={tmp_path}", "progress=false", "save_students=false", "checkpoint_every=0"])
+    trainer.run_training(config)
+    (optimizer,) = seen["optimizers"]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 for g in optimizer.param_groups)
+    assert seen["max_norms"] == [1.0]
+    assert optimizer.state  # it stepped
