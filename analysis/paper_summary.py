@@ -42,11 +42,14 @@ SUPPORT_PROXIES: dict[str, str] = {
     "teacher_top1_in_student_topk": "reach_t1",
     "sampled_in_student_topk": "target_in_student_topk",
 }
-# What each protocol's gain measures (README and every summary say it).
+# What each protocol's gain measures (README and every summary say it). The manifest's "protocol_meaning"
+# wins when present; these mirror diagnostics.diagnose.PROTOCOL_MEANING (not imported: it pulls in
+# transformers; tests/analysis/test_analysis_paper.py holds them equal).
 PROTOCOLS: dict[str, str] = {
-    "single-step": "the gain at a token from one update on that token's own loss (same context re-scored)",
-    "paper": "the gain at a token after training on all tokens (a full-token OPD checkpoint re-scored on the "
-             "run's own first rollouts)",
+    "single-step": "the gain at a token from one update on that token's own loss (fixed context, held-out "
+                   "base-student rollouts)",
+    "paper": "the gain at a token after full-token OPD trained on all tokens: latest checkpoint vs the base "
+             "student, re-scored on the OPD run's own first rollouts (the paper's protocol)",
     "checkpoint": "the gain at a token between the base student and a given checkpoint (same contexts)",
 }
 DEFINITIONS: dict[str, str] = {
@@ -193,7 +196,8 @@ def summarize_paper(df: pd.DataFrame, *, manifest: Mapping[str, Any] | None = No
     audit = support_proxy_audit(df, n_boot=n_boot, seed=seed)
     protocol = str(manifest.get("protocol") or manifest.get("mode") or "single-step")
     return {
-        "preset": "paper", "protocol": protocol, "measures": PROTOCOLS.get(protocol, protocol),
+        "preset": "paper", "protocol": protocol,
+        "measures": str(manifest.get("protocol_meaning") or PROTOCOLS.get(protocol, protocol)),
         "definitions": dict(DEFINITIONS), "k": base_k, "n_tokens": len(frame), "notes": notes,
         "gain_stats": robust_gain_stats(frame),
         "ols": ols["winsor01"], "ols_winsor05": ols["winsor05"], "ols_raw": ols["raw"], "ols_by_k": by_k_ols,

@@ -113,7 +113,8 @@ def _gap_dict(g: Any) -> dict[str, Any]:
 def _protocol(manifest: Mapping[str, Any]) -> dict[str, str]:
     """The run's protocol (manifest "protocol", else its "mode") and what its gain measures."""
     protocol = str(manifest.get("protocol") or manifest.get("mode") or "single-step")
-    return {"protocol": protocol, "measures": PROTOCOLS.get(protocol, protocol)}
+    measures = manifest.get("protocol_meaning") or PROTOCOLS.get(protocol, protocol)
+    return {"protocol": protocol, "measures": str(measures)}
 
 
 def _paper_section(full: pd.DataFrame, manifest: Mapping[str, Any], *, n_boot: int, seed: int,

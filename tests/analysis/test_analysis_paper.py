@@ -215,8 +215,17 @@ def test_support_proxy_audit_rows(small_tokens: pd.DataFrame) -> None:
 def test_summarize_paper_and_side_by_side(small_tokens: pd.DataFrame) -> None:
     """The preset's summary names its definitions and protocol; side_by_side pairs paper and project numbers."""
     s = summarize_paper(small_tokens, manifest={"k": 8, "protocol": "paper"}, n_boot=20)
-    assert s["preset"] == "paper" and "after training on all tokens" in s["measures"]
+    assert s["preset"] == "paper" and "trained on all tokens" in s["measures"]
     assert set(s["ols_by_k"]) == {"8", "16", "32"} and set(s["definitions"]) == {"paper", "project"}
     assert {r["K"] for r in s["top_n"]} == {8, 16, 32}
     rows = side_by_side({"paper": s, "ols": {"beta_L": 0.1}})
     assert rows[0] == {"statistic": "beta_L", "paper": s["ols"]["beta_L"], "project": 0.1}
+
+
+def test_protocol_meanings_mirror_the_diagnostic() -> None:
+    """The summary's protocol wording equals diagnostics.diagnose.PROTOCOL_MEANING for every protocol it has."""
+    from analysis.paper_summary import PROTOCOLS
+    from diagnostics.diagnose import PROTOCOL_MEANING
+
+    for name, meaning in PROTOCOL_MEANING.items():
+        assert PROTOCOLS[name] == meaning
