@@ -65,8 +65,9 @@ def check_trl_config(config: TrainConfig) -> None:
 
 
 class ArmCallback(TrainerCallback):
-    """Per step: peak memory; every `eval_every` steps and after the last, the project's evaluation; both
-    appended to TRL's log history (saved in its checkpoints). Stops on a non-finite loss."""
+    """Per step: peak memory and time; every `eval_every` steps and after the last, the project's evaluation;
+    appended to TRL's log history (saved in its checkpoints), the evaluation also to the step's TRL metrics
+    (heldout/accuracy, heldout/kl_to_teacher: logged through report_to). Stops on a non-finite loss."""
 
     def __init__(self, ctx: RunContext, teacher: torch.nn.Module):
         self.ctx, self.teacher, self.trainer, self.started = ctx, teacher, None, time.perf_counter()
@@ -81,9 +82,12 @@ class ArmCallback(TrainerCallback):
                                  "step_seconds": time.perf_counter() - self.started}  # generation to update
         if step % ctx.config.eval_every == 0 or step == state.max_steps:
             student = self.trainer.accelerator.unwrap_model(self.trainer.model)
-            entry.update(evaluate(student, self.teacher, ctx.tokenizer, ctx.eval_problems, ctx.bank, ctx.vocab_size,
-                                  ctx.pair.max_new_tokens, ctx.world))
+            result = evaluate(student, self.teacher, ctx.tokenizer, ctx.eval_problems, ctx.bank, ctx.vocab_size,
+                              ctx.pair.max_new_tokens, ctx.world)
             student.train()
+            entry.update(result)
+            for key, value in result.items():  # into this step's TRL log, so report_to (trackio, wandb) shows it
+                self.trainer._metrics["train"][f"heldout/{key}"].append(value)
         state.log_history.append(entry)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -124,7 +128,8 @@ def make_trainer(ctx: RunContext, arm: Arm, arm_dir: Path, student, teacher) -> 
         config, max_new_tokens=ctx.pair.max_new_tokens, seed=arm.seed, output_dir=str(arm_dir / "trl"),
         processes=world.size, use_cpu=world.device.type == "cpu", bf16=ctx.dtype == torch.bfloat16,
         fp16=ctx.dtype == torch.float16, logging_steps=1, disable_tqdm=not (config.progress and world.is_main),
-        report_to=config.report_to, run_name=f"{config.run_id()}/{arm.name}", dataloader_num_workers=0, **save)
+        report_to=config.report_to, project="taopd", run_name=f"{config.run_id()}/{arm.name}",
+        dataloader_num_workers=0, **save)
     trainer = SelectiveDistillationTrainer(
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"prompt": prompts}), selector=arm.selector, ratio=arm.ratio,
