@@ -43,7 +43,7 @@ from diagnostics.forward import ResponseBatch, full_logprobs, map_sequence_chunk
 from diagnostics.losses import list_losses
 from diagnostics.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
 from diagnostics.nonfinite import NonFiniteError, first_nonfinite_position, write_nonfinite_record
-from diagnostics.precision import MIXED_PRECISION, master_weights, resolve_precision
+from diagnostics.precision import MIXED_PRECISION, master_weights, mixed_precision_option, resolve_precision
 from diagnostics.progress import progress_bar
 from diagnostics.run import (
     BANK_SPLIT_SEED,
@@ -112,7 +112,7 @@ class DiagnoseConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # the updated student: float32 master weights, loss forward under bf16 autocast, float32 measurement
     # (diagnostics.precision, engine.StepConfig.compute_dtype); auto = bf16 when dtype resolves to bfloat16
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: str | bool = "auto"  # auto | no | bf16 (bool: YAML reads a bare `no` as false)
     run_name: str = ""  # "" = derived from the config hash, so a rerun resumes the same run
     out_dir: str = "results/diagnose"
     n_boot: int = 1000  # cluster-bootstrap resamples for the summary
@@ -137,6 +137,7 @@ class DiagnoseConfig:
         check_at_least(self, 1, "shard_sequences")
         check(self.memory_budget_gb > 0, "memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
         check_at_least(self, 0, "n_boot")
+        self.mixed_precision = mixed_precision_option(self.mixed_precision)
         check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
               f"must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         check(bool(self.student) == bool(self.teacher), "teacher",

@@ -125,3 +125,19 @@ def changed_fraction(before: dict[str, Tensor], model: torch.nn.Module, names: l
     changed = sum(int((params[n].detach() != before[n].to(params[n].dtype)).sum()) for n in names)
     total = sum(before[n].numel() for n in names)
     return changed / max(total, 1)
+
+
+def master_weights(model: torch.nn.Module, path: str, precision: Precision) -> torch.nn.Module:
+    """The model with float32 master weights under mixed precision: reloaded from `path` in float32 when it was
+    loaded in a lower precision (a cast would keep the bf16 rounding of a float32 checkpoint), else unchanged."""
+    if not precision.mixed or all(p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    from diagnostics.models import load_model
+
+    device = next(model.parameters()).device
+    return load_model(path, device, torch.float32).train(model.training)
+
+
+def mixed_precision_option(value: object) -> object:
+    """The option as a string: YAML (1.1, PyYAML) reads a bare `no` (accelerate's spelling) as false."""
+    return "no" if value is False else value

@@ -15,7 +15,7 @@ from typing import Literal
 from diagnostics.answers import ANSWER_CHECKS
 from diagnostics.config import check, check_at_least, check_device, config_to_dict
 from diagnostics.losses import list_losses
-from diagnostics.precision import MIXED_PRECISION
+from diagnostics.precision import MIXED_PRECISION, mixed_precision_option
 from diagnostics.run import config_hash
 from diagnostics.signals import SIGNAL_NORMALIZATIONS, SelectionOptions, get_score, list_scores
 from diagnostics.signals.selectors import SIGNAL_MODES, TIE_BREAKS
@@ -87,7 +87,7 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # the student: float32 master weights + bf16 autocast forwards (diagnostics.precision); auto = bf16 when dtype
     # resolves to bfloat16 (CUDA), else no
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: str | bool = "auto"  # auto | no | bf16 (bool: YAML reads a bare `no` as false)
     rollout_backend: Literal["hf", "vllm"] = "hf"  # vllm: colocated, weights synced each step (opd.rollout_engine)
     cpu_threads: int = 1  # torch threads on CPU; 0 = torch's default (see the YAML)
     scoring_tokens: int = 16384  # tokens per teacher-forcing batch when scoring
@@ -146,6 +146,7 @@ class TrainConfig:
               f"must be one of {', '.join(ANSWER_CHECKS)}, got {self.answer_check!r}")
         check_at_least(self, 0, "checkpoint_every", "cpu_threads")
         check_at_least(self, 1, "scoring_tokens")
+        self.mixed_precision = mixed_precision_option(self.mixed_precision)
         check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
               f"must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         check(self.rollout_backend in ("hf", "vllm"), "rollout_backend",

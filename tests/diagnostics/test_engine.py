@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,35 @@ def test_mixed_precision_needs_float32_master_weights(setup):
                                 pair.vocab_size)
     with pytest.raises(ValueError, match="compute_dtype: must be None"):
         engine.StepConfig(compute_dtype=torch.float32)
+
+
+def test_master_weights_reload_a_low_precision_student_in_float32(small_testbed):
+    from diagnostics.models import load_model
+    from diagnostics.precision import master_weights, resolve_precision
+
+    cpu = torch.device("cpu")
+    bf16 = load_model(small_testbed.student_path, cpu, torch.bfloat16)
+    master = master_weights(bf16, small_testbed.student_path, resolve_precision("auto", torch.bfloat16, cpu))
+    exact = load_model(small_testbed.student_path, cpu, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(master.parameters(), exact.parameters()))  # not a bf16 cast
+    assert master_weights(bf16, small_testbed.student_path, resolve_precision("no", torch.bfloat16, cpu)) is bf16
+
+
+@pytest.mark.slow
+def test_diagnose_with_mixed_precision_matches_float32(tmp_path, small_testbed):
+    import pandas as pd
+
+    from diagnostics.config import load_config
+    from diagnostics.diagnose import DiagnoseConfig, run_diagnose
+
+    root = Path(__file__).resolve().parents[2]
+
+    def gains(mixed_precision: str) -> pd.Series:
+        overrides = [f"testbed_config={root / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", "n_sequences=4",
+                     "shard_sequences=4", "backend=hf", "group_selectors=[]", "method=loop", "dtype=float32",
+                     f"mixed_precision={mixed_precision}", "lr=1e-4"]
+        run_dir = run_diagnose(load_config(DiagnoseConfig, root / "configs/diagnose.yaml", overrides), progress=False)
+        return pd.read_parquet(run_dir / "tokens.parquet").set_index(["seq_id", "pos"])["gain"]
+
+    exact, mixed = gains("no"), gains("bf16")
+    assert relative(torch.tensor(mixed.values), torch.tensor(exact.loc[mixed.index].values)) <= MIXED_TOL

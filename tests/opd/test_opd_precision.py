@@ -121,6 +121,8 @@ def test_resolution_and_checks():
         resolve_precision("fp8", torch.float32, CPU)
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(TrainConfig, ROOT / "configs/train.yaml", ["mixed_precision=fp8"])
+    # accelerate's spelling `no`, which YAML reads as false
+    assert load_config(TrainConfig, ROOT / "configs/train.yaml", ["mixed_precision=no"]).mixed_precision == "no"
 
 
 @pytest.mark.slow
