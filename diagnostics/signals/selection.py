@@ -109,6 +109,8 @@ def select(
         raise ValueError(f"min_per_sequence must be an integer >= 0, got {min_per_sequence!r}")
     if tie_order not in TIE_ORDERS:
         raise ValueError(f"tie_order must be one of {list(TIE_ORDERS)}, got {tie_order!r}")
+    if seed is not None and tie_order != "row_major":
+        raise ValueError(f"pass seed (random ties) or tie_order={tie_order!r}, not both")
     score = _check_score(score, valid, "score", allow_neg_inf=True)
     b, t = score.shape
     flat = score.masked_fill(~valid, NEG_INF).flatten()  # [B*T]

@@ -80,6 +80,10 @@ def test_latest_position_is_the_release_ascending_sort_of_the_negated_score(seed
     assert tie_order_for("q3_low_compat", "earliest_position") == "latest_position"
     assert tie_order_for("teachability", "earliest_position") == "earliest_position"
     assert tie_order_for("q3_low_compat", "row_major") == "row_major"
+    with pytest.raises(ValueError, match="not both"):
+        select(signal, valid, 0.3, seed=1, tie_order="earliest_position")
+    with pytest.raises(ValueError, match="tie_order"):
+        select(signal, valid, 0.3, tie_order="position")
 
 
 # ---------------------------------------------------------------------------------------------- top-up
