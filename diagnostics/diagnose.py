@@ -40,6 +40,7 @@ from diagnostics.backends import list_backends
 from diagnostics.config import check, check_at_least, check_device, config_to_dict
 from diagnostics.files import atomic_write, write_json, write_parquet
 from diagnostics.forward import ResponseBatch, full_logprobs, map_sequence_chunks
+from diagnostics.lock import release_run_lock
 from diagnostics.losses import list_losses
 from diagnostics.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
 from diagnostics.nonfinite import NonFiniteError, first_nonfinite_position, write_nonfinite_record
@@ -423,6 +424,7 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
     manifest = build_manifest(config, resolved, pair, ks, bank_path, tokens, method, time.perf_counter() - started)
     manifest.update(manifest_extra or {})
     write_json(run_dir / "manifest.json", manifest)
+    release_run_lock(run_dir)
     return run_dir
 
 

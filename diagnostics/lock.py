@@ -6,9 +6,9 @@ refuses instead, naming the run directory and the process that holds it.
 
 The lock is `fcntl.flock` on an open file: the kernel drops it when the holding process exits,
 however it exits (killed included), so a stale lock never blocks a resume. The holder's pid is
-written into the file for the message only. Locks are kept for the life of the process (or until
-`release_run_lock`); taking the lock again for a directory this process already holds is a no-op,
-so one process may run several recipes on one directory in turn (tests, notebooks).
+written into the file for the message only. A lock is held until `release_run_lock` (both recipes
+call it when they finish; `taopd` releases every lock on exit, `release_all_run_locks`); taking it
+again for a directory this process already holds is a no-op.
 
 Simplifications: flock is per host; two hosts sharing a run directory over NFS are not excluded.
 Under several processes of one run (torchrun) only rank 0 takes the lock.
@@ -61,6 +61,12 @@ def release_run_lock(run_dir: str | Path) -> None:
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def release_all_run_locks() -> None:
+    """Give back every lock this process holds (the `taopd` command does, whatever way it ends)."""
+    for run_dir in list(_held):
+        release_run_lock(run_dir)
 
 
 def _read_holder(fd: int) -> str:

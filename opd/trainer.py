@@ -57,6 +57,7 @@ import torch
 from diagnostics.backends import get_backend
 from diagnostics.files import write_json, write_parquet
 from diagnostics.forward import PositionLM, ResponseBatch, check_head_path
+from diagnostics.lock import release_run_lock
 from diagnostics.models import check_pair, load_model, resolve_dtype
 from diagnostics.precision import Precision, inference, position_lm, resolve_precision
 from diagnostics.progress import progress_bar
@@ -431,4 +432,5 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
         write_parquet(ctx.run_dir / "live_gain.parquet", gains)
         write_json(ctx.run_dir / "manifest.json", build_manifest(ctx, time.perf_counter() - started))
     ctx.world.barrier()
+    release_run_lock(ctx.run_dir)  # rank 0 held it (prepare_run_dir); a no-op elsewhere
     return ctx.run_dir

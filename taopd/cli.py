@@ -136,6 +136,8 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
     summary = summarize(tokens, n_boot=n_boot, seed=seed, manifest=manifest)
     summary["protocol"] = manifest.get("protocol", "single-step")  # runs from before the key were single-step
     summary["protocol_meaning"] = manifest.get("protocol_meaning", PROTOCOL_MEANING[summary["protocol"]])
+    if "paper_protocol" in manifest:  # the OPD run whose checkpoint and rollouts the paper protocol re-scored
+        summary["paper_protocol"] = {k: v for k, v in manifest["paper_protocol"].items() if k != "train_config"}
     agreement = first_order_agreement(tokens)  # mode=first-order: Proposition 1 vs the measured gain
     if agreement is not None:
         summary["first_order_agreement"] = agreement
@@ -147,6 +149,11 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
         write_json(json_path, summary)
     console.print(format_report(summary), markup=False, highlight=False)
     console.print(f"protocol {summary['protocol']}: {summary['protocol_meaning']}", markup=False, highlight=False)
+    if "paper_protocol" in summary:
+        run = summary["paper_protocol"]
+        console.print(f"OPD run: {run['steps']} steps x {run['rollouts_per_step']} rollouts, held-out accuracy "
+                      f"{run['accuracy_before']:.3f} -> {run['accuracy_after']:.3f}; bank: {run['bank']}",
+                      markup=False, highlight=False)
     if "first_order_agreement" in summary:
         agreement = summary["first_order_agreement"]
         console.print(f"first-order estimate vs single-step gain: Spearman {agreement['spearman']:+.3f} "
@@ -338,7 +345,7 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diagnostics.lock import RunLockedError
+    from diagnostics.lock import RunLockedError, release_all_run_locks
     from diagnostics.nonfinite import NonFiniteError
 
     args = parse_args(argv)
@@ -349,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         error_console.print(f"[red]error:[/red] {escape(error_line(exc))}", highlight=False)
         return 2
+    finally:
+        release_all_run_locks()  # in-process callers (tests, notebooks) must not keep runs locked
 
 
 if __name__ == "__main__":
