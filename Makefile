@@ -14,9 +14,11 @@ HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # Optional arguments forwarded to the CLI: `make diagnose STUDENT=Qwen/Qwen2.5-0.5B-Instruct TEACHER=...`
 CONFIG ?=
 ARGS ?=
+# `make train-taopd ENGINE=trl`: the same arms through TRL's DistillationTrainer (opd/trl_recipe.py); own by default
+ENGINE ?=
 MODEL_ARGS := $(if $(STUDENT),--student $(STUDENT)) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(CONFIG),--config $(CONFIG))
 
-.PHONY: venv lint test test-fast testbed diagnose diagnose-paper train-taopd analyze figures bench scores clean
+.PHONY: venv lint test test-fast testbed diagnose diagnose-paper train-taopd evaluate analyze figures bench scores clean
 
 # The venv is keyed on pyproject.toml: editing it reinstalls on the next make call.
 $(STAMP): pyproject.toml
@@ -59,7 +61,11 @@ diagnose-paper: $(STAMP)
 	$(TAOPD) diagnose $(if $(CONFIG),,--config configs/diagnose_paper.yaml) $(MODEL_ARGS) $(ARGS)
 
 train-taopd: $(STAMP)
-	$(TAOPD) train $(MODEL_ARGS) $(ARGS)
+	$(TAOPD) train $(MODEL_ARGS) $(if $(ENGINE),engine=$(ENGINE)) $(ARGS)
+
+# `make evaluate RUN=results/train/<run>`: pass@1 of the run's students (+ `ARGS="lm_eval_heldout=true"` etc.)
+evaluate: $(STAMP)
+	$(TAOPD) evaluate $(if $(RUN),run=$(RUN)) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 analyze: $(STAMP)
 	$(TAOPD) analyze $(RUN) $(ARGS)

@@ -5,7 +5,7 @@ and the columns it adds to a training run's comparison table.
 pass@1 is the mean correctness over problems, samples and seeds; its 95% interval is a percentile
 bootstrap over problems (the problem is the unit that repeats: samples and seeds of one problem are
 correlated). Over a run's arms, the trained students of one (selector, ratio) differ by training seed:
-their mean pass@1 gets a t interval over those seeds (>= 2), as the live gain does in
+their mean pass@1 gets a t interval over those seeds (>= 2; clipped to [0, 1]), as the live gain does in
 `analysis.training`; one seed falls back to the student's bootstrap interval.
 """
 
@@ -67,7 +67,7 @@ def arm_accuracy(students: pd.DataFrame) -> pd.DataFrame:
         mean = float(values.mean())
         if len(values) >= 2:
             half = scipy.stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-            lo, hi = mean - half, mean + half
+            lo, hi = max(mean - half, 0.0), min(mean + half, 1.0)  # an accuracy: the t interval clipped to [0, 1]
         else:
             lo, hi = float(g["pass1_ci_low"].iloc[0]), float(g["pass1_ci_high"].iloc[0])
         rows.append({"selector": selector, "ratio": float(ratio), "eval_pass1_mean": mean,

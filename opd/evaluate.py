@@ -107,8 +107,10 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.run) or bool(self.students), "run", "give a training run directory (run=...) or students")
-        check(bool(self.run) or bool(self.prompts), "prompts",
-              "students without a run need a prompt set (prompts=file.jsonl or a hub id)")
+        check(bool(self.run) or bool(self.prompts) or bool(self.lm_eval_tasks), "prompts",
+              "students without a run need a prompt set (prompts=file.jsonl or a hub id) or lm_eval_tasks")
+        check(not self.lm_eval_heldout or bool(self.run) or bool(self.prompts), "lm_eval_heldout",
+              "needs problems: a run or a prompt set")
         check(not self.answer_check or self.answer_check in ANSWER_CHECKS, "answer_check",
               f"must be one of {', '.join(ANSWER_CHECKS)} (or empty for the run's), got {self.answer_check!r}")
         check_at_least(self, 0, "n_problems", "max_new_tokens", "lm_eval_limit", "cpu_threads")
@@ -165,7 +167,10 @@ def find_students(config: EvaluateConfig, train: TrainConfig | None, base_path: 
 def evaluation_problems(
     config: EvaluateConfig, train: TrainConfig | None, pair, tokenizer
 ) -> list[Problem]:
-    """The prompt set, rendered; or the run's held-out problems rendered as the trainer renders them."""
+    """The prompt set, rendered; or the run's held-out problems rendered as the trainer renders them; none
+    when there is neither (lm-eval tasks only)."""
+    if not config.prompts and train is None:
+        return []
     if config.prompts:
         problems = load_prompt_set(config.prompts, prompt_column=config.prompt_column,
                                    answer_column=config.answer_column, split=config.split,
@@ -247,13 +252,14 @@ def run_evaluation(config: EvaluateConfig) -> Path:
     students = find_students(config, train, pair.student_path if pair is not None else None)
     out = output_dir(config)
     frames, lm_rows = [], []
-    for student in progress_bar(students, desc="students", enabled=config.progress):
+    for student in progress_bar(students if problems else [], desc="students", enabled=config.progress):
         model = load_model(student.path, device, dtype)
         rows = score_student(model, tokenizer, problems, config, answer_check, max_new_tokens)
         frames.append(rows.assign(student=student.name, selector=student.selector, ratio=student.ratio,
                                   train_seed=student.train_seed)[EVALUATION_COLUMNS])
         del model
-    write_parquet(out / "evaluation.parquet", pd.concat(frames, ignore_index=True))
+    evaluation = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EVALUATION_COLUMNS)
+    write_parquet(out / "evaluation.parquet", evaluation)
     if config.lm_eval_tasks or config.lm_eval_heldout:
         lm_rows = run_lm_eval_all(config, students, problems, tokenizer, answer_check, max_new_tokens, out, device)
     write_parquet(out / "lm_eval.parquet", pd.DataFrame(lm_rows, columns=LM_EVAL_COLUMNS))

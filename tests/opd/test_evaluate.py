@@ -39,6 +39,9 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="answer_check: must be one of exact, math"):
         load_config(TrainConfig, ROOT / "configs/train.yaml", ["answer_check=fuzzy"])
     assert load_config(TrainConfig, ROOT / "configs/train.yaml").answer_check == "exact"
+    assert evaluate_config("students=[some/model]", "lm_eval_tasks=[aime24]").lm_eval_tasks == ["aime24"]
+    with pytest.raises(ConfigError, match="lm_eval_heldout: needs problems"):
+        evaluate_config("students=[some/model]", "lm_eval_tasks=[aime24]", "lm_eval_heldout=true")
 
 
 def test_sampled_math_scoring(monkeypatch):
