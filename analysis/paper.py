@@ -126,6 +126,19 @@ def paper_position(pos: np.ndarray, resp_len: np.ndarray) -> np.ndarray:
     return np.asarray(pos, np.float64) / np.maximum(np.asarray(resp_len, np.float64) - 1.0, 1.0)
 
 
+def release_gain_and_d(src: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """[n] relative gain and [n] full-vocabulary forward KL of the base student: the table's release-definition
+    columns ``gain_rel_paper`` / ``disagreement_full`` (written by `taopd diagnose`) when present, else the
+    same definitions computed here from ``kl_forward_before/after`` and ``kl_forward``."""
+    if "gain_rel_paper" in src.columns:
+        gain = src["gain_rel_paper"].to_numpy(np.float64)
+        gain = np.where(np.isfinite(gain), gain, np.nan)
+    else:
+        gain = relative_gain(src["kl_forward_before"].to_numpy(), src["kl_forward_after"].to_numpy())
+    d = src["disagreement_full" if "disagreement_full" in src.columns else "kl_forward"].to_numpy(np.float64)
+    return gain, d
+
+
 def paper_frame(df: pd.DataFrame, *, k: int | None = None, normalise_first: bool = False) -> pd.DataFrame:
     """The release's analysis table from a ``tokens.parquet`` (at top-K `k` for C; default the base K).
 
@@ -141,9 +154,10 @@ def paper_frame(df: pd.DataFrame, *, k: int | None = None, normalise_first: bool
     f = pd.DataFrame({"seq_id": src["seq_id"].to_numpy(), "pos": src["pos"].to_numpy()})
     if "prompt_id" in src.columns:
         f["prompt_id"] = src["prompt_id"].to_numpy()
-    f["gain_rel"] = relative_gain(src["kl_forward_before"].to_numpy(), src["kl_forward_after"].to_numpy())
-    for name, col in (("H", "student_entropy"), ("HT", "teacher_entropy"), ("D", "kl_forward"), ("C", "compat_mass")):
-        v = src[col].to_numpy(np.float64)
+    f["gain_rel"], d = release_gain_and_d(src)
+    signals = {"H": src["student_entropy"], "HT": src["teacher_entropy"], "D": d, "C": src["compat_mass"]}
+    for name, values in signals.items():
+        v = np.asarray(values, np.float64)
         f[name] = np.where(np.isfinite(v), v, np.nan)
     f["pos_norm"] = paper_position(src["pos"].to_numpy(), src["resp_len"].to_numpy())
     for proxy in ("compat_mass_lower", "overlap", "jaccard", "bhattacharyya", "teacher_top1_in_student_topk",

@@ -27,7 +27,7 @@ from analysis.paper import (
     paper_position,
     paper_top_n,
     q3_support_gap,
-    relative_gain,
+    release_gain_and_d,
     robust_gain_stats,
     sample_clusters,
 )
@@ -113,8 +113,8 @@ def support_proxy_audit(df: pd.DataFrame, *, k: int | None = None, n_boot: int =
     """
     src = df if k is None or k == df.attrs.get("k") else with_k(df, k)
     require_columns(src, PAPER_REQUIRED, "support-proxy audit")
-    g = relative_gain(src["kl_forward_before"].to_numpy(), src["kl_forward_after"].to_numpy())
-    hn, dn, htn = (robust_rank(src[c].to_numpy()) for c in ("student_entropy", "kl_forward", "teacher_entropy"))
+    g, d = release_gain_and_d(src)
+    hn, dn, htn = (robust_rank(v) for v in (src["student_entropy"].to_numpy(), d, src["teacher_entropy"].to_numpy()))
     pos = paper_position(src["pos"].to_numpy(), src["resp_len"].to_numpy())
     yz = _z_median(g)
     base_r2, _ = _ols_r2(yz, [_z_median(v) for v in (hn, dn, hn * dn, pos, htn)])

@@ -229,3 +229,13 @@ def test_protocol_meanings_mirror_the_diagnostic() -> None:
 
     for name, meaning in PROTOCOL_MEANING.items():
         assert PROTOCOLS[name] == meaning
+
+
+def test_release_columns_of_the_table_are_used_when_present(small_tokens: pd.DataFrame) -> None:
+    """`taopd diagnose` writes gain_rel_paper and disagreement_full; the preset reads them rather than recomputing."""
+    df = small_tokens.copy()
+    df["gain_rel_paper"] = np.linspace(-1.0, 1.0, len(df))
+    df["disagreement_full"] = np.linspace(0.0, 2.0, len(df))
+    f = paper_frame(df)
+    np.testing.assert_array_equal(f["gain_rel"], df["gain_rel_paper"])
+    np.testing.assert_array_equal(f["D"], df["disagreement_full"])
