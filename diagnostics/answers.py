@@ -73,4 +73,10 @@ def correct_flags(responses: Sequence[str], answers: Sequence[str], mode: str = 
     """`check_answer` over aligned responses and gold answers."""
     if len(responses) != len(answers):
         raise ValueError(f"{len(responses)} responses for {len(answers)} answers")
-    return [check_answer(r, a, mode) for r, a in zip(responses, answers)]
+    flags = []
+    for i, (response, answer) in enumerate(zip(responses, answers)):
+        try:
+            flags.append(check_answer(response, answer, mode))
+        except ValueError as exc:
+            raise ValueError(f"answers[{i}]: {exc}") from None
+    return flags

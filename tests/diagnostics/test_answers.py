@@ -65,3 +65,20 @@ def test_correct_flags_aligns_and_checks_lengths():
     assert correct_flags(["\\boxed{7}", "\\boxed{8}"], ["7", "7"], "math") == [True, False]
     with pytest.raises(ValueError, match="2 responses for 1 answers"):
         correct_flags(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match=r"answers\[1\]: answer_check=math: the gold answer '' does not parse"):
+        correct_flags(["\\boxed{7}", "\\boxed{8}"], ["7", ""], "math")
+
+
+def test_answer_correctness_applies_the_named_check(monkeypatch):
+    """The evaluation entry point (used by the trainer and `taopd evaluate`) scores with the named check."""
+    import torch
+
+    from diagnostics import evaluation
+    from diagnostics.task import Problem
+
+    monkeypatch.setattr(evaluation, "generate_responses", lambda model, tok, prompts, **kw: ["so \\boxed{0.5}"] * 2)
+    problems = [Problem(0, "half?", "\\frac{1}{2}"), Problem(1, "third?", "1/3")]
+    model = torch.nn.Linear(1, 1)
+    assert evaluation.answer_correctness(model, None, problems, answer_check="math") == [True, False]
+    assert evaluation.answer_accuracy(model, None, problems, answer_check="exact") == 0.0
+    assert model.training  # the model's mode is restored
