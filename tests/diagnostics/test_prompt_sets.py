@@ -153,3 +153,22 @@ def test_dapo_slime_records_dedup_keeps_first():
         {"prompt": [{"role": "user", "content": "B"}], "reward_model": {"ground_truth": "4"}},
     ]
     assert dapo_slime_records(records) == [{"prompt": "A ", "label": "1"}, {"prompt": "B", "label": "4"}]
+
+
+def test_hub_id_path_with_a_stubbed_hub(monkeypatch):
+    """A hub id goes to datasets.load_dataset(id, name=subset, split=split); no network: the hub is stubbed."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        if path == "offline/missing":
+            raise ConnectionError("no network")
+        return datasets.Dataset.from_list([{"problem": "What is 3 + 4?", "answer": "7"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    problems = load_prompt_set("HuggingFaceH4/MATH-500", prompt_column="problem", split="test")
+    assert calls == [("HuggingFaceH4/MATH-500", None, "test")] and problems[0].answer == "7"
+    with pytest.raises(PromptSetError, match=r"offline/missing: not a local file.*split 'train'.*no network"):
+        load_prompt_set("offline/missing")
