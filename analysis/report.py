@@ -392,7 +392,8 @@ def format_report(summary: Mapping[str, Any]) -> str:
 def summary_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     """The summary's sections as DataFrames (for notebooks).
 
-    Keys: correlations, ols, per_k, gaps, top_n, retrieval, checks.
+    Keys: correlations, ols, per_k, gaps, top_n, retrieval, checks, and the paper preset's side_by_side,
+    paper_top_n, paper_support_proxies (empty when the summary has no paper section).
     """
     corr = pd.DataFrame.from_dict(summary.get("correlations") or {}, orient="index")
     corr.index.name = "score"
@@ -417,4 +418,7 @@ def summary_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
         "top_n": pd.DataFrame(summary.get("top_n") or []),
         "retrieval": pd.DataFrame(summary.get("retrieval") or []),
         "checks": checks_frame(summary),
+        "side_by_side": pd.DataFrame(summary.get("side_by_side") or []),
+        "paper_top_n": pd.DataFrame((summary.get("paper") or {}).get("top_n") or []),
+        "paper_support_proxies": pd.DataFrame((summary.get("paper") or {}).get("support_proxies") or []),
     }

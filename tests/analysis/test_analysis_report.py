@@ -50,7 +50,9 @@ def test_format_report(fixture_summary):
 
 def test_tables(fixture_summary):
     t = summary_tables(fixture_summary)
-    assert set(t) == {"correlations", "ols", "per_k", "gaps", "top_n", "retrieval", "checks"}
+    assert set(t) == {"correlations", "ols", "per_k", "gaps", "top_n", "retrieval", "checks", "side_by_side",
+                      "paper_top_n", "paper_support_proxies"}
+    assert len(t["side_by_side"]) == 8 and set(t["paper_top_n"]["K"]) == {8, 16, 32}
     assert len(t["per_k"]) == 3 and len(t["checks"]) == len(fixture_summary["checks"])
 
 
