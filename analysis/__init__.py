@@ -11,6 +11,10 @@ Modules, each one concept:
     selectors   exact top-N selection, gain per keep, precision / AUROC, kept-set overlap
     checks      the paper's claims tested on a summary: checks, verdict; how numbers are written
     report      summarize(df) -> dict, format_report(dict) -> str, summary_tables(dict) -> DataFrames
+    paper       the release's definitions (the `paper` preset): relative gain, winsorising, full-vocabulary D,
+                OLS base/+C/decomposed, Q3 support and matched gaps, exact top-N
+    paper_summary  summarize_paper, the Table 6 support-proxy audit, side_by_side (paper vs project)
+    paper_figures  the paper-protocol figures (asinh heat map, coefficients per K, top-N, support proxies)
     training    the comparison table of a training run (over seeds), its checks and markdown
     variants    first-order vs exact gain, and the group (multi-token) gains per selector
     figures     house-style figures; make_all_figures(results_dir, out_dir)
