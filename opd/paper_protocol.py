@@ -26,13 +26,15 @@ The release this reproduces (public repository ckjsuperhh/taopd-baseline, folder
   GLOBAL_BATCH_SIZE=2 (one optimizer step per 2 rollouts), ROLLOUT_MAX_RESPONSE_LEN=256,
   SAVE_INTERVAL=25; L113 SAVE_DEBUG_ROLLOUT_DATA=1 keeps every step's rollouts; L122-126 the bank is
   exported from them with --max-samples 300; L128-140 the base student (theta0) is scored on it with
-  --max-response-tokens 192; L143-157 the latest checkpoint is re-scored against that baseline.
-* `slime_ta_opd/tools/export_fixed_context_bank.py` (main, the --max-samples loop): the first 300
-  response-bearing samples, rollout files in sorted order; `_sample_row` skips empty responses.
-  151 steps x 2 = 302 rollouts, so the bank is all but one step's rollouts; here the preset trains
-  exactly n_sequences / rollouts-per-step steps, so the bank is all of the run's rollouts, in step
-  order (the release's files sort as strings, "10.pt" before "2.pt"; with the whole run in the bank
-  the order does not matter).
+  --max-response-tokens 192; L142-157 the latest checkpoint (--iteration latest) is re-scored
+  against that baseline.
+* `slime_ta_opd/tools/export_fixed_context_bank.py` L114-124 (main): the first --max-samples
+  response-bearing samples, rollout files in sorted order (L31); L56-57 skip empty responses.
+  There, 151 steps x 2 = 302 rollouts, so the bank is all but one step's rollouts (the files sort
+  as strings, "10.pt" before "2.pt", which decides only which step is left out). Here the bank is
+  the first n_sequences rollouts in step order: the whole run when steps x rollouts-per-step =
+  n_sequences; the testbed preset (150 x 8, chosen so that OPD teaches: 150 x 2 does not) banks the
+  rollouts of the first 38 of its 150 steps.
 * `slime_ta_opd/examples/on_policy_distillation/run-qwen3-1.7B-sampled-opd-sglang.sh`, GRPO_ARGS and
   OPTIMIZER_ARGS: sampled-token OPD (--use-opd, eps clip 0.2 / 0.28), Adam lr 1e-6 constant, weight
   decay 0.1, betas 0.9 / 0.98 (Megatron's default gradient clipping 1.0): the `train` preset of
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +153,7 @@ def bank_rollouts(rollout_dir: Path, n_sequences: int, batch_size: int) -> pd.Da
 
 def run_paper_protocol(config: DiagnoseConfig) -> Path:
     """Run (or resume) the whole chain; returns the diagnose run directory (tokens.parquet, manifest.json)."""
+    started = time.perf_counter()
     train_config(config, Path(config.out_dir))  # every key checked before any model is built or loaded
     resolved = resolve_pair(config.student, config.teacher, testbed_config=config.testbed_config, k=config.k,
                             max_new_tokens=config.max_new_tokens)
@@ -164,10 +168,10 @@ def run_paper_protocol(config: DiagnoseConfig) -> Path:
     bank_file = run_dir / BANK_FILE
     if not bank_file.is_file():
         write_parquet(bank_file, bank_rollouts(arm_dir(train) / "rollouts", config.n_sequences, train.batch_size))
-    return run_diagnose(rescore, manifest_extra=provenance(train, train_dir, bank_file))
+    return run_diagnose(rescore, manifest_extra=provenance(train, train_dir, bank_file, started))
 
 
-def provenance(train: TrainConfig, train_dir: Path, bank_file: Path) -> dict[str, Any]:
+def provenance(train: TrainConfig, train_dir: Path, bank_file: Path, started: float) -> dict[str, Any]:
     """manifest.json's record of the chain: the OPD run, what the bank is, the accuracy it reached."""
     metrics = pd.read_parquet(train_dir / "metrics.parquet")
     evaluated = metrics.dropna(subset=["accuracy"]).sort_values("step")
@@ -185,5 +189,6 @@ def provenance(train: TrainConfig, train_dir: Path, bank_file: Path) -> dict[str
         "accuracy_after": float(evaluated["accuracy"].iloc[-1]),
         "kl_to_teacher_before": float(evaluated["kl_to_teacher"].iloc[0]),
         "kl_to_teacher_after": float(evaluated["kl_to_teacher"].iloc[-1]),
+        "train_and_bank_seconds": round(time.perf_counter() - started, 1),  # this invocation; re-scoring: "seconds"
         "release": "ckjsuperhh/taopd-baseline TA-OPD/scripts/diagnostics/run_4b_to_1p7b_heldout_fixed_context_300.sh",
     }}
