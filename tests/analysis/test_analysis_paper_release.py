@@ -154,6 +154,47 @@ def ref_topn(table: pd.DataFrame, ratios: tuple[float, ...]) -> dict[tuple[str, 
     return res
 
 
+# ----------------------------------------------------------------------------- support_definition_robustness.py
+
+
+def ref_rank(s: pd.Series) -> pd.Series:
+    """robust_rank: average percentile rank; missing -> the median rank."""
+    r = s.replace([np.inf, -np.inf], np.nan).rank(method="average", pct=True)
+    return r.fillna(r.median()).clip(0.0, 1.0)
+
+
+def ref_zm(s: pd.Series) -> pd.Series:
+    """zscore there: missing filled with the median first, ddof 0."""
+    x = s.replace([np.inf, -np.inf], np.nan)
+    x = x.fillna(x.median())
+    return (x - x.mean()) / x.std(ddof=0)
+
+
+def ref_support_definition(table: pd.DataFrame, proxy: str) -> dict[str, float]:
+    """analyze_one for one support column: rank-normalised signals, z-scored OLS of G_KLf (base and with
+    D*c, D*(1-c)), and bootstrap_group_diff's point estimate (Q3 quartile gap of D*c)."""
+    df = table.copy()
+    df["Dn"], df["Hn"] = ref_rank(df["KLf_full_base"]), ref_rank(df["Hs_full_base"])
+    df["Ht_n"] = ref_rank(df["Ht_full"])
+    y = ref_zm(df["G_KLf"]).to_numpy()
+
+    def fit(cols: list[pd.Series]) -> tuple[float, np.ndarray]:
+        x = np.column_stack([np.ones(len(df))] + [ref_zm(c).to_numpy() for c in cols])
+        beta = np.linalg.lstsq(x, y, rcond=None)[0]
+        return 1.0 - ((y - x @ beta) ** 2).sum() / ((y - y.mean()) ** 2).sum(), beta
+
+    base_r2, _ = fit([df["Hn"], df["Dn"], df["Hn"] * df["Dn"], df["pos_norm"], df["Ht_n"]])
+    c = ref_rank(df[proxy])
+    score = df["Dn"] * c
+    r2, beta = fit([df["Hn"], score, df["Dn"] * (1.0 - c), df["pos_norm"], df["Ht_n"]])
+    q3 = df[(df["Hn"] <= df["Hn"].median()) & (df["Dn"] >= df["Dn"].median())].assign(score=score)
+    q3 = q3.dropna(subset=["score", "G_KLf"])
+    high = q3[q3["score"] >= q3["score"].quantile(0.75)]
+    low = q3[q3["score"] <= q3["score"].quantile(0.25)]
+    return {"r2_base": base_r2, "r2_decomposed": r2, "beta_L": beta[2], "beta_I": beta[3],
+            "gap_dl": high["G_KLf"].mean() - low["G_KLf"].mean()}
+
+
 # ----------------------------------------------------------------------------- the comparison
 
 
@@ -212,3 +253,16 @@ def test_exact_top_n_matches_release(fixture_run) -> None:
         assert got[key]["n_keep"] == n, key
         assert got[key]["mean_gain"] == pytest.approx(mean, abs=TOL), key
         assert got[key]["gain_per_keep"] == pytest.approx(per_keep, abs=TOL), key
+
+
+def test_support_proxy_audit_matches_release(fixture_run) -> None:
+    """Table 6 (support_definition_robustness.py analyze_one): R^2, beta_L, beta_I and the Q3 quartile gap
+    of D*c with C replaced by each proxy equal the release's to 1e-6."""
+    tokens, _, summary = fixture_run
+    table = release_table(tokens)
+    rows = {r["proxy"]: r for r in summary["support_proxies"]}
+    for proxy, column in (("compat_mass", "compat_mass"), ("overlap", "overlap"), ("jaccard", "jaccard"),
+                          ("compat_mass_lower", "compat_mass_lower"), ("bhattacharyya", "bhattacharyya")):
+        ref = ref_support_definition(table.assign(proxy=tokens[column].to_numpy(np.float64)), "proxy")
+        for key, value in ref.items():
+            assert rows[proxy][key] == pytest.approx(value, abs=TOL), (proxy, key)
