@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from diagnostics.config import ConfigError, load_config
-from diagnostics.diagnose import DiagnoseConfig, release_columns
+from diagnostics.diagnose import DiagnoseConfig, read_bank_file, release_columns
 from opd.paper_protocol import bank_rollouts, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +85,19 @@ def test_bank_is_the_first_rollouts_in_step_order(tmp_path):
     assert [list(r) for r in bank["response_ids"]] == [[1, 7], [1, 8, 9], [2, 7], [2, 8, 9], [10, 7]]
     with pytest.raises(ValueError, match="6 non-empty rollouts, fewer than n_sequences=7"):
         bank_rollouts(tmp_path, n_sequences=7, batch_size=3)
+
+
+def test_bank_file_errors_name_the_key(tmp_path):
+    path = tmp_path / "bank.parquet"
+    pd.DataFrame({"prompt_id": [0, 1], "prompt_ids": [[1], [2]], "response_ids": [[3], [4, 5]]}).to_parquet(path)
+    assert [list(r) for r in read_bank_file(str(path), 1)["response_ids"]] == [[3]]
+    with pytest.raises(ConfigError, match="n_sequences: the bank file .* holds 2 responses, fewer than n_sequences=3"):
+        read_bank_file(str(path), 3)
+    pd.DataFrame({"prompt_id": [0], "response_ids": [[3]]}).to_parquet(path)
+    with pytest.raises(ConfigError, match=r"bank: .* lacks the columns \['prompt_ids'\]"):
+        read_bank_file(str(path), 1)
+    with pytest.raises(FileNotFoundError, match="bank: .* does not exist"):
+        read_bank_file(str(tmp_path / "nope.parquet"), 1)
 
 
 # ------------------------------------------------------------------------------------------ release columns
