@@ -17,8 +17,10 @@ a 64 KiB tmpfs (root only) and "unwritable results" runs as user nobody (setpriv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -156,7 +158,7 @@ def build_workspace(ws: Path) -> dict[str, str]:
     shutil.copytree(testbed.student_path, ws / "truncated")
     weights = ws / "truncated" / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
-    with _cwd(ROOT):  # the finished run every analyze/diagnose probe must leave as it is
+    with _cwd(ROOT), contextlib.redirect_stdout(io.StringIO()):  # the run every probe must leave as it is
         assert main([s.format(**places) for s in diagnose("run_name=good")]) == 0
     shutil.copytree(ws / "results/diagnose/good", ws / "results/diagnose/corrupt")
     (ws / "results/diagnose/corrupt/config.json").write_text("{\n")

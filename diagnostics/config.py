@@ -112,7 +112,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string
             try:
-                return float(value)
+                value = float(value)  # then the finiteness check below ("1e999", "nan" are strings too)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):

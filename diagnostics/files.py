@@ -6,8 +6,10 @@ Results are meant to be shared: a written file gets the mode a plain `open(path,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,14 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _disk_full(directory: Path) -> bool:
+    """Less than 1 MiB left on the file system of `directory` (a failed write is then a full disk)."""
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def file_mode() -> int:
@@ -47,8 +57,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        disk_full = isinstance(exc, OSError | RuntimeError) and _disk_full(path.parent)  # before freeing tmp
         Path(tmp).unlink(missing_ok=True)
+        if disk_full:  # torch.save says "unexpected pos", pyarrow names no file: say what happened, and where
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_dir(path.parent)
     return path

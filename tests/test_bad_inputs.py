@@ -122,6 +122,21 @@ def test_disk_full_is_one_line_and_keeps_the_summary(workspace, capsys, monkeypa
     assert not list(Path(places["good"]).glob(".summary.json.*"))  # the temporary file is removed
 
 
+def test_a_full_disk_is_named_whatever_the_writer_says(tmp_path, monkeypatch):
+    """torch.save reports a full disk as "unexpected pos"; atomic_write says ENOSPC and names the file."""
+    import diagnostics.files
+    from diagnostics.files import atomic_write
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(diagnostics.files, "_disk_full", lambda directory: True)
+    with pytest.raises(OSError, match=rf"No space left on device: '{tmp_path}/shard.pt'") as info:
+        atomic_write(tmp_path / "shard.pt", write)
+    assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_os_level_probes(workspace):
     """A real full disk (tmpfs) and a real unwritable directory (user nobody), where the OS allows them."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.config import ConfigError, load_config
+from diagnostics.config import ConfigError, check_device, load_config, parse_override
 from diagnostics.testbed import TestbedConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,3 +75,41 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(TestbedConfig, None, ["k"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(TestbedConfig, tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "1e999"])
+def test_non_finite_numbers_are_refused_naming_the_key(text):
+    with pytest.raises(ConfigError, match=r"student\.lr: must be a finite number.*overrides"):
+        load_config(TestbedConfig, ROOT / "configs/testbed.yaml", [f"student.lr={text}"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("extra_k=[1,", r"override 'extra_k=\[1,': extra_k: cannot parse '\[1,' at column 4"),
+    ("a={b", r"override 'a=\{b': a: cannot parse"),
+    ("=3", "empty key"),
+    ("a..b=3", "empty key"),
+])
+def test_malformed_override_values_name_the_override(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_override(text)
+
+
+def test_invalid_yaml_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: invalid YAML") as info:
+        load_config(TestbedConfig, write(tmp_path, "seed: [1,\n"))
+    assert "\n" not in str(info.value)
+
+
+def test_device_checks():
+    check_device("auto")
+    check_device("cpu")
+    for bad, message in (("tpu", "must be one of"), ("cpu:0", "cpu takes no index"), ("cuda:x", "must be one of")):
+        with pytest.raises(ConfigError, match=f"^device: {message}"):
+            check_device(bad)
+    with pytest.raises(ConfigError, match="^device: must be one of auto, cpu, cuda, got 'cuda:0'"):
+        check_device("cuda:0", allowed=("auto", "cpu", "cuda"), indexed=False)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda' requested but this machine has no CUDA GPU"):
+            check_device("cuda")

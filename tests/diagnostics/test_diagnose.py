@@ -84,7 +84,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed):
 
 
 def test_config_errors_before_any_model():
-    with pytest.raises(ConfigError, match="lr: must be > 0"):
+    with pytest.raises(ConfigError, match=r"lr: must be in \(0, 1\]"):
         load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", ["lr=0"])
     with pytest.raises(ConfigError, match="checkpoint: mode=checkpoint needs"):
         load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", ["mode=checkpoint"])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +16,9 @@ from diagnostics.run import (
     DEFAULT_K_REAL,
     ResolvedPair,
     bank_batch,
+    check_k,
     check_run_dir,
+    claim_run_dir,
     config_hash,
     heldout_problems,
     make_bank,
@@ -84,3 +89,53 @@ def test_bank_round_trip(tmp_path):
     assert tensors.ids.tolist() == [[1, 2, 3, 5], [4, 8, 0, 0]]  # pad id 0 when the tokenizer has none
     assert tensors.valid.tolist() == [[True, True], [True, False]]
     assert torch.equal(tensors.targets[0], torch.tensor([3, 5]))
+
+
+def test_corrupt_saved_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{\n")
+    with pytest.raises(ConfigError, match=rf"{tmp_path}/config.json: the run's saved config is not valid JSON"):
+        check_run_dir(tmp_path, {"lr": 0.1})
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        check_run_dir(tmp_path, {"lr": 0.1})
+
+
+def test_k_against_the_vocabulary():
+    check_k(70, k=69, extra_k=[1, 8])
+    with pytest.raises(ConfigError, match=r"^k: K=70 is not below the pair's vocabulary of 70 tokens"):
+        check_k(70, k=70)
+    with pytest.raises(ConfigError, match=r"^extra_k: K=1000 is not below"):
+        check_k(70, k=4, extra_k=[8, 1000])
+
+
+HOLD = ("import sys, time; from diagnostics.lock import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+def test_a_second_process_on_the_same_run_refuses(tmp_path):
+    """One process per run directory: the second names the directory and the holder's pid; the lock
+    goes with the holder (killed included); the same process may take its own lock again."""
+    from diagnostics.lock import RunLockedError, acquire_run_lock, release_run_lock
+
+    run_dir = tmp_path / "run"
+    root = Path(__file__).resolve().parents[2]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=rf"{run_dir} is in use by another taopd process \(pid {holder.pid}\)"):
+            acquire_run_lock(run_dir)
+        (run_dir / "config.json").write_text(json.dumps({"lr": 0.1}))
+        with pytest.raises(RunLockedError):
+            claim_run_dir(run_dir, {"lr": 0.1}, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    claim_run_dir(run_dir, {"lr": 0.1}, resume=True)  # the killed holder's lock is gone
+    acquire_run_lock(run_dir)  # already ours: no-op
+    release_run_lock(run_dir)
+
+
+def test_claim_checks_before_creating_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run to resume"):
+        claim_run_dir(tmp_path / "none", {"lr": 0.1}, resume=True)
+    assert not (tmp_path / "none").exists()

@@ -219,3 +219,14 @@ def test_writer_killed_mid_write_leaves_the_old_store_intact(tmp_path):
     assert back.attrs["manifest"]["writer"] == "old"
     with pytest.raises(ValueError, match="truncated or corrupt"):
         read_store(partial[0])  # what was killed really was a partial file
+
+
+def test_store_files_follow_the_umask(tmp_path):
+    """Results are shared: the store and its manifest get 0666 less the umask, not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        path = write_store(synthetic_store(3), tmp_path / "rollouts.parquet", {"backend": "hf"})
+    finally:
+        os.umask(old)
+    for written in (path, manifest_path(path)):
+        assert written.stat().st_mode & 0o777 == 0o644, written
