@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from diagnostics.answers import ANSWER_CHECKS
 from diagnostics.config import check, check_at_least, check_device, config_to_dict
@@ -27,7 +27,7 @@ from opd.presets import apply_presets
 # before the keys existed stay the same (the manifest records every selection option either way).
 OMITTED_AT_DEFAULT = {"preset": "", "signals": "exact", "signal_normalization": "valid_rows",
                       "tie_break": "row_major", "top_up": "", "q3_fill": False, "mixed_precision": "auto",
-                      "rollout_backend": "hf", "engine": "own"}
+                      "rollout_backend": "hf", "engine": "own", "trl_args": {}}
 # Keys that do not change what a run computes: a resume may differ in them.
 RESUME_IGNORED = ("progress", "report_to", "save_rollouts")
 
@@ -97,6 +97,7 @@ class TrainConfig:
     # engine
     engine: Literal["own", "trl"] = "own"  # own: opd.trainer; trl: opd.trl_recipe (TRL's DistillationTrainer)
     report_to: str = "none"  # engine=trl only: TRL's report_to (none | trackio | wandb | tensorboard, comma-separated)
+    trl_args: dict[str, Any] = field(default_factory=dict)  # engine=trl only: more DistillationConfig settings
 
     def __post_init__(self) -> None:
         apply_presets(self)  # first: the checks below see the preset's (and optimizer: paper's) values
@@ -156,6 +157,8 @@ class TrainConfig:
         check(self.engine in ("own", "trl"), "engine", f"must be own or trl, got {self.engine!r}")
         check(self.engine == "trl" or self.report_to == "none", "report_to",
               f"is for engine=trl (TRL's report_to); the own engine logs to the console, got {self.report_to!r}")
+        check(self.engine == "trl" or not self.trl_args, "trl_args",
+              f"is for engine=trl (TRL's DistillationConfig settings), got {self.trl_args!r}")
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
         check(not self.student or bool(self.prompts), "prompts", "real models need a JSONL training prompt file")

@@ -14,7 +14,9 @@ arms/<arm>/trl/, resumed with `--resume`), and logs through `report_to` (`TrainC
 What maps how (`opd.integrations.trl.distillation_config`): the arm's prompt stream in order (each
 prompt repeated `samples_per_prompt` times), steps, rollouts per step, completion length, temperature,
 loss and normalisation, AdamW (betas, weight decay; TRL exempts biases and norm weights from the decay),
-constant lr, clipping, float32 on CPU. Both models' embedding and LM-head rows past the tokenizer's
+constant lr, clipping, float32 on CPU (on CUDA with `mixed_precision`: float32 student weights and TRL's
+bf16 autocast, as the own engine). `trl_args` adds or overrides DistillationConfig settings (vLLM generation:
+`{use_vllm: true, vllm_mode: colocate}`). Both models' embedding and LM-head rows past the tokenizer's
 vocabulary are dropped (`cut_vocab`: TRL needs equal vocab sizes; the logits on real ids are unchanged).
 Streams differ from the project's: TRL samples with `args.seed` = the arm's seed, and the random
 selector's scores use `SelectiveDistillationTrainer._selection_seed`.
@@ -25,13 +27,15 @@ resumed arm keeps them). Per-step metrics rows: TRL's loss, the global kept and 
 cumulative training time (generation to optimizer step, without evaluation), peak memory of the step.
 
 Not supported here (clear errors): `micro_batch_size` (TRL's micro-batching is gradient accumulation,
-and the registry losses count kept positions per generation batch), optimizers other than AdamW.
+and the registry losses count kept positions per generation batch), optimizers other than AdamW,
+`rollout_backend` other than hf (TRL's own vLLM path is `trl_args`).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -42,6 +46,7 @@ from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 
 from diagnostics.evaluation import encode_prompts
 from diagnostics.files import write_json, write_parquet
+from diagnostics.lock import release_run_lock
 from diagnostics.models import load_model
 from diagnostics.progress import progress_bar
 from opd.config import Arm, TrainConfig
@@ -62,6 +67,9 @@ def check_trl_config(config: TrainConfig) -> None:
                          f"{config.micro_batch_size}, use 0")
     if config.optimizer != "adamw":
         raise ValueError(f"optimizer: engine=trl runs AdamW (TRL's adamw_torch), got {config.optimizer!r}")
+    if config.rollout_backend != "hf":
+        raise ValueError(f"rollout_backend: engine=trl generates through TRL; for vLLM set trl_args "
+                         f"{{use_vllm: true, vllm_mode: colocate | server}} (README), got {config.rollout_backend!r}")
 
 
 class ArmCallback(TrainerCallback):
@@ -126,10 +134,10 @@ def make_trainer(ctx: RunContext, arm: Arm, arm_dir: Path, student, teacher) -> 
     save = dict(save_strategy="steps", save_steps=config.checkpoint_every) if config.checkpoint_every else {}
     args = distillation_config(
         config, max_new_tokens=ctx.pair.max_new_tokens, seed=arm.seed, output_dir=str(arm_dir / "trl"),
-        processes=world.size, use_cpu=world.device.type == "cpu", bf16=ctx.dtype == torch.bfloat16,
-        fp16=ctx.dtype == torch.float16, logging_steps=1, disable_tqdm=not (config.progress and world.is_main),
+        processes=world.size, use_cpu=world.device.type == "cpu", bf16=ctx.precision.compute == torch.bfloat16,
+        logging_steps=1, disable_tqdm=not (config.progress and world.is_main and sys.stderr.isatty()),  # quiet logs
         report_to=config.report_to, project="taopd", run_name=f"{config.run_id()}/{arm.name}",
-        dataloader_num_workers=0, **save)
+        dataloader_num_workers=0, ddp_find_unused_parameters=False, **{**save, **config.trl_args})
     trainer = SelectiveDistillationTrainer(
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"prompt": prompts}), selector=arm.selector, ratio=arm.ratio,
@@ -144,9 +152,9 @@ def train_arm_trl(ctx: RunContext, arm: Arm) -> None:
     arm_dir = ctx.run_dir / "arms" / arm.name
     if (arm_dir / "result.json").is_file():
         return
-    device, dtype = ctx.world.device, ctx.dtype
-    student = cut_vocab(load_model(ctx.pair.student_path, device, dtype), ctx.vocab_size).train()
-    teacher = cut_vocab(load_model(ctx.pair.teacher_path, device, dtype), ctx.vocab_size).eval()
+    device = ctx.world.device  # student: float32 master weights under mixed precision (TRL's bf16 autocast)
+    student = cut_vocab(load_model(ctx.pair.student_path, device, ctx.precision.master), ctx.vocab_size).train()
+    teacher = cut_vocab(load_model(ctx.pair.teacher_path, device, ctx.dtype), ctx.vocab_size).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     trainer = make_trainer(ctx, arm, arm_dir, student, teacher)
@@ -175,6 +183,7 @@ def run_training_trl(config: TrainConfig, *, resume: bool = False) -> Path:
                     f"{ctx.base_eval['accuracy']:.3f})")
     for arm in progress_bar(arms, desc="arms", enabled=config.progress and ctx.world.is_main):
         train_arm_trl(ctx, arm)
+    ctx.rollouts.close()  # the own engine's rollout backend (hf here: nothing held)
     if ctx.world.is_main:
         metrics, gains = collect(ctx)
         write_parquet(ctx.run_dir / "metrics.parquet", metrics)
@@ -186,4 +195,5 @@ def run_training_trl(config: TrainConfig, *, resume: bool = False) -> Path:
                         report_to=config.report_to)
         write_json(ctx.run_dir / "manifest.json", manifest)
     ctx.world.barrier()
+    release_run_lock(ctx.run_dir)  # rank 0 held it (opd.trainer.prepare_run_dir)
     return ctx.run_dir
