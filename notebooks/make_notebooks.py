@@ -105,6 +105,19 @@ CORRELATION = [
              "buckets, residuals = bucket_curves(df, n_boot=N_BOOT), residual_curves(df, n_boot=N_BOOT)\n"
              "display(plot_bucket_curves(buckets, residuals, run_name=run_name))\n"
              "display(plot_score_hexbins(df, run_name=run_name))"),
+    ("md", "## The paper's definitions beside ours\n"
+           "`summary['paper']` recomputes the statistics with the public release's definitions "
+           "(`analysis.paper`: relative gain winsorised 1%/99%, full-vocabulary D, Q3 with <=, gaps inside Q3 on C "
+           "normalised within Q3, Delta R^2 = decomposed - base); `side_by_side` pairs each number with ours."),
+    ("code", "if summary['paper']:\n"
+             "    for name, text in summary['paper']['definitions'].items():\n"
+             "        display(Markdown(f'**{name}**: {text}'))\n"
+             "    display(tables['side_by_side'])\n"
+             "    display(tables['paper_support_proxies'])\n"
+             "    from analysis.paper_figures import plot_asinh_gain_heatmap\n\n"
+             "    display(plot_asinh_gain_heatmap(df, run_name=run_name))\n"
+             "else:\n"
+             "    print('this table lacks the columns of the paper definitions')"),
     ("md", "## Full text report (what `taopd analyze` prints)"),
     ("code", "print(format_report(summary))"),
 ]
@@ -131,6 +144,12 @@ SELECTORS = [
              "display(Markdown(f\"all tokens: mean G = {summary['mean_gain_all']['value']} nats\"))"),
     ("code", "from analysis.figures import plot_kept_overlap, plot_top_n\n\n"
              "display(plot_top_n(top, mean_gain_all=summary['mean_gain_all']['value'], run_name=run_name))"),
+    ("md", "## The paper's exact top-N (release definitions)\n"
+           "Winsorised relative gain, D = full-vocabulary KL, ties to earlier positions, per K "
+           "(`analysis.paper.paper_top_n`)."),
+    ("code", "paper_top = tables['paper_top_n']\n"
+             "if len(paper_top):\n"
+             "    display(paper_top.sort_values(['K', 'ratio', 'mean_gain'], ascending=[True, True, False]))"),
     ("md", "## Retrieval: does the score find the top-rho gains?"),
     ("code", "display(tables['retrieval'].pivot(index='selector', columns='ratio', values=['auroc', 'precision']))"),
     ("md", "## Overlap of kept sets (Jaccard)"),
