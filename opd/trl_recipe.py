@@ -17,7 +17,11 @@ loss and normalisation, AdamW (betas, weight decay; TRL exempts biases and norm 
 constant lr, clipping, float32 on CPU (on CUDA with `mixed_precision`: float32 student weights and TRL's
 bf16 autocast, as the own engine). `trl_args` adds or overrides DistillationConfig settings (vLLM generation:
 `{use_vllm: true, vllm_mode: colocate}`). Both models' embedding and LM-head rows past the tokenizer's
-vocabulary are dropped (`cut_vocab`: TRL needs equal vocab sizes; the logits on real ids are unchanged).
+vocabulary are dropped when their row counts differ (`cut_vocab`: TRL needs equal vocab sizes; the logits
+on real ids are unchanged); with equal row counts (a Qwen family pair) the models stay as saved, so TRL's vLLM
+weight sync sees the checkpoint's shapes, and the signals and the registry losses read the first V columns
+(`signal_vocab_size`), as the own engine; TRL's JSD kernel (reverse_kl / forward_kl with kept_global) then
+spans the padding rows too (probability ~0 in trained models).
 Streams differ from the project's: TRL samples with `args.seed` = the arm's seed, and the random
 selector's scores use `SelectiveDistillationTrainer._selection_seed`.
 
@@ -137,14 +141,27 @@ def make_trainer(ctx: RunContext, arm: Arm, arm_dir: Path, student, teacher) -> 
         processes=world.size, use_cpu=world.device.type == "cpu", bf16=ctx.precision.compute == torch.bfloat16,
         logging_steps=1, disable_tqdm=not (config.progress and world.is_main and sys.stderr.isatty()),  # quiet logs
         report_to=config.report_to, project="taopd", run_name=f"{config.run_id()}/{arm.name}",
-        dataloader_num_workers=0, ddp_find_unused_parameters=False, **{**save, **config.trl_args})
+        dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        **{**save, **{k: v for k, v in config.trl_args.items() if k != "teacher_model_init_kwargs"}})  # load_teacher
     trainer = SelectiveDistillationTrainer(
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"prompt": prompts}), selector=arm.selector, ratio=arm.ratio,
-        min_per_sequence=config.min_per_sequence, k=ctx.pair.k, loss=config.loss,
+        min_per_sequence=config.min_per_sequence, k=ctx.pair.k, loss=config.loss, signal_vocab_size=ctx.vocab_size,
         normalization=config.normalization, clip_low=config.clip_low, clip_high=config.clip_high)
     trainer.remove_callback(PrinterCallback)  # one printed dict per step otherwise
     return trainer
+
+
+def load_teacher(ctx: RunContext) -> torch.nn.Module:
+    """The teacher on this process's device, or placed by `trl_args.teacher_model_init_kwargs` (from_pretrained
+    keywords, e.g. device_map={model: cuda:1, lm_head: cuda:0}: its backbone on its own GPU; TRL needs both LM
+    heads on one device and moves the teacher's hidden states to its head)."""
+    placement = ctx.config.trl_args.get("teacher_model_init_kwargs")
+    if not placement:
+        return load_model(ctx.pair.teacher_path, ctx.world.device, ctx.dtype).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ctx.pair.teacher_path, **{"dtype": ctx.dtype, **placement}).eval()
 
 
 def train_arm_trl(ctx: RunContext, arm: Arm) -> None:
@@ -153,8 +170,11 @@ def train_arm_trl(ctx: RunContext, arm: Arm) -> None:
     if (arm_dir / "result.json").is_file():
         return
     device = ctx.world.device  # student: float32 master weights under mixed precision (TRL's bf16 autocast)
-    student = cut_vocab(load_model(ctx.pair.student_path, device, ctx.precision.master), ctx.vocab_size).train()
-    teacher = cut_vocab(load_model(ctx.pair.teacher_path, device, ctx.dtype), ctx.vocab_size).eval()
+    student = load_model(ctx.pair.student_path, device, ctx.precision.master).train()
+    teacher = load_teacher(ctx)
+    rows = {m.get_output_embeddings().weight.shape[0] for m in (student, teacher)}
+    if len(rows) > 1:  # TRL needs equal vocab sizes: drop the padding rows of both (see the module docstring)
+        student, teacher = (cut_vocab(m, ctx.vocab_size) for m in (student, teacher))
     for p in teacher.parameters():
         p.requires_grad_(False)
     trainer = make_trainer(ctx, arm, arm_dir, student, teacher)
