@@ -94,7 +94,10 @@ PROBES: list[Probe] = [
     Probe("3 silent wrong run", "diagnose lr=.inf", diagnose("lr=.inf"), "lr: must be a finite number"),
     Probe("3 silent wrong run", "diagnose lr=1e18", diagnose("lr=1e18"), "lr: must be in (0, 1]"),
     Probe("3 silent wrong run", "prompt characters outside the vocabulary",
-          diagnose_real("prompts={ws}/oov.jsonl", "run_name=oov"), "character 'Z' (U+005A)"),
+          diagnose_real("prompts={ws}/oov.jsonl", "run_name=oov"), "{ws}/oov.jsonl: prompt 1: character 'Z' (U+005A)"),
+    Probe("3 silent wrong run", "training prompts with characters outside the vocabulary",
+          train("student={student}", "teacher={teacher}", "prompts={ws}/oov.jsonl", "eval_prompts={ws}/prompts.jsonl",
+                "eval_problems=2", "bank_sequences=2", "run_name=oov"), "(seed 0's stream): prompt"),
     # 4. tracebacks for ordinary mistakes
     Probe("4 traceback", "truncated model.safetensors",
           diagnose_real("student={ws}/truncated", "run_name=trunc"), "cannot load the model weights in {ws}/truncated"),

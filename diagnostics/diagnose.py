@@ -51,6 +51,7 @@ from diagnostics.run import (
     ResolvedPair,
     bank_batch,
     check_k,
+    check_prompts,
     claim_run_dir,
     config_hash,
     heldout_problems,
@@ -275,6 +276,22 @@ def check_shard_finite(table: dict[str, torch.Tensor], valid: torch.Tensor, shar
                          f"shards kept, details in {run_dir / 'nonfinite.json'}")
 
 
+def check_group_finite(group: pd.DataFrame, run_dir: Path, config: DiagnoseConfig) -> None:
+    """The group variant's gains are finite, or nonfinite.json names selector, ratio, sequence and position
+    (tokens.parquet, already written, is the last good state; group.parquet is not written)."""
+    bad = ~np.isfinite(group["gain"].to_numpy(np.float64))
+    if not bad.any():
+        return
+    first = group[bad].iloc[0]
+    write_nonfinite_record(run_dir, recipe="diagnose", quantity="group gain", selector=first["selector"],
+                           ratio=float(first["ratio"]), seq_id=int(first["seq_id"]), pos=int(first["pos"]),
+                           n_nonfinite=int(bad.sum()), lr=config.lr, last_good=["tokens.parquet"])
+    raise NonFiniteError(f"group gain is non-finite for selector {first['selector']} at ratio {first['ratio']:g} "
+                         f"(bank sequence {int(first['seq_id'])}, response position {int(first['pos'])}; "
+                         f"{int(bad.sum())} positions): the group update blew up, lower lr; tokens.parquet kept, "
+                         f"details in {run_dir / 'nonfinite.json'}")
+
+
 # ------------------------------------------------------------------------------------------ the whole bank
 
 
@@ -384,8 +401,12 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
     started = time.perf_counter()
     resolved = resolve_pair(config.student, config.teacher, testbed_config=config.testbed_config, k=config.k,
                             max_new_tokens=config.max_new_tokens)
-    _, vocab = check_pair(resolved.student_path, resolved.teacher_path)  # cheap: tokenizers and configs only
+    tokenizer, vocab = check_pair(resolved.student_path, resolved.teacher_path)  # cheap: tokenizers and configs
     check_k(vocab, k=resolved.k, extra_k=config.extra_k)
+    if resolved.testbed is None and config.prompts:  # the file's rows, count and characters, before any write
+        problems = heldout_problems(resolved, config.n_sequences, split_seed=BANK_SPLIT_SEED, prompts=config.prompts,
+                                    key="prompts")
+        check_prompts(tokenizer, [p.prompt for p in problems], config.prompts)
     if config.mode == "checkpoint":
         check_path(config.checkpoint, "checkpoint")
         check_pair(resolved.student_path, config.checkpoint, names=("student", "checkpoint"))
@@ -418,7 +439,9 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
     write_parquet(run_dir / "tokens.parquet", tokens)
 
     if config.mode == "single-step" and config.group_selectors:
-        write_parquet(run_dir / "group.parquet", run_group(pair, bank, grids, config, bank_df["seq_id"].to_numpy()))
+        group = run_group(pair, bank, grids, config, bank_df["seq_id"].to_numpy())
+        check_group_finite(group, run_dir, config)
+        write_parquet(run_dir / "group.parquet", group)
 
     method = "checkpoint" if config.mode == "checkpoint" else choose_method(config, pair.student, bank)
     manifest = build_manifest(config, resolved, pair, ks, bank_path, tokens, method, time.perf_counter() - started)

@@ -6,7 +6,8 @@
 * `config_hash`, `check_run_dir`, `claim_run_dir`: a run directory is named by a hash of what the run
   computes, and holds one config: continuing it with another is an error naming the differing keys;
   one process at a time works in it (`diagnostics.lock`).
-* `check_k`: top-K values against the pair's vocabulary, as soon as the vocabulary is known.
+* `check_k`, `check_prompts`: top-K values against the pair's vocabulary, and prompts against its
+  tokenizer, as soon as the tokenizer is loaded (before the run directory is written).
 * `make_bank`, `validate_bank`, `read_bank`, `bank_batch`: the frozen context bank (held-out
   responses of the base student, each cut to at most L tokens) and its padded tensors.
 * `manifest_base`: the provenance keys every run manifest records (models, hashes, signal mode).
@@ -149,6 +150,15 @@ def check_k(vocab_size: int, *, k: int, extra_k: Collection[int] = (), key: str 
     if bad:
         raise ConfigError(f"extra_k: K={bad[0]} is not below the pair's vocabulary of {vocab_size} tokens "
                           f"(top-K signals need 1 <= K < {vocab_size})")
+
+
+def check_prompts(tokenizer: Any, prompts: list[Any], source: str, *, rendered: bool = False) -> None:
+    """Every prompt as the model will see it (chat template applied unless `rendered`) encodes without
+    losing a character (`diagnostics.prompts.check_encodable`); the error names `source` and the prompt."""
+    from diagnostics.prompts import check_encodable, render_text
+
+    for i, prompt in enumerate(prompts):
+        check_encodable(tokenizer, prompt if rendered else render_text(tokenizer, prompt), f"{source}: prompt {i + 1}")
 
 
 # ------------------------------------------------------------------------------------------ the context bank

@@ -68,6 +68,7 @@ from diagnostics.run import (
     ResolvedPair,
     bank_batch,
     check_k,
+    check_prompts,
     claim_run_dir,
     heldout_problems,
     make_bank,
@@ -182,9 +183,14 @@ def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
                         max_new_tokens=config.max_new_tokens, progress=False)
     tokenizer, vocab_size = check_pair(pair.student_path, pair.teacher_path)  # raises on a mismatched pair
     check_k(vocab_size, k=pair.k)
+    train_texts = {seed: training_texts(config, pair.testbed, seed, tokenizer) for seed in config.seeds}
     eval_problems = heldout(config, pair, config.eval_problems, EVAL_SPLIT_SEED, tokenizer)  # file too short: now
     bank_problems = heldout(config, pair, config.bank_sequences, BANK_SPLIT_SEED, tokenizer)
     run_dir = Path(config.out_dir) / config.run_id()
+    if pair.testbed is None:  # a character a JSONL prompt loses is an error now, not at some arm's step
+        check_prompts(tokenizer, [p.prompt for p in eval_problems + bank_problems], config.eval_prompts, rendered=True)
+        for seed, texts in train_texts.items():
+            check_prompts(tokenizer, texts, f"{config.prompts} (seed {seed}'s stream)", rendered=True)
     prepare_run_dir(run_dir, config, resume, world)
     dtype = resolve_dtype(config.dtype, world.device)
     precision = resolve_precision(config.mixed_precision, dtype, world.device)
@@ -201,7 +207,7 @@ def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
         eval_problems=eval_problems,
         bank=build_bank(pair, tokenizer, vocab_size, bank_problems, config, run_dir / "bank.parquet", world),
         base_eval={},
-        train_texts={seed: training_texts(config, pair.testbed, seed, tokenizer) for seed in config.seeds},
+        train_texts=train_texts,
         precision=precision, rollouts=rollout_engine,
     )
     ctx.base_eval = base_evaluation(ctx)

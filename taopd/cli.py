@@ -210,6 +210,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     from analysis import make_all_figures
 
+    if args.n_boot < 0:
+        raise ValueError(f"--n-boot: must be >= 0 (0 = no intervals), got {args.n_boot}")
+    if not Path(args.results).is_dir():
+        raise FileNotFoundError(f"--results: directory {args.results} does not exist")
     paths = make_all_figures(args.results, args.out, n_boot=args.n_boot)
     console.print(f"{len(paths)} figure files written to {args.out}")
     return 0

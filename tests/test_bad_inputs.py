@@ -266,3 +266,19 @@ def test_a_finished_run_follows_the_umask(workspace):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
     wrong = {name: oct(mode) for name, mode in modes.items() if mode != file_mode()}
     assert files and not wrong
+
+
+def test_group_blowup_is_named(tmp_path):
+    import pandas as pd
+
+    from diagnostics.diagnose import DiagnoseConfig, check_group_finite
+    from diagnostics.nonfinite import NonFiniteError
+
+    group = pd.DataFrame({"selector": ["kl", "kl"], "ratio": [0.05, 0.05], "seq_id": [3, 3], "pos": [0, 1],
+                          "kept": [True, False], "gain": [0.1, math.nan]})
+    check_group_finite(group.iloc[:1], tmp_path, DiagnoseConfig())
+    with pytest.raises(NonFiniteError, match=r"group gain is non-finite for selector kl at ratio 0.05 \(bank "
+                                             r"sequence 3, response position 1; 1 positions\)"):
+        check_group_finite(group, tmp_path, DiagnoseConfig())
+    record = json.loads((tmp_path / "nonfinite.json").read_text())
+    assert (record["quantity"], record["selector"], record["seq_id"], record["pos"]) == ("group gain", "kl", 3, 1)
