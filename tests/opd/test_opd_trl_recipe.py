@@ -85,3 +85,40 @@ def test_engine_trl_writes_the_comparison_and_logs_selection_to_trackio(tmp_path
         for name in ("student_entropy", "disagreement", "compat_mass"):
             assert all(math.isfinite(row[f"train/selection/{name}_{where}"]) for where in ("kept", "all"))
     assert any("train/heldout/accuracy" in row for row in logs["quick/teachability-r0.1-s0"])
+
+
+class Interrupted(RuntimeError):
+    """Raised by the test to stop a run mid-arm (as a kill would)."""
+
+
+@pytest.mark.slow
+def test_a_killed_trl_arm_resumes_from_its_checkpoint_to_the_same_result(tmp_path, small_testbed, monkeypatch):
+    """Steps 1-2, TRL's checkpoint, killed in step 3; `--resume` continues from checkpoint-2 (TRL restores
+    weights, AdamW state, RNG and the data position) and ends where an uninterrupted run ends."""
+    from diagnostics.config import load_config
+    from opd import trl_recipe
+
+    def config(name: str) -> TrainConfig:
+        return load_config(TrainConfig, ROOT / "configs/train_quick.yaml", [
+            f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", f"run_name={name}",
+            "engine=trl", "steps=4", "eval_every=4", "checkpoint_every=2", "selectors=[teachability]"])
+
+    straight = pd.read_parquet(trl_recipe.run_training_trl(config("straight")) / "metrics.parquet")
+    on_step_end = trl_recipe.ArmCallback.on_step_end
+
+    def killed_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise Interrupted("killed")
+        return on_step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(trl_recipe.ArmCallback, "on_step_end", killed_at_step_3)
+    with pytest.raises(Interrupted):
+        trl_recipe.run_training_trl(config("killed"))
+    arm_dir = tmp_path / "killed" / "arms" / "teachability-r0.1-s0"
+    assert [p.name for p in (arm_dir / "trl").glob("checkpoint-*")] == ["checkpoint-2"]
+    monkeypatch.setattr(trl_recipe.ArmCallback, "on_step_end", on_step_end)
+    resumed = pd.read_parquet(trl_recipe.run_training_trl(config("killed"), resume=True) / "metrics.parquet")
+    assert resumed["step"].tolist() == straight["step"].tolist() == [0, 1, 2, 3, 4]
+    columns = ["loss", "kept_tokens", "valid_tokens", "accuracy", "kl_to_teacher"]
+    pd.testing.assert_frame_equal(resumed[columns], straight[columns], rtol=1e-5, atol=1e-6)
+    assert not (arm_dir / "trl").exists()  # TRL's checkpoints removed once the arm is done
