@@ -16,7 +16,9 @@ model to it, with one tolerance, `HEAD_PATH_TOL`.
   (row, sequence index) pairs only; the trainer's kept-position forward (DDP/FSDP can wrap it) and
   the engine's functional per-sequence forward (`torch.func.functional_call` on it).
 * `full_logprobs`: [B, T, V] log-probs at every response position of a `ResponseBatch` (engine,
-  diagnose recipe, training evaluation).
+  diagnose recipe, training evaluation), called on chunks of sequences sized by memory
+  (`sequence_chunks`, `map_sequence_chunks`: `DENSE_CHUNK_BYTES` per [b, T, V] tensor, 2 sequences at
+  Qwen's 151,936 rows and T = 74), never on a whole bank.
 * `iter_response_logits`: memory-bounded streaming over unpadded prompt/response lists (rows batched by
   token count, LM head over chunks of positions), for one or several models at once; used by teacher
   scoring (`diagnostics.scoring`) and the HF rollouts' log-prob recompute (`sampled_token_logprobs`).

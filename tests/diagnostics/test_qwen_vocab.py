@@ -172,3 +172,13 @@ def test_calibrate_rows_trains_only_the_other_rows():
         else:
             assert torch.equal(after[name], value), name
     assert off_task_mass(model, batches[0][0], 3, vocab_ids, 200) < 0.5 * mass_before
+
+
+def test_qwen_vocab_config_declares_qwen25_heads():
+    from pathlib import Path
+
+    config = load_config(TestbedConfig, Path(__file__).resolve().parents[2] / "configs/testbed_qwen_vocab.yaml", [])
+    assert config.vocabulary == "qwen2" and config.max_new_tokens >= 64
+    for spec in (config.teacher, config.student):
+        assert spec.vocab_rows == 151_936 and spec.tie_embeddings
+    assert config.cache_key() != TestbedConfig().cache_key()
