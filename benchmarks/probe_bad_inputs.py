@@ -243,20 +243,22 @@ def probe_disk_full(ws: Path, places: dict[str, str]) -> tuple[int, str] | None:
         subprocess.run(["umount", str(target)], capture_output=True)
 
 
-def probe_unwritable(ws: Path, places: dict[str, str]) -> tuple[int, str] | None:
-    """diagnose into a results directory the user cannot write (as nobody when root); None if impossible."""
-    out = ws / "readonly"
-    out.mkdir(exist_ok=True)
-    argv = [s.format(**places) for s in diagnose(f"out_dir={out}", "run_name=ro")]
+def run_unprivileged(ws: Path, argv: list[str]) -> tuple[int, str] | None:
+    """`taopd argv` as a user who cannot write the root-owned results (nobody, via setpriv, when we are root;
+    else ourselves with the results chmod'ed read-only); None where neither is possible."""
+    results = ws / "results"
     if os.geteuid() != 0:
-        out.chmod(0o555)
+        modes = {p: p.stat().st_mode for p in [results, *results.rglob("*")] if p.is_dir()}
+        for path in modes:
+            path.chmod(0o555)
         try:
             return run_subprocess(argv)
         finally:
-            out.chmod(0o755)
+            for path, mode in modes.items():
+                path.chmod(mode)
     if shutil.which("setpriv") is None:
         return None
-    for path in (ws, *ws.parents):  # nobody must be able to read the workspace and the model files
+    for path in (ws, *ws.parents):  # nobody must be able to read the workspace
         if path == Path("/"):
             break
         path.chmod(path.stat().st_mode | 0o005)
@@ -268,21 +270,36 @@ def probe_unwritable(ws: Path, places: dict[str, str]) -> tuple[int, str] | None
     return done.returncode, done.stderr + done.stdout
 
 
+def probe_unwritable(ws: Path, places: dict[str, str]) -> tuple[int, str] | None:
+    """diagnose into a results directory the user cannot write."""
+    return run_unprivileged(ws, [s.format(**places) for s in diagnose("run_name=ro")])
+
+
+def probe_read_only_analyze(ws: Path, places: dict[str, str]) -> tuple[int, str] | None:
+    """analyze of a run the user may read but not write (without --out)."""
+    return run_unprivileged(ws, ["analyze", places["good"], "--n-boot", "5"])
+
+
+# OS-level probes: (item, name, function, the text the error line must contain)
+OS_PROBES = [
+    ("4 traceback", "disk full (analyze --out on a full tmpfs)", probe_disk_full, "No space left on device"),
+    ("4 traceback", "unwritable results directory (non-root user)", probe_unwritable, "Permission denied"),
+    ("1 data damaged", "analyze read-only results (non-root user)", probe_read_only_analyze, "pass --out DIR"),
+]
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
 def run_all(ws: Path) -> int:
     places = build_workspace(ws)
     failures = 0
-    probes = [(p.item, p.name, p) for p in PROBES]
-    probes += [("4 traceback", "disk full (analyze --out on a full tmpfs)", "disk_full"),
-               ("4 traceback", "unwritable results directory (non-root user)", "unwritable")]
+    probes = [(p.item, p.name, p) for p in PROBES] + [(item, name, (fn, text)) for item, name, fn, text in OS_PROBES]
     for item, name, probe in probes:
         before = results_hashes(ws)
         holder = None
-        if isinstance(probe, str):
-            result = (probe_disk_full if probe == "disk_full" else probe_unwritable)(ws, places)
-            expect = "No space left on device" if probe == "disk_full" else "Permission denied"
+        if isinstance(probe, tuple):
+            result, expect = probe[0](ws, places), probe[1]
             if result is None:
                 print(f"[skip] {item:20s} {name}: the OS does not allow the setup here")
                 continue

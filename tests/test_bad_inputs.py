@@ -139,11 +139,10 @@ def test_a_full_disk_is_named_whatever_the_writer_says(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_os_level_probes(workspace):
-    """A real full disk (tmpfs) and a real unwritable directory (user nobody), where the OS allows them."""
+    """A real full disk (tmpfs) and real unwritable results (user nobody), where the OS allows them."""
     ws, places = workspace
     ran = 0
-    for probe, expect in ((probes.probe_disk_full, "No space left on device"),
-                          (probes.probe_unwritable, "Permission denied")):
+    for _, _, probe, expect in probes.OS_PROBES:
         before = probes.results_hashes(ws)
         result = probe(ws, places)
         if result is None:
