@@ -17,9 +17,12 @@ tasks run here by name (they download their data from the hub, so they need the 
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +94,16 @@ def write_problem_task(
     return task_dir
 
 
-def lm_eval_model_args(model_path: str, backend: str, *, device: str, dtype: str, extra: str = "") -> str:
-    """lm-eval's model_args string for the HF or vLLM backend (`extra`: more `key=value,...` pairs)."""
+VLLM_CPU_DEFAULTS = {"gpu_memory_utilization": "0.2", "enforce_eager": "True"}  # as diagnostics.backends.vllm
+
+
+def lm_eval_model_args(model_path: str, dtype: str, extra: str = "", *, vllm_cpu: bool = False) -> str:
+    """lm-eval's model_args string (`extra`: more `key=value,...` pairs, e.g. vLLM's tensor_parallel_size).
+    vLLM on CPU: a fifth of host RAM for the KV cache and eager mode unless `extra` says otherwise."""
     args = [f"pretrained={model_path}", f"dtype={dtype}"]
-    if backend == "vllm":
-        args.append("max_num_seqs=64")
+    given = {pair.split("=", 1)[0].strip() for pair in extra.split(",") if pair.strip()}
+    if vllm_cpu:
+        args += [f"{k}={v}" for k, v in VLLM_CPU_DEFAULTS.items() if k not in given]
     if extra:
         args.append(extra)
     return ",".join(args)
@@ -131,23 +139,71 @@ def run_lm_eval(
     if unknown:
         raise ValueError(f"lm_eval_tasks: unknown task {unknown[0]!r} (see `lm-eval ls tasks`; a local task "
                          f"folder goes in lm_eval_include)")
-    results = lm_eval.simple_evaluate(
-        model=backend,
-        model_args=lm_eval_model_args(model_path, backend, device=device, dtype=dtype, extra=model_args),
-        tasks=list(tasks),
-        task_manager=manager,
-        batch_size=batch_size if backend == "hf" else "auto",
-        device=device if backend == "hf" else None,
-        limit=limit or None,
-        gen_kwargs=gen_kwargs or None,
-        apply_chat_template=chat_template,
-        log_samples=False,
-        bootstrap_iters=1000,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-    )
+    with vllm_cpu_compat(backend, device):
+        results = lm_eval.simple_evaluate(
+            model=backend,
+            model_args=lm_eval_model_args(model_path, dtype, model_args,
+                                          vllm_cpu=backend == "vllm" and device.startswith("cpu")),
+            tasks=list(tasks),
+            task_manager=manager,
+            batch_size=batch_size if backend == "hf" else vllm_batch_size(batch_size),
+            device=device if backend == "hf" else None,
+            limit=limit or None,
+            gen_kwargs=gen_kwargs or None,
+            apply_chat_template=chat_template,
+            log_samples=False,
+            bootstrap_iters=1000,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
     if results is None:  # only rank 0 of a multi-process run gets results
         raise RuntimeError("lm-eval returned no results (not the main process?)")
     return results
+
+
+@contextlib.contextmanager
+def vllm_cpu_compat(backend: str, device: str) -> Iterator[None]:
+    """Let lm-eval's vLLM backend run on the CPU build of vLLM.
+
+    lm-eval reads `importlib.metadata.version("vllm")` when it imports its vLLM backend, but the CPU build
+    is the distribution `vllm-cpu` (the Makefile's CPU install), so the import fails. For the call, a
+    "vllm" lookup answers `<vllm-cpu version>+cpu`, which is what vLLM's own platform check
+    (`vllm.platforms.vllm_version_matches_substr`) computes for that build; on CPU the engine is built in
+    this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as `diagnostics.backends.vllm` does). Nothing changes
+    when the `vllm` distribution is installed (GPU machines) or for the hf backend.
+    """
+    if backend != "vllm":
+        yield
+        return
+    original = importlib.metadata.version
+    try:
+        original("vllm")
+        shim = None
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            cpu_version = original("vllm-cpu") + "+cpu"
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError("lm_eval_backend=vllm: neither vllm nor vllm-cpu is installed") from None
+        shim = lambda name: cpu_version if name == "vllm" else original(name)  # noqa: E731
+    saved_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    try:
+        if shim is not None:
+            importlib.metadata.version = shim
+        if device.startswith("cpu"):
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        yield
+    finally:
+        importlib.metadata.version = original
+        if saved_env is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved_env
+
+
+def vllm_batch_size(batch_size: int) -> int | str:
+    """lm-eval's vLLM batch size: "auto" (every request to vLLM at once, its fastest), except under
+    TQDM_DISABLE, where lm-eval's "auto" turns on vLLM's progress bar and vLLM divides by the disabled
+    bar's zero elapsed time (ZeroDivisionError in vllm/entrypoints/common/offline.py)."""
+    return batch_size if os.environ.get("TQDM_DISABLE") else "auto"
 
 
 def make_task_manager(include_path: Sequence[str | Path] = ()) -> Any:

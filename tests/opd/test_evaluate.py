@@ -154,3 +154,50 @@ def test_students_on_a_prompt_set(trained_run, tmp_path):
     metrics = pd.read_parquet(trained_run / "metrics.parquet")
     full = metrics[metrics["selector"] == "full"]
     assert evaluation["correct"].mean() == pytest.approx(full[full["step"] == full["step"].max()]["accuracy"].item())
+
+
+def test_vllm_cpu_compat_and_model_args():
+    import importlib.metadata as metadata
+
+    from opd.downstream import lm_eval_model_args, vllm_cpu_compat
+
+    try:
+        installed = metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        installed = None
+    with vllm_cpu_compat("vllm", "cpu"):
+        inside = metadata.version("vllm")
+    assert inside == (installed or metadata.version("vllm-cpu") + "+cpu")  # vLLM's own name for its CPU build
+    if installed is None:
+        with pytest.raises(metadata.PackageNotFoundError):
+            metadata.version("vllm")  # restored after the call
+    assert lm_eval_model_args("m", "float32", "enforce_eager=False", vllm_cpu=True) == (
+        "pretrained=m,dtype=float32,gpu_memory_utilization=0.2,enforce_eager=False")
+    assert lm_eval_model_args("m", "bfloat16", "tensor_parallel_size=2") == (
+        "pretrained=m,dtype=bfloat16,tensor_parallel_size=2")
+
+
+@pytest.mark.slow
+def test_lm_eval_vllm_backend_on_cpu_agrees(tmp_path):
+    """lm-eval's vLLM backend (the CPU build) on the held-out problems as a local task gives the HF greedy
+    accuracy of the project's own path (vLLM's kernels differ from HF's: one near-tie flip is allowed)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from diagnostics.evaluation import answer_accuracy
+    from diagnostics.models import load_model
+    from diagnostics.testbed import TestbedConfig, build_testbed, heldout_problems
+    from opd.downstream import run_lm_eval
+
+    overrides = [f"cache_dir={ROOT / '.cache/testbed'}", "student.train_steps=150", "teacher.train_steps=300"]
+    testbed = build_testbed(load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", overrides))
+    tokenizer = AutoTokenizer.from_pretrained(testbed.student_path)
+    problems = heldout_problems(testbed.config, 40)
+    model = load_model(testbed.student_path, torch.device("cpu"), torch.float32)
+    own = answer_accuracy(model, tokenizer, problems, max_new_tokens=testbed.config.max_new_tokens, greedy=True)
+    folder = write_problem_task(problems, tmp_path, max_gen_toks=testbed.config.max_new_tokens,
+                                until=[tokenizer.eos_token])
+    results = run_lm_eval(testbed.student_path, ["taopd_heldout"], backend="vllm", include_path=[folder],
+                          device="cpu", dtype="float32")
+    assert 0 < own < 1
+    assert results_rows("s", results)[0]["value"] == pytest.approx(own, abs=1 / 40 + 1e-12)
