@@ -58,7 +58,6 @@ from opd.downstream import write_results_json as write_lm_eval_json
 
 EVALUATION_COLUMNS = ["student", "selector", "ratio", "train_seed", "eval_seed", "sample", "problem_id", "response",
                       "correct"]
-THINKING = {"default": None, "on": True, "off": False}
 
 
 @dataclass
@@ -77,7 +76,7 @@ class EvaluateConfig:
     subset: str = ""  # hub dataset configuration name; "" = none
     n_problems: int = 0  # 0 = the run's eval_problems (or the whole prompt set)
     chat_template: bool = True  # prompts= only: render through the tokenizer's chat template when it has one
-    thinking: Literal["default", "on", "off"] = "default"  # Qwen3's enable_thinking; default = the template's
+    enable_thinking: bool | None = None  # prompts= only: Qwen3's switch (false: no think block); null = the template's
     system_prompt: str = ""  # prompts= only: a system turn before each text prompt
     answer_check: str = ""  # exact | math; "" = the run's answer_check (exact without a run)
     # generation
@@ -120,6 +119,10 @@ class EvaluateConfig:
         check(not self.greedy or (self.n_samples == 1 and len(self.seeds) == 1), "n_samples",
               "greedy decoding is deterministic: n_samples and seeds > 1 need greedy=false")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        for key in ("enable_thinking", "system_prompt", "chat_template"):  # the run's problems: as trained
+            default = {"enable_thinking": None, "system_prompt": "", "chat_template": True}[key]
+            check(getattr(self, key) == default or bool(self.prompts), key,
+                  "applies to a prompt set (prompts=...); the run's own problems are rendered as the trainer did")
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ def evaluation_problems(
                                    answer_column=config.answer_column, split=config.split,
                                    subset=config.subset or None, limit=config.n_problems)
         return render_problems(tokenizer, problems, chat_template=config.chat_template,
-                               enable_thinking=THINKING[config.thinking], system_prompt=config.system_prompt)
+                               enable_thinking=config.enable_thinking, system_prompt=config.system_prompt)
     from opd.trainer import EVAL_SPLIT_SEED, heldout  # the trainer's own held-out problems and rendering
 
     return heldout(train, pair, config.n_problems or train.eval_problems, EVAL_SPLIT_SEED, tokenizer)

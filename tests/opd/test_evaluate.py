@@ -40,6 +40,9 @@ def test_config_errors_name_the_key():
         load_config(TrainConfig, ROOT / "configs/train.yaml", ["answer_check=fuzzy"])
     assert load_config(TrainConfig, ROOT / "configs/train.yaml").answer_check == "exact"
     assert evaluate_config("students=[some/model]", "lm_eval_tasks=[aime24]").lm_eval_tasks == ["aime24"]
+    with pytest.raises(ConfigError, match="enable_thinking: applies to a prompt set"):
+        evaluate_config("run=x", "enable_thinking=false")
+    assert evaluate_config("students=[m]", "prompts=p.jsonl", "enable_thinking=false").enable_thinking is False
     with pytest.raises(ConfigError, match="lm_eval_heldout: needs problems"):
         evaluate_config("students=[some/model]", "lm_eval_tasks=[aime24]", "lm_eval_heldout=true")
 
