@@ -147,6 +147,7 @@ def make_trainer(ctx: RunContext, arm: Arm, arm_dir: Path, student, teacher) -> 
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"prompt": prompts}), selector=arm.selector, ratio=arm.ratio,
         min_per_sequence=config.min_per_sequence, k=ctx.pair.k, loss=config.loss, signal_vocab_size=ctx.vocab_size,
+        selection_options=config.selection_options(),
         normalization=config.normalization, clip_low=config.clip_low, clip_high=config.clip_high)
     trainer.remove_callback(PrinterCallback)  # one printed dict per step otherwise
     return trainer

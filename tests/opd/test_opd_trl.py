@@ -233,3 +233,22 @@ def test_trainer_refuses_bad_loss_settings(pair, monkeypatch, tmp_path):
     for kwargs, match in (({"loss": "nope"}, "loss"), ({"normalization": "nope"}, "normalization")):
         with pytest.raises(ValueError, match=match):
             make_trainer(pair, monkeypatch, tmp_path, None, **kwargs)
+
+
+def test_selection_equals_the_project_trainer_with_non_default_options(pair, monkeypatch, tmp_path):
+    """The release's options (top-K proxy signals, its tie order, top-up by another score): the TRL trainer's
+    mask equals `opd.step.select_kept`'s on the same signals, seed and arm."""
+    from diagnostics.signals import SelectionOptions
+    from opd.config import Arm
+    from opd.step import select_kept
+
+    options = SelectionOptions(signals="release_topk", normalization="all_response_rows", tie_break="earliest_position",
+                               top_up="teachability_entropy_ndc")
+    trainer = make_trainer(pair, monkeypatch, tmp_path, None, selector="teachability", ratio=0.2, min_per_sequence=1,
+                           selection_options=options)
+    signals, valid = trainer.completion_signals(trl_batch(pair[0].pad_token_id))
+    assert set(options.source_keys()) <= set(signals) and options.source_keys() != SELECTION_SIGNALS
+    keep = trainer.select_positions(signals, valid)
+    expected = select_kept(signals, valid, Arm("teachability", 0.2, 0), 1, World.create("cpu"),
+                           seed=trainer._selection_seed(), options=options)
+    assert torch.equal(keep, expected) and keep.any(dim=1).all()
