@@ -1,5 +1,9 @@
 """TRL cross-check of the project's full-token OPD arm (issue 11): the same budget through a library.
 
+The selector comparison through TRL is `taopd train engine=trl` (opd/trl_recipe.py, with the project's
+selection and losses inside TRL); this script keeps plain, unmodified `DistillationTrainer` beside the
+project's trainer, as an outside reference for the reverse-KL arm.
+
 On one testbed pair and one budget (prompts, steps, rollouts per step, max new tokens, temperature, lr)
 this trains, for each seed:
 

@@ -13,8 +13,8 @@ resume. Everything of that stays TRL's; this subclass changes two things:
    as the project trainer's scoring does); `select_positions` gathers the signals of every process
    (rank order, padded to the longest completion) and selects with the project's registry
    (`select_by_name` with the run's `SelectionOptions`: same selector names, ratio, signals, tie rule,
-   top-up and `min_per_sequence` as
-   `opd.step.select_kept`), identically on every rank; each rank keeps its own rows as `keep_mask`.
+   top-up and `min_per_sequence` as `opd.step.select_kept`), identically on every rank; each rank keeps
+   its own rows as `keep_mask` (two gloo processes equal one: tests/opd/test_opd_trl_distributed.py).
    `num_items_in_batch` becomes the global kept count.
 2. `_compute_loss`: TRL's loss mask is `completion_mask * tool_mask`; the kept mask (a subset of both)
    enters as that product's second factor. So the loss is the sum of JSD_beta over kept positions
@@ -23,8 +23,8 @@ resume. Everything of that stays TRL's; this subclass changes two things:
    On Triton devices TRL's kernel runs the LM heads on the masked-in (kept) positions only; elsewhere
    it projects every completion position and masks.
 
-Per-step metrics (TRL's logs, so `report_to` sees them): kept tokens, effective ratio, and the mean
-of each selection signal over kept and over all positions (`selection/*`).
+Per-step metrics (TRL's logs, so `report_to` sees them): kept and valid tokens, effective ratio, and the
+mean of each selection signal over kept and over all positions (`selection/*`).
 
 Losses (`loss=` and `normalization=` of the trainer): `reverse_kl` / `forward_kl` with `kept_global` run
 TRL's own chunked JSD kernel (beta 1 / 0) under the kept mask. Every other combination -- the sampled-token
