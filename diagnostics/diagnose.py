@@ -37,6 +37,7 @@ import torch
 
 from diagnostics import engine
 from diagnostics.backends import list_backends
+from diagnostics.backends.vllm import release_vllm_engine
 from diagnostics.config import check, check_at_least, check_device, config_to_dict
 from diagnostics.files import atomic_write, write_json, write_parquet
 from diagnostics.forward import ResponseBatch, full_logprobs, map_sequence_chunks
@@ -44,7 +45,7 @@ from diagnostics.lock import release_run_lock
 from diagnostics.losses import list_losses
 from diagnostics.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
 from diagnostics.nonfinite import NonFiniteError, first_nonfinite_position, write_nonfinite_record
-from diagnostics.precision import MIXED_PRECISION, master_weights, mixed_precision_option, resolve_precision
+from diagnostics.precision import check_mixed_precision, master_weights, resolve_precision
 from diagnostics.progress import progress_bar
 from diagnostics.run import (
     BANK_SPLIT_SEED,
@@ -112,9 +113,7 @@ class DiagnoseConfig:
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # the updated student: float32 master weights, loss forward under bf16 autocast, float32 measurement
-    # (diagnostics.precision, engine.StepConfig.compute_dtype); auto = bf16 when dtype resolves to bfloat16
-    mixed_precision: str | bool = "auto"  # auto | no | bf16 (bool: YAML reads a bare `no` as false)
+    mixed_precision: str | bool = "auto"  # auto | no | bf16: float32 master weights (diagnostics.precision)
     run_name: str = ""  # "" = derived from the config hash, so a rerun resumes the same run
     out_dir: str = "results/diagnose"
     n_boot: int = 1000  # cluster-bootstrap resamples for the summary
@@ -139,9 +138,7 @@ class DiagnoseConfig:
         check_at_least(self, 1, "shard_sequences")
         check(self.memory_budget_gb > 0, "memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
         check_at_least(self, 0, "n_boot")
-        self.mixed_precision = mixed_precision_option(self.mixed_precision)
-        check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
-              f"must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        self.mixed_precision = check_mixed_precision(self.mixed_precision)
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
         check(self.mode != "checkpoint" or bool(self.checkpoint) or self.protocol == "paper", "checkpoint",
@@ -203,7 +200,8 @@ def _shard_chunk(pair: ModelPair, bank: ResponseBatch, config: DiagnoseConfig, k
     teacher_lp = full_logprobs(pair.teacher, bank, pair.vocab_size)  # [b, T, V]: this chunk only
     student_lp = full_logprobs(pair.student, bank, pair.vocab_size)
     out = shard_signals(student_lp, teacher_lp, bank, ks, default_k)
-    step = step_config(config, pair)
+    step = engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr,
+                             compute_dtype=resolve_precision(config.mixed_precision, pair.dtype, pair.device).compute)
     if config.mode == "checkpoint":
         gains = engine.checkpoint_gains(pair.student, trained, bank, teacher_lp, pair.vocab_size)
     elif choose_method(config, pair.student, bank) == "vmap":
@@ -217,13 +215,6 @@ def _shard_chunk(pair: ModelPair, bank: ResponseBatch, config: DiagnoseConfig, k
         gains = engine.single_step_loop(pair.student, bank, teacher_lp, step, pair.vocab_size)
     out.update(engine.finish_gains(gains))
     return out
-
-
-def step_config(config: DiagnoseConfig, pair: ModelPair) -> engine.StepConfig:
-    """The engine's update: loss, optimizer, lr, and bf16 autocast of the loss forward under mixed precision."""
-    precision = resolve_precision(config.mixed_precision, pair.dtype, pair.device)
-    return engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr,
-                             compute_dtype=precision.compute)
 
 
 def choose_method(config: DiagnoseConfig, model: torch.nn.Module, bank: ResponseBatch) -> str:
@@ -388,6 +379,8 @@ def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: P
                                 key="prompts")
     rollouts = generate_rollouts(resolved.student_path, tokenizer, [p.prompt for p in problems], sampling,
                                  backend=config.backend)
+    if rollouts.attrs.get("backend") == "vllm":  # its engine holds 0.9 of a GPU and the pair loads next
+        release_vllm_engine()
     manifest = make_manifest(model_path=resolved.student_path, tokenizer=tokenizer,
                              backend=rollouts.attrs.get("backend", config.backend),
                              sampling=dataclasses.asdict(sampling))
@@ -459,7 +452,8 @@ def run_group(pair: ModelPair, bank: ResponseBatch, grids: dict[str, torch.Tenso
     whole bank at once.
     """
     rows, cols = bank.valid.nonzero(as_tuple=True)
-    step = step_config(config, pair)
+    step = engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr,
+                             compute_dtype=resolve_precision(config.mixed_precision, pair.dtype, pair.device).compute)
     frames = []
     for selector in config.group_selectors:
         score = torch.where(bank.valid, grids[f"score_{selector}"], float("-inf"))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diagnostics.config import check
 from diagnostics.forward import PositionLM
 
 MIXED_PRECISION = ("auto", "no", "bf16")
@@ -138,6 +139,9 @@ def master_weights(model: torch.nn.Module, path: str, precision: Precision) -> t
     return load_model(path, device, torch.float32).train(model.training)
 
 
-def mixed_precision_option(value: object) -> object:
-    """The option as a string: YAML (1.1, PyYAML) reads a bare `no` (accelerate's spelling) as false."""
-    return "no" if value is False else value
+def check_mixed_precision(value: object, key: str = "mixed_precision") -> str:
+    """The config option as a string, or a ConfigError naming `key`. YAML (1.1, PyYAML) reads a bare `no`
+    (accelerate's spelling) as false, so false is "no"."""
+    value = "no" if value is False else value
+    check(value in MIXED_PRECISION, key, f"must be one of {list(MIXED_PRECISION)}, got {value!r}")
+    return value

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from diagnostics.answers import ANSWER_CHECKS
 from diagnostics.config import check, check_at_least, check_device, config_to_dict
 from diagnostics.losses import list_losses
-from diagnostics.precision import MIXED_PRECISION, mixed_precision_option
+from diagnostics.precision import check_mixed_precision
 from diagnostics.run import config_hash
 from diagnostics.signals import SIGNAL_NORMALIZATIONS, SelectionOptions, get_score, list_scores
 from diagnostics.signals.selectors import SIGNAL_MODES, TIE_BREAKS
@@ -147,9 +147,7 @@ class TrainConfig:
               f"must be one of {', '.join(ANSWER_CHECKS)}, got {self.answer_check!r}")
         check_at_least(self, 0, "checkpoint_every", "cpu_threads")
         check_at_least(self, 1, "scoring_tokens")
-        self.mixed_precision = mixed_precision_option(self.mixed_precision)
-        check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
-              f"must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        self.mixed_precision = check_mixed_precision(self.mixed_precision)
         check(self.rollout_backend in ("hf", "vllm"), "rollout_backend",
               f"must be hf or vllm, got {self.rollout_backend!r}")
         # accelerate places each process: "cuda" (one GPU per process, by LOCAL_RANK) or "cpu"; no cuda:N here
