@@ -39,14 +39,11 @@ def write_nonfinite_record(directory: str | Path, **fields: Any) -> Path:
 def first_nonfinite_parameter(model: torch.nn.Module) -> tuple[str, int, int] | None:
     """(parameter name, non-finite entries, entries) of the first weight holding NaN/inf, or None.
 
-    One fused check over all parameters first (cheap on any device); names only on a hit.
+    One fused max-norm over all parameters first (no per-parameter copies, one sync; NaN and inf
+    propagate through the max); names only on a hit.
     """
-    params = [p for p in model.parameters()]
-    if not params:
-        return None
-    norms = torch.stack([p.detach().float().abs().amax() if p.numel() else p.new_zeros((), dtype=torch.float32)
-                         for p in params])
-    if bool(torch.isfinite(norms).all()):
+    norms = _max_abs(model)
+    if norms is None or bool(torch.isfinite(norms).all()):
         return None
     for name, p in model.named_parameters():
         bad = ~torch.isfinite(p.detach())
@@ -57,8 +54,17 @@ def first_nonfinite_parameter(model: torch.nn.Module) -> tuple[str, int, int] | 
 
 def largest_weight(model: torch.nn.Module) -> float:
     """max |w| over the model's weights (a finite but exploding model shows here)."""
-    values = [float(p.detach().abs().amax()) for p in model.parameters() if p.numel()]
-    return max(values) if values else math.nan
+    norms = _max_abs(model)
+    return float(norms.max()) if norms is not None else math.nan
+
+
+def _max_abs(model: torch.nn.Module) -> torch.Tensor | None:
+    """[n_params] max |w| of each non-empty parameter, float32 (NaN/inf propagate), or None without any;
+    one fused kernel, as `torch.nn.utils.clip_grad_norm_` computes its norms."""
+    params = [p.detach() for p in model.parameters() if p.numel()]
+    if not params:
+        return None
+    return torch.stack([n.float() for n in torch._foreach_norm(params, float("inf"))])
 
 
 def first_nonfinite_position(grids: dict[str, torch.Tensor], valid: torch.Tensor, names: list[str]
