@@ -44,7 +44,7 @@ from diagnostics.forward import ResponseBatch, full_logprobs, map_sequence_chunk
 from diagnostics.lock import release_run_lock
 from diagnostics.losses import list_losses
 from diagnostics.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
-from diagnostics.nonfinite import NonFiniteError, first_nonfinite_position, write_nonfinite_record
+from diagnostics.nonfinite import check_group_finite, check_shard_finite
 from diagnostics.precision import check_mixed_precision, master_weights, resolve_precision
 from diagnostics.progress import progress_bar
 from diagnostics.run import (
@@ -238,49 +238,13 @@ def bank_grids(
         if not path.is_file():
             rows = slice(shard * config.shard_sequences, (shard + 1) * config.shard_sequences)
             table = compute_shard(pair, bank.select(rows), config, ks, default_k, trained)
-            check_shard_finite(table, bank.select(rows).valid, shard, rows.start, shard_dir.parent, config)
+            step = f"mode {config.mode}, {config.optimizer} lr={config.lr:g}"
+            check_shard_finite(table, bank.select(rows).valid, shard=shard, first_row=rows.start,
+                               run_dir=shard_dir.parent, step=step)
             atomic_write(path, lambda tmp, table=table: torch.save(table, tmp))
         for name, grid in torch.load(path, weights_only=True).items():
             parts.setdefault(name, []).append(grid)
     return {name: torch.cat(grids) for name, grids in parts.items()}
-
-
-# gains and the KLs they come from: finite at every valid position, or the step blew up
-FINITE_GRIDS = ["kl_forward_before", "kl_forward_after", "gain", "kl_reverse_after", "gain_first_order"]
-
-
-def check_shard_finite(table: dict[str, torch.Tensor], valid: torch.Tensor, shard: int, first_row: int,
-                       run_dir: Path, config: DiagnoseConfig) -> None:
-    """Stop before a shard with a NaN/inf gain is saved: nonfinite.json names the quantity, the shard,
-    the bank sequence and response position; the finished shards (the last good state) are kept."""
-    hit = first_nonfinite_position(table, valid, FINITE_GRIDS)
-    if hit is None:
-        return
-    name, row, pos, count = hit
-    done = sorted(p.name for p in (run_dir / "shards").glob("shard_*.pt"))
-    where = f"shard {shard}, bank sequence {first_row + row}, response position {pos}"
-    write_nonfinite_record(run_dir, recipe="diagnose", quantity=name, shard=shard, seq_id=first_row + row,
-                           pos=pos, n_nonfinite=count, mode=config.mode, lr=config.lr, optimizer=config.optimizer,
-                           last_good=done)
-    raise NonFiniteError(f"{name} is non-finite at {where} ({count} positions in the shard; mode {config.mode}, "
-                         f"{config.optimizer} lr={config.lr:g}): the update blew up, lower lr; {len(done)} finished "
-                         f"shards kept, details in {run_dir / 'nonfinite.json'}")
-
-
-def check_group_finite(group: pd.DataFrame, run_dir: Path, config: DiagnoseConfig) -> None:
-    """The group variant's gains are finite, or nonfinite.json names selector, ratio, sequence and position
-    (tokens.parquet, already written, is the last good state; group.parquet is not written)."""
-    bad = ~np.isfinite(group["gain"].to_numpy(np.float64))
-    if not bad.any():
-        return
-    first = group[bad].iloc[0]
-    write_nonfinite_record(run_dir, recipe="diagnose", quantity="group gain", selector=first["selector"],
-                           ratio=float(first["ratio"]), seq_id=int(first["seq_id"]), pos=int(first["pos"]),
-                           n_nonfinite=int(bad.sum()), lr=config.lr, last_good=["tokens.parquet"])
-    raise NonFiniteError(f"group gain is non-finite for selector {first['selector']} at ratio {first['ratio']:g} "
-                         f"(bank sequence {int(first['seq_id'])}, response position {int(first['pos'])}; "
-                         f"{int(bad.sum())} positions): the group update blew up, lower lr; tokens.parquet kept, "
-                         f"details in {run_dir / 'nonfinite.json'}")
 
 
 # ------------------------------------------------------------------------------------------ the whole bank
@@ -433,7 +397,7 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
 
     if config.mode == "single-step" and config.group_selectors:
         group = run_group(pair, bank, grids, config, bank_df["seq_id"].to_numpy())
-        check_group_finite(group, run_dir, config)
+        check_group_finite(group, run_dir, step=f"{config.optimizer} lr={config.lr:g}")
         write_parquet(run_dir / "group.parquet", group)
 
     method = "checkpoint" if config.mode == "checkpoint" else choose_method(config, pair.student, bank)

@@ -7,6 +7,9 @@ the diagnostic: the shard, sequence and response position), and which saved stat
 (a training checkpoint; the diagnostic's finished shards). Nothing good is overwritten: the failing
 step's state is not saved over it.
 
+The diagnostic's guards: `check_shard_finite` (a shard's gains and KLs, before the shard is saved) and
+`check_group_finite` (the group variant's gains, before group.parquet is written).
+
 Helpers that find the first non-finite entry:
 * `first_nonfinite_parameter`: the first weight tensor of a model holding NaN/inf (name, count);
 * `first_nonfinite_position`: the first valid [b, T] position where any of some grids is NaN/inf.
@@ -19,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
 from diagnostics.files import write_json
@@ -79,3 +84,40 @@ def first_nonfinite_position(grids: dict[str, torch.Tensor], valid: torch.Tensor
             row, pos = (int(i) for i in bad.nonzero()[0])
             return name, row, pos, int(bad.sum())
     return None
+
+
+# the diagnostic's gains and the KLs they come from: finite at every valid position, or the step blew up
+FINITE_GRIDS = ["kl_forward_before", "kl_forward_after", "gain", "kl_reverse_after", "gain_first_order"]
+
+
+def check_shard_finite(table: dict[str, torch.Tensor], valid: torch.Tensor, *, shard: int, first_row: int,
+                       run_dir: Path, step: str) -> None:
+    """Stop the diagnostic before a shard with a NaN/inf gain is saved: nonfinite.json names the quantity,
+    the shard, the bank sequence and response position; the finished shards (the last good state) stay.
+    `table`: name -> [b, T] grids of the shard; `valid` [b, T]; `step`: the update, for the message."""
+    hit = first_nonfinite_position(table, valid, FINITE_GRIDS)
+    if hit is None:
+        return
+    name, row, pos, count = hit
+    done = sorted(p.name for p in (run_dir / "shards").glob("shard_*.pt"))
+    where = f"shard {shard}, bank sequence {first_row + row}, response position {pos}"
+    write_nonfinite_record(run_dir, recipe="diagnose", quantity=name, shard=shard, seq_id=first_row + row, pos=pos,
+                           n_nonfinite=count, step=step, last_good=done)
+    raise NonFiniteError(f"{name} is non-finite at {where} ({count} positions in the shard; {step}): the update "
+                         f"blew up, lower lr; {len(done)} finished shards kept, details in {run_dir / RECORD_NAME}")
+
+
+def check_group_finite(group: pd.DataFrame, run_dir: Path, *, step: str) -> None:
+    """The group variant's gains are finite, or nonfinite.json names selector, ratio, sequence and position
+    (tokens.parquet, already written, is the last good state; group.parquet is not written)."""
+    bad = ~np.isfinite(group["gain"].to_numpy(np.float64))
+    if not bad.any():
+        return
+    first = group[bad].iloc[0]
+    write_nonfinite_record(run_dir, recipe="diagnose", quantity="group gain", selector=first["selector"],
+                           ratio=float(first["ratio"]), seq_id=int(first["seq_id"]), pos=int(first["pos"]),
+                           n_nonfinite=int(bad.sum()), step=step, last_good=["tokens.parquet"])
+    raise NonFiniteError(f"group gain is non-finite for selector {first['selector']} at ratio {first['ratio']:g} "
+                         f"(bank sequence {int(first['seq_id'])}, response position {int(first['pos'])}; "
+                         f"{int(bad.sum())} positions; {step}): the group update blew up, lower lr; tokens.parquet "
+                         f"kept, details in {run_dir / RECORD_NAME}")

@@ -270,14 +270,13 @@ def test_a_finished_run_follows_the_umask(workspace):
 def test_group_blowup_is_named(tmp_path):
     import pandas as pd
 
-    from diagnostics.diagnose import DiagnoseConfig, check_group_finite
-    from diagnostics.nonfinite import NonFiniteError
+    from diagnostics.nonfinite import NonFiniteError, check_group_finite
 
     group = pd.DataFrame({"selector": ["kl", "kl"], "ratio": [0.05, 0.05], "seq_id": [3, 3], "pos": [0, 1],
                           "kept": [True, False], "gain": [0.1, math.nan]})
-    check_group_finite(group.iloc[:1], tmp_path, DiagnoseConfig())
+    check_group_finite(group.iloc[:1], tmp_path, step="sgd lr=1e-05")
     with pytest.raises(NonFiniteError, match=r"group gain is non-finite for selector kl at ratio 0.05 \(bank "
-                                             r"sequence 3, response position 1; 1 positions\)"):
-        check_group_finite(group, tmp_path, DiagnoseConfig())
+                                             r"sequence 3, response position 1; 1 positions; sgd lr=1e-05\)"):
+        check_group_finite(group, tmp_path, step="sgd lr=1e-05")
     record = json.loads((tmp_path / "nonfinite.json").read_text())
     assert (record["quantity"], record["selector"], record["seq_id"], record["pos"]) == ("group gain", "kl", 3, 1)
