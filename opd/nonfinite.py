@@ -15,7 +15,9 @@ The last good checkpoint: when the weights are still finite, the state after the
 all passed (step - 1) is saved (`opd.checkpoint.save_checkpoint`); when the weights are already NaN/inf
 nothing is saved over the arm's latest checkpoint, which stays the last good one (None: the base
 student is the last good state). The record also gives max |w| of the saved state, so an exploded but
-finite state is visible as such.
+finite state is visible as such. An earlier periodic checkpoint is not deleted by that save: it is
+renamed `ckpt-<step>.kept` (resume ignores it; it is there to go back to) and recorded as
+`earlier_checkpoint`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 from diagnostics.nonfinite import first_nonfinite_parameter, largest_weight, write_nonfinite_record
 from opd.checkpoint import latest_checkpoint, save_checkpoint
 from opd.step import NonFiniteError  # a diagnostics.nonfinite.NonFiniteError
+
+KEPT_SUFFIX = ".kept"  # an earlier checkpoint set aside at a blow-up (save_checkpoint would delete it)
 
 
 class WeightsNonFinite(NonFiniteError):
@@ -89,16 +93,21 @@ def stop_arm(
             raise err
         message = f"{found} (it surfaced as {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     weights_finite = first_nonfinite_parameter(student) is None
+    previous = latest_checkpoint(arm_dir)  # a periodic checkpoint, written while every check passed
     if weights_finite:  # the state after the last step whose checks passed
+        if previous is not None and previous.name != f"ckpt-{step - 1:06d}" and world.is_main:
+            previous = previous.rename(previous.with_name(previous.name + KEPT_SUFFIX))  # not deleted by the save
+        world.barrier()
         checkpoint = save_checkpoint(arm_dir, step - 1, student, optimizer, state, metrics, world)
     else:  # the weights are lost: what is on disk stays the last good state
-        checkpoint = latest_checkpoint(arm_dir)
+        checkpoint = previous
     good = (f"last good state: {checkpoint}" if checkpoint
             else "no checkpoint yet: the base student is the last good state")
     if world.is_main:
         write_nonfinite_record(
             arm_dir, recipe="train", arm=arm_name, step=step, quantity=quantity_of(message), what=message,
             checkpoint=str(checkpoint) if checkpoint else None,
+            earlier_checkpoint=str(previous) if previous is not None and previous != checkpoint else None,
             checkpoint_max_abs_weight=largest_weight(student) if weights_finite else None,
         )
     raise NonFiniteError(f"{arm_name}: step {step}: {message}; training stopped, {good}; "

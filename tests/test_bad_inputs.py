@@ -280,3 +280,25 @@ def test_group_blowup_is_named(tmp_path):
         check_group_finite(group, tmp_path, step="sgd lr=1e-05")
     record = json.loads((tmp_path / "nonfinite.json").read_text())
     assert (record["quantity"], record["selector"], record["seq_id"], record["pos"]) == ("group gain", "kl", 3, 1)
+
+
+def test_a_blowup_with_finite_weights_keeps_the_earlier_checkpoint(tmp_path):
+    """NaN loss at step 7 after a periodic checkpoint at step 5: the state after step 6 is saved, and
+    ckpt-000005 is set aside as ckpt-000005.kept (not deleted by that save, ignored by --resume)."""
+    from opd.checkpoint import latest_checkpoint, save_checkpoint
+    from opd.distributed import World
+    from opd.nonfinite import stop_arm
+    from opd.step import NonFiniteError
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    world = World.create("cpu")
+    save_checkpoint(tmp_path, 5, model, optimizer, {"step": 5, "data_position": 5, "train_seconds": 0.0}, [], world)
+    with pytest.raises(NonFiniteError, match=r"arm-y: step 7: per-token loss non-finite.*ckpt-000006"):
+        stop_arm(NonFiniteError("per-token loss non-finite at 1 of 4 kept positions"), arm_name="arm-y", step=7,
+                 arm_dir=tmp_path, student=model, optimizer=optimizer,
+                 state={"step": 6, "data_position": 6, "train_seconds": 0.0}, metrics=[], world=world, bank=None)
+    record = json.loads((tmp_path / "nonfinite.json").read_text())
+    assert record["checkpoint"].endswith("ckpt-000006") and record["earlier_checkpoint"].endswith("ckpt-000005.kept")
+    assert (tmp_path / "ckpt-000005.kept" / "student.pt").is_file()
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-000006"
