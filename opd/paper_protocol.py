@@ -37,8 +37,8 @@ The release this reproduces (public repository ckjsuperhh/taopd-baseline, folder
   rollouts of the first 38 of its 150 steps.
 * `slime_ta_opd/examples/on_policy_distillation/run-qwen3-1.7B-sampled-opd-sglang.sh`, GRPO_ARGS and
   OPTIMIZER_ARGS: sampled-token OPD (--use-opd, eps clip 0.2 / 0.28), Adam lr 1e-6 constant, weight
-  decay 0.1, betas 0.9 / 0.98 (Megatron's default gradient clipping 1.0): the `train` preset of
-  `configs/diagnose_paper.yaml`, with the testbed's lr.
+  decay 0.1, betas 0.9 / 0.98 (Megatron's default gradient clipping 1.0): `train.preset: paper` in
+  `configs/diagnose_paper.yaml` (`opd.presets`, `opd.optim`), with the testbed's lr.
 * `slime_ta_opd/tools/eval_fixed_context_bank.py` L131-132 (responses cut to 192 tokens), L156
   (KLf_full, the full-vocabulary forward KL) and L199-201 (G_KLf = (KLf_base - KLf) / (KLf_base +
   1e-12)): `diagnostics.diagnose.release_columns`.

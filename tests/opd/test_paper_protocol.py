@@ -37,6 +37,7 @@ def test_preset_is_the_paper_protocol_and_forces_full_token_opd(tmp_path):
     train = train_config(config, tmp_path / "run")
     assert train.selectors == ["full"] and train.seeds == [config.seed] and train.loss == "sampled_pg"
     assert train.save_rollouts and train.save_students
+    assert train.optimizer == "paper" and train.normalization == "per_sequence_mean"  # the released trainer
     assert train.betas == [0.9, 0.98] and train.weight_decay == 0.1 and train.max_grad_norm == 1.0
     assert train.steps * train.batch_size * train.samples_per_prompt >= config.n_sequences
     assert train.out_dir == str(tmp_path / "run")
