@@ -100,7 +100,8 @@ PROBES: list[Probe] = [
                 "eval_problems=2", "bank_sequences=2", "run_name=oov"), "(seed 0's stream): prompt"),
     # 4. tracebacks for ordinary mistakes
     Probe("4 traceback", "truncated model.safetensors",
-          diagnose_real("student={ws}/truncated", "run_name=trunc"), "cannot load the model weights in {ws}/truncated"),
+          diagnose_real("student={ws}/truncated", "run_name=trunc"),
+          "student: {ws}/truncated/model.safetensors is damaged"),
     Probe("4 traceback", "malformed override extra_k=[1,", diagnose("extra_k=[1,"), "override 'extra_k=[1,'"),
     Probe("4 traceback", "diagnose device=cuda without a GPU", diagnose("device=cuda"), "device: 'cuda' requested",
           skip_if_cuda=True),

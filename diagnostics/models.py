@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from diagnostics.progress import quiet_library_bars
@@ -54,6 +54,13 @@ def check_path(path: str, what: str) -> None:
         held = sorted(p.name for p in local.iterdir())[:5]
         raise FileNotFoundError(f"{what}: {path} holds no model (no config.json; "
                                 f"{'it is empty' if not held else 'found: ' + ', '.join(held)})")
+    for weights in sorted(local.glob("*.safetensors")) if looks_local else []:
+        try:  # the header only (memory-mapped): a truncated file fails here, before any run directory is written
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{what}: {weights} is damaged ({exc}); a truncated download? re-download or re-save "
+                             f"the model") from None
 
 
 def _pretrained(loader, path: str, what: str):

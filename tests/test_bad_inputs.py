@@ -302,3 +302,12 @@ def test_a_blowup_with_finite_weights_keeps_the_earlier_checkpoint(tmp_path):
     assert record["checkpoint"].endswith("ckpt-000006") and record["earlier_checkpoint"].endswith("ckpt-000005.kept")
     assert (tmp_path / "ckpt-000005.kept" / "student.pt").is_file()
     assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-000006"
+
+
+def test_damaged_weights_name_the_directory_at_load_too(workspace):
+    """Past the header check (a file damaged after it), the weights load itself names the directory."""
+    from diagnostics.models import load_model
+
+    ws, _ = workspace
+    with pytest.raises(ValueError, match=rf"cannot load the model weights in {ws}/truncated \(SafetensorError"):
+        load_model(str(ws / "truncated"), torch.device("cpu"), torch.float32)
