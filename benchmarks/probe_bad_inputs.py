@@ -147,7 +147,8 @@ def build_workspace(ws: Path) -> dict[str, str]:
     from opd.config import TrainConfig
     from taopd.cli import main
 
-    testbed = build_testbed(load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml"), progress=False)
+    config = load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", [f"cache_dir={ROOT / '.cache/testbed'}"])
+    testbed = build_testbed(config, progress=False)  # absolute paths: the script may run from anywhere
     places = {"ws": str(ws), "student": str(testbed.student_path), "teacher": str(testbed.teacher_path),
               "good": str(ws / "results/diagnose/good")}
     problems = heldout_problems(testbed.config, 6, split_seed=5)
@@ -166,10 +167,10 @@ def build_workspace(ws: Path) -> dict[str, str]:
         assert main([s.format(**places) for s in diagnose("run_name=good")]) == 0
     shutil.copytree(ws / "results/diagnose/good", ws / "results/diagnose/corrupt")
     (ws / "results/diagnose/corrupt/config.json").write_text("{\n")
-    config = load_config(TrainConfig, ROOT / "configs/train_quick.yaml",
-                         [SMALL, f"out_dir={ws}/results/train", "run_name=locked"])
+    train_config = load_config(TrainConfig, ROOT / "configs/train_quick.yaml",
+                               [SMALL, f"out_dir={ws}/results/train", "run_name=locked"])
     (ws / "results/train/locked").mkdir(parents=True)
-    (ws / "results/train/locked/config.json").write_text(json.dumps(config.fingerprint()))
+    (ws / "results/train/locked/config.json").write_text(json.dumps(train_config.fingerprint()))
     return places
 
 
