@@ -143,13 +143,17 @@ def build_workspace(ws: Path) -> dict[str, str]:
     """The scratch results every probe must leave untouched, and the bad files; -> the placeholders."""
     sys.path.insert(0, str(ROOT))
     from diagnostics.config import load_config
+    from diagnostics.files import share_tree
     from diagnostics.testbed import TestbedConfig, build_testbed, heldout_problems
     from opd.config import TrainConfig
     from taopd.cli import main
 
     config = load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", [f"cache_dir={ROOT / '.cache/testbed'}"])
     testbed = build_testbed(config, progress=False)  # absolute paths: the script may run from anywhere
-    places = {"ws": str(ws), "student": str(testbed.student_path), "teacher": str(testbed.teacher_path),
+    for name, path in (("student", testbed.student_path), ("teacher", testbed.teacher_path)):
+        shutil.copytree(path, ws / "models" / name)  # copies anyone may read (the cache's weights are 0600)
+    share_tree(ws / "models")
+    places = {"ws": str(ws), "student": str(ws / "models/student"), "teacher": str(ws / "models/teacher"),
               "good": str(ws / "results/diagnose/good")}
     problems = heldout_problems(testbed.config, 6, split_seed=5)
     rows = [json.dumps({"prompt": p.prompt, "answer": p.answer}) for p in problems]
@@ -273,8 +277,8 @@ def run_unprivileged(ws: Path, argv: list[str]) -> tuple[int, str] | None:
 
 
 def probe_unwritable(ws: Path, places: dict[str, str]) -> tuple[int, str] | None:
-    """diagnose into a results directory the user cannot write."""
-    return run_unprivileged(ws, [s.format(**places) for s in diagnose("run_name=ro")])
+    """diagnose (on the workspace's readable copy of the testbed pair) into results the user cannot write."""
+    return run_unprivileged(ws, [s.format(**places) for s in diagnose_real("run_name=ro")])
 
 
 def probe_read_only_analyze(ws: Path, places: dict[str, str]) -> tuple[int, str] | None:

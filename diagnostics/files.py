@@ -41,6 +41,15 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def share_tree(directory: str | Path) -> None:
+    """Give every file under `directory` the umask's mode (libraries such as transformers' save_pretrained
+    write model.safetensors 0600); directories are left as they are."""
+    mode = file_mode()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, then os.replace it into place.
 

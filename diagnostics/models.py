@@ -10,8 +10,10 @@ consistently: every logit tensor handed to `diagnostics.signals` is sliced to `p
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,8 @@ def check_path(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what}: {path} holds no model (no config.json; "
                                 f"{'it is empty' if not held else 'found: ' + ', '.join(held)})")
     for weights in sorted(local.glob("*.safetensors")) if looks_local else []:
+        if not os.access(weights, os.R_OK):  # safetensors reports an unreadable file as "No such file"
+            raise PermissionError(errno.EACCES, f"{what}: cannot read the model weights", str(weights))
         try:  # the header only (memory-mapped): a truncated file fails here, before any run directory is written
             with safe_open(str(weights), framework="pt"):
                 pass

@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 
 from diagnostics.backends import get_backend
-from diagnostics.files import write_json, write_parquet
+from diagnostics.files import share_tree, write_json, write_parquet
 from diagnostics.forward import PositionLM, ResponseBatch, check_head_path
 from diagnostics.lock import release_run_lock
 from diagnostics.models import check_pair, load_model, resolve_dtype
@@ -338,6 +338,7 @@ def finish_arm(ctx: RunContext, arm: Arm, arm_dir: Path, student: torch.nn.Modul
             shutil.rmtree(tmp, ignore_errors=True)
             student.save_pretrained(tmp)
             ctx.tokenizer.save_pretrained(tmp)
+            share_tree(tmp)  # save_pretrained writes model.safetensors 0600; results follow the umask
             shutil.rmtree(arm_dir / "student", ignore_errors=True)
             tmp.rename(arm_dir / "student")
         frame = pd.DataFrame(metrics)

@@ -311,3 +311,28 @@ def test_damaged_weights_name_the_directory_at_load_too(workspace):
     ws, _ = workspace
     with pytest.raises(ValueError, match=rf"cannot load the model weights in {ws}/truncated \(SafetensorError"):
         load_model(str(ws / "truncated"), torch.device("cpu"), torch.float32)
+
+
+def test_saved_models_follow_the_umask(tmp_path, small_testbed):
+    """save_pretrained writes model.safetensors 0600; share_tree (the trainer's saved students) fixes that."""
+    from diagnostics.files import file_mode, share_tree
+    from diagnostics.models import load_model
+
+    load_model(small_testbed.student_path, torch.device("cpu"), torch.float32).save_pretrained(tmp_path / "student")
+    share_tree(tmp_path / "student")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "student").iterdir()}
+    assert modes and set(modes.values()) == {file_mode()}, modes
+
+
+def test_unreadable_weights_are_named_not_called_missing(tmp_path, small_testbed, monkeypatch):
+    """safetensors reports a file it may not read as "No such file"; the pair check says Permission denied."""
+    import shutil
+
+    from diagnostics.models import check_path
+
+    shutil.copytree(small_testbed.student_path, tmp_path / "student")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith(".safetensors")
+                        else real_access(path, mode))
+    with pytest.raises(PermissionError, match=rf"student: cannot read the model weights: '{tmp_path}/student/model"):
+        check_path(str(tmp_path / "student"), "student")
