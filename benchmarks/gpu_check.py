@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where <check>.json goes (default: the pair dir)")
     parser.add_argument("--tokenizer", default=None, help="build: a prebuilt tokenizer directory")
     parser.add_argument("--sequences", type=int, default=4 if DRYRUN else 8)
-    parser.add_argument("--tokens", type=int, default=8 if DRYRUN else 48)
+    parser.add_argument("--tokens", type=int, default=8 if DRYRUN else 32)
     args = parser.parse_args(argv)
     out = args.out or args.pair
     print(f"== gpu_check {args.check} ({'DRY RUN: tiny width, CPU' if DRYRUN else 'GPU'})", flush=True)
