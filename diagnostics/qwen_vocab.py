@@ -151,32 +151,43 @@ def off_task_mass(model: torch.nn.Module, ids: torch.Tensor, prompt_len: int, vo
 
 
 def calibrate_rows(model: torch.nn.Module, batches: list[tuple[torch.Tensor, int]], vocab_ids: torch.Tensor,
-                   lr: float) -> float:
-    """Train one shared offset u [H] of the LM-head rows outside `vocab_ids` (row j -> row j + u; with tied
-    embeddings those embedding rows too, never an input here) with Adam, one step per (ids [B, L], prompt_len)
-    batch, on the full-softmax cross-entropy of the response tokens. Returns the last batch's loss.
+                   lr: float, body_lr: float = 0.0) -> float:
+    """Full-softmax training of the rows outside `vocab_ids` through ONE shared offset u [H] (row j -> row j + u;
+    with tied embeddings those embedding rows too, never an input here) with Adam at `lr`, and, when
+    `body_lr` > 0, of every other parameter (body and the task's rows) at `body_lr`: one step per (ids [B, L],
+    prompt_len) batch on the cross-entropy of the response tokens. Returns the last batch's loss.
 
     Why a shared offset rather than each row: every such row gets the same gradient direction (sum over
-    positions of p_j h), but each with a tiny p_j, and Adam's per-coordinate normalisation turns those into
-    noisy steps that grow the rows without lowering their logits (measured: -1.3 nats after 60 steps). One
-    vector gets the summed signal, so the other tokens' logits fall at every position where the hidden states
-    share a direction, and each row keeps its own (initialised) differences. Body and task rows are unchanged.
+    positions of p_j h), each with a tiny p_j, and Adam's per-coordinate normalisation turns those into noisy
+    steps that grow the rows without lowering their logits (measured: -1.3 nats after 60 steps). One vector
+    gets the summed signal. It lowers the other tokens' logits only along a direction the hidden states share,
+    which a body trained on the task's tokens alone barely has (mean hidden state 3.5 vs norm 18); training
+    the body with the full softmax too (`body_lr`) creates that direction, as full-softmax training does.
+    The other rows' own values never change (zero gradient, zero Adam moments), nor, at body_lr = 0, anything
+    but u.
     """
     head = model.get_output_embeddings()
     other = row_lookup(vocab_ids, head.weight.shape[0]) < 0  # [V] rows to shift
     shift = torch.zeros(head.weight.shape[1], requires_grad=True)  # u [H]
-    optimizer = torch.optim.Adam([shift], lr=lr)
+    groups = [{"params": [shift], "lr": lr}]
+    if body_lr > 0:
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": body_lr})
+    optimizer = torch.optim.Adam(groups)
+    model.train(body_lr > 0)
     loss = torch.tensor(float("nan"))
     for ids, prompt_len in batches:
-        with torch.no_grad():
+        with torch.set_grad_enabled(body_lr > 0):
             hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, prompt_len - 1 : -1]
             hidden = hidden.flatten(0, 1)  # [n, H]
             base = head(hidden).float()  # [n, V]
         logits = base + (hidden.float() @ shift)[:, None] * other  # [n, V]: (row j + u) . h on the other rows
         loss = torch.nn.functional.cross_entropy(logits, ids[:, prompt_len:].flatten())
         loss.backward()
+        if head.weight.grad is not None:
+            head.weight.grad[other] = 0.0  # the other rows move only through u
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    model.eval()
     with torch.no_grad():
         head.weight[other] += shift.to(head.weight.dtype)
     return float(loss.detach())

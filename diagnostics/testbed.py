@@ -119,11 +119,12 @@ class TestbedConfig:
     eval_problems: int = 500  # held-out problems for the accuracy report
     spread_problems: int = 200  # student samples for the C-spread report
     capacity_steps: int = 3000  # >0: keep training the student to this step and report its accuracy
-    # vocabulary qwen2: the task is learned with the softmax over the task's tokens, then this many steps of
-    # the full-vocabulary softmax train the other LM-head rows alone (diagnostics.qwen_vocab.calibrate_rows)
+    # vocabulary qwen2: the task is learned on its own tokens, then this many full-softmax steps train one shared
+    # offset of the other LM-head rows (and the rest at calibration_body_lr; diagnostics.qwen_vocab.calibrate_rows)
     calibration_steps: int = 0
     calibration_batch_size: int = 8
     calibration_lr: float = 3e-3
+    calibration_body_lr: float = 0.0  # > 0: the body and the task's rows train with the full softmax too
     cache_dir: str = ".cache/testbed"
 
     def __post_init__(self) -> None:
@@ -141,6 +142,7 @@ class TestbedConfig:
         check(self.calibration_batch_size >= 1, "calibration_batch_size",
               f"must be >= 1, got {self.calibration_batch_size}")
         check(self.calibration_lr > 0, "calibration_lr", f"must be > 0, got {self.calibration_lr}")
+        check(self.calibration_body_lr >= 0, "calibration_body_lr", f"must be >= 0, got {self.calibration_body_lr}")
         check(self.k >= 1, "k", f"must be >= 1, got {self.k}")
         check(self.eval_problems >= 1, "eval_problems", f"must be >= 1, got {self.eval_problems}")
         check(self.spread_problems >= 1, "spread_problems", f"must be >= 1, got {self.spread_problems}")
@@ -164,7 +166,7 @@ class TestbedConfig:
         payload.pop("cache_dir")
         # fields added after version 4 stay out of the hash at the values older builds had, so their caches stay valid
         later = (("task", "sort"), ("capacity_steps", 0), ("vocabulary", "task"), ("calibration_steps", 0),
-                 ("calibration_batch_size", 8), ("calibration_lr", 3e-3))
+                 ("calibration_batch_size", 8), ("calibration_lr", 3e-3), ("calibration_body_lr", 0.0))
         for key, default in later:
             if payload[key] == default:
                 payload.pop(key)
@@ -395,6 +397,9 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
     torch.set_num_threads(1)
     try:
         report = _build_into(tmp, config)
+    except BaseException:  # a failed or interrupted build leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
     if force:
@@ -468,5 +473,5 @@ def calibrate_checkpoint(path: Path, tokenizer: PreTrainedTokenizerBase, config:
     for start in range(0, len(problems), size):
         encoded = [encode_problem(tokenizer, p) for p in problems[start : start + size]]
         batches.append((torch.tensor([prompt + response for prompt, response in encoded]), len(encoded[0][0])))
-    calibrate_rows(model, batches, vocab_ids, config.calibration_lr)
+    calibrate_rows(model, batches, vocab_ids, config.calibration_lr, body_lr=config.calibration_body_lr)
     save_checkpoint(model, tokenizer, path)

@@ -185,3 +185,20 @@ def test_qwen_vocab_config_declares_qwen25_heads():
     for spec in (config.teacher, config.student):
         assert spec.vocab_rows == 151_936 and spec.tie_embeddings
     assert config.cache_key() != TestbedConfig().cache_key()
+
+
+def test_calibrate_rows_with_the_body_keeps_each_other_rows_own_values():
+    vocab_ids = torch.tensor([1, 5, 9, 12])
+    model = small_qwen(200, seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    batches = [(vocab_ids[torch.randint(0, 4, (4, 9), generator=gen)], 3) for _ in range(10)]
+    calibrate_rows(model, batches, vocab_ids, lr=5e-2, body_lr=1e-3)
+    after = model.state_dict()
+    other = torch.ones(200, dtype=torch.bool)
+    other[vocab_ids] = False
+    shift = after["lm_head.weight"][other] - before["lm_head.weight"][other]
+    torch.testing.assert_close(shift, shift[:1].expand_as(shift), rtol=0, atol=1e-6)
+    assert not torch.equal(after["lm_head.weight"][vocab_ids], before["lm_head.weight"][vocab_ids])
+    assert not torch.equal(after["model.norm.weight"], before["model.norm.weight"])
+    assert not model.training
