@@ -47,6 +47,7 @@ from diagnostics.models import ModelPair, check_pair, check_path, directory_hash
 from diagnostics.nonfinite import check_group_finite, check_shard_finite
 from diagnostics.precision import check_mixed_precision, master_weights, resolve_precision
 from diagnostics.progress import progress_bar
+from diagnostics.prompts import render_text
 from diagnostics.run import (
     BANK_SPLIT_SEED,
     ResolvedPair,
@@ -77,6 +78,9 @@ PROTOCOL_MEANING = {
 }
 BANK_COLUMNS = ("prompt_id", "prompt_ids", "response_ids")  # what a bank file (`bank`) must hold
 RELATIVE_GAIN_EPS = 1e-12  # the release's (KL_base - KL_after) / (KL_base + eps)
+# Keys left out of the run hash and config.json while at these defaults: runs made before they existed keep
+# their names and resume.
+OMITTED_AT_DEFAULT = {"prompt_column": "prompt", "answer_column": "answer", "enable_thinking": None}
 
 
 @dataclass
@@ -86,7 +90,10 @@ class DiagnoseConfig:
     student: str = ""  # model dir or hub id; "" = the embedded testbed's student
     teacher: str = ""  # "" = the embedded testbed's teacher
     testbed_config: str = "configs/testbed.yaml"
-    prompts: str = ""  # JSONL of {"prompt", "answer"} for real models; "" = testbed held-out problems
+    prompts: str = ""  # real models' prompts (.jsonl/.json/.parquet or hub id); "" = testbed held-out problems
+    prompt_column: str = "prompt"  # real models: the prompt column, a name or dotted path (prompt.0.content)
+    answer_column: str = "answer"  # real models: the answer column (e.g. reward_model.ground_truth, label)
+    enable_thinking: bool | None = None  # real models: Qwen3's chat-template switch; None = the template's default
     n_sequences: int = 256  # B: responses in the bank (the paper: 300)
     max_response_tokens: int = 192  # L: responses are cut to this many tokens
     temperature: float = 1.0  # rollout sampling temperature (the paper's 1.0)
@@ -145,13 +152,21 @@ class DiagnoseConfig:
               "mode=checkpoint needs a checkpoint path (protocol=paper trains its own)")
         check(self.protocol == "paper" or not self.train, "train",
               f"only protocol=paper trains (got protocol={self.protocol}); remove the train overrides")
+        for key, default in OMITTED_AT_DEFAULT.items():  # the testbed's problems have neither columns nor template
+            check(bool(self.student) or getattr(self, key) == default, key,
+                  "applies to real models' prompt files (student=, teacher=, prompts=), not the testbed's own problems")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The config as a plain dict without the OMITTED_AT_DEFAULT keys at their defaults."""
+        data = json.loads(json.dumps(config_to_dict(self)))
+        return {k: v for k, v in data.items() if not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
 
     def run_id(self, models: dict[str, str] | None = None) -> str:
         """The run directory name: stable for a config and its resolved model paths, so a rerun
         resumes it (and a rebuilt testbed, which lives under a new cache key, starts a new run)."""
         if self.run_name:
             return self.run_name
-        payload = {k: v for k, v in config_to_dict(self).items() if k not in ("run_name", "out_dir", "n_boot")}
+        payload = {k: v for k, v in self.fingerprint().items() if k not in ("run_name", "out_dir", "n_boot")}
         payload["models"] = models or {}
         return f"{self.protocol if self.protocol == 'paper' else self.mode}-{config_hash(payload)}"
 
@@ -305,7 +320,7 @@ def token_table(grids: dict[str, torch.Tensor], bank: ResponseBatch, bank_df: pd
 
 def saved_config(config: DiagnoseConfig, resolved: ResolvedPair) -> dict:
     """What config.json records: the config and the resolved models (resuming must match both)."""
-    return {**json.loads(json.dumps(config_to_dict(config))), "resolved_models": resolved_models(config, resolved)}
+    return {**config.fingerprint(), "resolved_models": resolved_models(config, resolved)}
 
 
 def resolved_models(config: DiagnoseConfig, resolved: ResolvedPair) -> dict[str, str]:
@@ -340,9 +355,10 @@ def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: P
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=resolved.max_new_tokens, n=1, seed=config.seed)
     problems = heldout_problems(resolved, config.n_sequences, split_seed=BANK_SPLIT_SEED, prompts=config.prompts,
-                                key="prompts")
-    rollouts = generate_rollouts(resolved.student_path, tokenizer, [p.prompt for p in problems], sampling,
-                                 backend=config.backend)
+                                key="prompts", prompt_column=config.prompt_column, answer_column=config.answer_column)
+    texts = [render_text(tokenizer, p.prompt, enable_thinking=config.enable_thinking) for p in problems]
+    rollouts = generate_rollouts(resolved.student_path, tokenizer, texts, sampling, backend=config.backend,
+                                 chat_template=False)  # rendered above
     if rollouts.attrs.get("backend") == "vllm":  # its engine holds 0.9 of a GPU and the pair loads next
         release_vllm_engine()
     manifest = make_manifest(model_path=resolved.student_path, tokenizer=tokenizer,
@@ -362,8 +378,9 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
     check_k(vocab, k=resolved.k, extra_k=config.extra_k)
     if resolved.testbed is None and config.prompts:  # the file's rows, count and characters, before any write
         problems = heldout_problems(resolved, config.n_sequences, split_seed=BANK_SPLIT_SEED, prompts=config.prompts,
-                                    key="prompts")
-        check_prompts(tokenizer, [p.prompt for p in problems], config.prompts)
+                                    key="prompts", prompt_column=config.prompt_column,
+                                    answer_column=config.answer_column)
+        check_prompts(tokenizer, [p.prompt for p in problems], config.prompts, enable_thinking=config.enable_thinking)
     if config.mode == "checkpoint":
         check_path(config.checkpoint, "checkpoint")
         check_pair(resolved.student_path, config.checkpoint, names=("student", "checkpoint"))

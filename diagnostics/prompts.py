@@ -1,7 +1,8 @@
 """Prompts as a model sees them: chat-template rendering, token ids, context-length checks, stop tokens.
 
 Shared by the rollout backends (`diagnostics.backends`), the diagnostic and the trainer:
-* `render_text`: text (or a message list) through the tokenizer's chat template when it has one;
+* `render_text`: text (or a message list) through the tokenizer's chat template when it has one
+  (`diagnostics.prompt_sets.render_chat`, with Qwen3's `enable_thinking` switch);
 * `render_prompts`: token ids of text, message-list or token-id prompts; a character the tokenizer
   cannot encode (dropped, or mapped to its unknown token) is an error naming the prompt and the character
   (`check_encodable`), never a silently different prompt;
@@ -18,18 +19,19 @@ from collections.abc import Sequence
 import numpy as np
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from diagnostics.prompt_sets import render_chat
+
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 
 
-def render_text(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict[str, str]]) -> str:
+def render_text(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict[str, str]], *, enable_thinking: bool | None = None
+) -> str:
     """The prompt as text the model sees: one user turn (or the message list) through the chat template
-    with the generation prompt when the tokenizer has a template; plain text as it is otherwise."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        if not isinstance(prompt, str):
-            raise ValueError("a chat message list needs a tokenizer with a chat template")
-        return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    with the generation prompt when the tokenizer has a template; plain text as it is otherwise.
+    `enable_thinking`: Qwen3's switch (None = the template's default). One renderer for every caller:
+    `diagnostics.prompt_sets.render_chat`."""
+    return render_chat(tokenizer, prompt, enable_thinking=enable_thinking)
 
 
 def render_prompts(

@@ -2,7 +2,8 @@
 
 * `resolve_pair`: the run's teacher-student pair -- real models as given, or the embedded testbed
   (built or reused from its cache) -- with its top-K and response-length defaults (`ResolvedPair`).
-* `heldout_problems`: held-out problems: a split of the testbed's, or a slice of a JSONL file.
+* `heldout_problems`, `load_prompts`: held-out problems: a split of the testbed's, or a slice of a real-model
+  prompt set (`diagnostics.prompt_sets`: JSON / JSONL / parquet / hub id, column mapping, message lists).
 * `config_hash`, `check_run_dir`, `claim_run_dir`: a run directory is named by a hash of what the run
   computes, and holds one config: continuing it with another is an error naming the differing keys;
   one process at a time works in it (`diagnostics.lock`).
@@ -66,22 +67,34 @@ def resolve_pair(
 
 
 def heldout_problems(
-    pair: ResolvedPair, n: int, *, split_seed: int, prompts: str, key: str, from_end: bool = False
+    pair: ResolvedPair, n: int, *, split_seed: int, prompts: str, key: str, from_end: bool = False,
+    prompt_column: str = "prompt", answer_column: str = "answer", require_answer: bool = False,
 ) -> list[Problem]:
     """n held-out problems: the testbed's split `split_seed`, or, for real models, the first n
-    (`from_end`: the last n) of the JSONL file `prompts`. `key` names the config key of the file."""
+    (`from_end`: the last n) of the prompt set `prompts` (`load_prompts`). `key` names the config key."""
     if pair.testbed is not None:
         from diagnostics.testbed import heldout_problems as testbed_heldout
 
         return testbed_heldout(pair.testbed.config, n, split_seed=split_seed)
-    from diagnostics.task import load_problems
-
-    if not prompts:
-        raise ConfigError(f"{key}: real models need a JSONL prompt file ({key}=path.jsonl)")
-    problems = load_problems(prompts)
+    problems = load_prompts(prompts, key, prompt_column=prompt_column, answer_column=answer_column,
+                            require_answer=require_answer)
     if len(problems) < n:
         raise ConfigError(f"{key}: {prompts} has {len(problems)} prompts, fewer than the {n} the run needs")
     return problems[-n:] if from_end else problems[:n]
+
+
+def load_prompts(
+    prompts: str, key: str, *, prompt_column: str = "prompt", answer_column: str = "answer",
+    require_answer: bool = False,
+) -> list[Problem]:
+    """A real-model prompt set (`diagnostics.prompt_sets.load_prompt_set`: a .jsonl / .json / .parquet file
+    or a hub id, column names or dotted paths, text or message-list prompts); "" is an error naming `key`."""
+    from diagnostics.prompt_sets import load_prompt_set
+
+    if not prompts:
+        raise ConfigError(f"{key}: real models need a prompt file ({key}=path.jsonl, .json, .parquet or a hub id)")
+    return load_prompt_set(prompts, prompt_column=prompt_column, answer_column=answer_column,
+                           require_answer=require_answer)
 
 
 # ------------------------------------------------------------------------------------------ run directory
@@ -152,13 +165,17 @@ def check_k(vocab_size: int, *, k: int, extra_k: Collection[int] = (), key: str 
                           f"(top-K signals need 1 <= K < {vocab_size})")
 
 
-def check_prompts(tokenizer: Any, prompts: list[Any], source: str, *, rendered: bool = False) -> None:
-    """Every prompt as the model will see it (chat template applied unless `rendered`) encodes without
-    losing a character (`diagnostics.prompts.check_encodable`); the error names `source` and the prompt."""
+def check_prompts(
+    tokenizer: Any, prompts: list[Any], source: str, *, rendered: bool = False, enable_thinking: bool | None = None
+) -> None:
+    """Every prompt as the model will see it (chat template applied, with `enable_thinking`, unless
+    `rendered`) encodes without losing a character (`diagnostics.prompts.check_encodable`); the error
+    names `source` and the prompt."""
     from diagnostics.prompts import check_encodable, render_text
 
     for i, prompt in enumerate(prompts):
-        check_encodable(tokenizer, prompt if rendered else render_text(tokenizer, prompt), f"{source}: prompt {i + 1}")
+        text = prompt if rendered else render_text(tokenizer, prompt, enable_thinking=enable_thinking)
+        check_encodable(tokenizer, text, f"{source}: prompt {i + 1}")
 
 
 # ------------------------------------------------------------------------------------------ the context bank

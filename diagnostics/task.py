@@ -9,14 +9,13 @@ pre-tokenizer splits digits one by one, so numbers could not be single tokens). 
 difficulty: copying the previous list is predictable, each step's minimum and the skipped word are
 decisions, and a wrong earlier choice makes later ones ambiguous.
 
-`Problem` is also the shape of any verifiable prompt set (real models read a JSONL of
-`{"prompt": ..., "answer": ...}`), so evaluation code never depends on this particular task.
+`Problem` is also the shape of any verifiable prompt set (real models read theirs through
+`diagnostics.prompt_sets.load_prompt_set`), so evaluation code never depends on this particular task.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -118,29 +117,12 @@ TASKS = {
 
 
 def load_problems(path: str | Path) -> list[Problem]:
-    """Read a JSONL prompt set: one `{"prompt": str, "answer": str}` object per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    problems = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from None
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise ValueError(f"{path}:{line_no}: expected an object with a 'prompt' key")
-        prompt = row["prompt"]
-        messages = isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
-        if not (isinstance(prompt, str) and prompt.strip()) and not (messages and prompt):
-            raise ValueError(f"{path}:{line_no}: 'prompt' must be non-empty text or a chat message list, "
-                             f"got {type(prompt).__name__} {prompt!r:.60}")
-        problems.append(Problem(len(problems), row["prompt"], str(row.get("answer", ""))))
-    if not problems:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return problems
+    """A prompt set of `{"prompt", "answer"}` records (the answer optional: ""): a thin call of
+    `diagnostics.prompt_sets.load_prompt_set`, which reads .jsonl / .json / .parquet files, checks each
+    prompt (text or a chat message list) and names the file, row and line of a bad record."""
+    from diagnostics.prompt_sets import load_prompt_set  # it imports Problem from here
+
+    return load_prompt_set(path, require_answer=False)
 
 
 def normalize_answer(text: str) -> str:

@@ -27,7 +27,8 @@ from opd.presets import apply_presets
 # before the keys existed stay the same (the manifest records every selection option either way).
 OMITTED_AT_DEFAULT = {"preset": "", "signals": "exact", "signal_normalization": "valid_rows",
                       "tie_break": "row_major", "top_up": "", "q3_fill": False, "mixed_precision": "auto",
-                      "rollout_backend": "hf", "engine": "own", "trl_args": {}}
+                      "rollout_backend": "hf", "engine": "own", "trl_args": {}, "answer_check": "exact",
+                      "prompt_column": "prompt", "answer_column": "answer", "enable_thinking": None}
 # Keys that do not change what a run computes: a resume may differ in them.
 RESUME_IGNORED = ("progress", "report_to", "save_rollouts")
 
@@ -40,8 +41,11 @@ class TrainConfig:
     student: str = ""  # model dir or hub id; "" = the embedded testbed's student
     teacher: str = ""  # "" = the embedded testbed's teacher
     testbed_config: str = "configs/testbed.yaml"
-    prompts: str = ""  # JSONL {"prompt", "answer"} training prompts for real models; "" = testbed problems
-    eval_prompts: str = ""  # JSONL held-out prompts for real models; "" = testbed held-out problems
+    prompts: str = ""  # training prompts for real models (.jsonl/.json/.parquet or hub id); "" = testbed problems
+    eval_prompts: str = ""  # held-out prompts for real models (as prompts); "" = testbed held-out problems
+    prompt_column: str = "prompt"  # real models: both files' prompt column, a name or dotted path (prompt.0.content)
+    answer_column: str = "answer"  # real models: the answer column (e.g. reward_model.ground_truth, label)
+    enable_thinking: bool | None = None  # real models: Qwen3's chat-template switch; None = the template's default
     # arms
     selectors: list[str] = field(default_factory=lambda: ["full", "teachability", "entropy", "kl", "tip", "random"])
     ratios: list[float] = field(default_factory=lambda: [0.05])  # retention of every selector but full (1.0)
@@ -159,9 +163,11 @@ class TrainConfig:
               f"is for engine=trl (TRL's DistillationConfig settings), got {self.trl_args!r}")
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
-        check(not self.student or bool(self.prompts), "prompts", "real models need a JSONL training prompt file")
-        check(not self.student or bool(self.eval_prompts), "eval_prompts",
-              "real models need a JSONL held-out prompt file")
+        check(not self.student or bool(self.prompts), "prompts", "real models need a training prompt file")
+        check(not self.student or bool(self.eval_prompts), "eval_prompts", "real models need a held-out prompt file")
+        for key in ("prompt_column", "answer_column", "enable_thinking"):  # the testbed's problems have neither
+            check(bool(self.student) or getattr(self, key) == OMITTED_AT_DEFAULT[key], key,
+                  "applies to real models' prompt files (student=, teacher=, prompts=), not the testbed's own problems")
 
     def arms(self) -> list[Arm]:
         """Every (selector, ratio, seed) of the run: full at 1.0, the others at each ratio."""

@@ -7,7 +7,7 @@ token's own loss. The chain, every stage resumable (a rerun of the same config c
 
   1. prompt shard: the prompts the OPD run trains on, written to `prompt_shard.jsonl`: the testbed
      trainer's own stream (seed `opd.trainer.TRAIN_PROMPT_SEED` + seed, disjoint from the diagnose
-     and evaluation splits), or for real models the JSONL file `prompts` (a held-out shard; the
+     and evaluation splits), or for real models the prompt set `prompts` (a held-out shard; the
      trainer permutes it, as the release's `--rollout-shuffle`);
   2. full-token OPD from the base student (`opd.trainer.run_training`, selector `full`,
      `save_rollouts`), in `<run>/opd/`, with the `train` overrides of the diagnose config; a killed
@@ -58,13 +58,14 @@ import pandas as pd
 from diagnostics.config import ConfigError, check, load_config
 from diagnostics.diagnose import DiagnoseConfig, resolved_models, run_diagnose, saved_config
 from diagnostics.files import atomic_write, write_parquet
-from diagnostics.run import ResolvedPair, claim_run_dir, resolve_pair
+from diagnostics.run import ResolvedPair, claim_run_dir, load_prompts, resolve_pair
 from opd.config import Arm, TrainConfig
 from opd.trainer import TRAIN_PROMPT_SEED, run_training
 
 # TrainConfig keys the protocol sets itself (from the diagnose config or by definition): a `train`
 # override of one of them is an error naming it.
-PROTOCOL_KEYS = ("student", "teacher", "testbed_config", "prompts", "selectors", "ratios", "seeds", "k",
+PROTOCOL_KEYS = ("student", "teacher", "testbed_config", "prompts", "prompt_column", "answer_column",
+                 "enable_thinking", "selectors", "ratios", "seeds", "k",
                  "max_new_tokens", "temperature", "top_p", "device", "dtype", "save_students", "save_rollouts",
                  "run_name", "out_dir", "progress")
 TRAIN_DIR = "opd"  # the OPD run inside the diagnose run directory
@@ -91,7 +92,9 @@ def train_config(config: DiagnoseConfig, run_dir: Path) -> TrainConfig:
     check_paper_config(config)
     forced: dict[str, Any] = {
         "student": config.student, "teacher": config.teacher, "testbed_config": config.testbed_config,
-        "prompts": config.prompts, "selectors": ["full"], "ratios": [1.0], "seeds": [config.seed], "k": config.k,
+        "prompts": config.prompts, "prompt_column": config.prompt_column, "answer_column": config.answer_column,
+        "enable_thinking": config.enable_thinking, "selectors": ["full"], "ratios": [1.0], "seeds": [config.seed],
+        "k": config.k,
         "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
         "device": config.device, "dtype": config.dtype, "save_students": True, "save_rollouts": True,
         "run_name": TRAIN_DIR, "out_dir": str(run_dir), "progress": True,
@@ -127,8 +130,10 @@ def write_prompt_shard(train: TrainConfig, resolved: ResolvedPair, path: Path) -
     if resolved.testbed is not None:
         problems = resolved.testbed.config.problems(n, TRAIN_PROMPT_SEED + train.seeds[0])
         lines = [json.dumps({"prompt": p.prompt, "answer": p.answer}) for p in problems]
-    else:  # real models: the shard is the prompt file itself (the trainer permutes it per epoch)
-        lines = Path(train.prompts).read_text().splitlines()
+    else:  # real models: the prompt set as loaded (the trainer permutes it per epoch); any file type or hub id
+        problems = load_prompts(train.prompts, "prompts", prompt_column=train.prompt_column,
+                                answer_column=train.answer_column)
+        lines = [json.dumps({"prompt": p.prompt, "answer": p.answer}) for p in problems]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 

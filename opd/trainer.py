@@ -71,13 +71,14 @@ from diagnostics.run import (
     check_prompts,
     claim_run_dir,
     heldout_problems,
+    load_prompts,
     make_bank,
     manifest_base,
     read_bank,
     resolve_pair,
 )
 from diagnostics.store import package_versions
-from diagnostics.task import Problem, load_problems
+from diagnostics.task import Problem
 from opd.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
 from opd.config import Arm, TrainConfig
 from opd.distributed import World
@@ -130,10 +131,12 @@ class RunContext:
 
 def heldout(config: TrainConfig, pair: ResolvedPair, n: int, split_seed: int, tokenizer) -> list[Problem]:
     """Held-out problems with rendered prompts: the testbed's split `split_seed`, or from
-    `eval_prompts` (the common bank takes the file's last prompts, evaluation its first)."""
+    `eval_prompts` (the common bank takes the file's last prompts, evaluation its first; answers required)."""
     problems = heldout_problems(pair, n, split_seed=split_seed, prompts=config.eval_prompts, key="eval_prompts",
-                                from_end=split_seed == BANK_SPLIT_SEED)
-    return [dataclasses.replace(p, prompt=render_text(tokenizer, p.prompt)) for p in problems]
+                                from_end=split_seed == BANK_SPLIT_SEED, prompt_column=config.prompt_column,
+                                answer_column=config.answer_column, require_answer=True)
+    return [dataclasses.replace(p, prompt=render_text(tokenizer, p.prompt, enable_thinking=config.enable_thinking))
+            for p in problems]
 
 
 def training_texts(config: TrainConfig, testbed, seed: int, tokenizer) -> list[str]:
@@ -142,12 +145,13 @@ def training_texts(config: TrainConfig, testbed, seed: int, tokenizer) -> list[s
     if testbed is not None:
         problems = testbed.config.problems(n, TRAIN_PROMPT_SEED + seed)
     else:
-        pool = load_problems(config.prompts)
+        pool = load_prompts(config.prompts, "prompts", prompt_column=config.prompt_column,
+                            answer_column=config.answer_column)
         epochs = range(-(-n // len(pool)))  # one permutation of the pool per epoch
         order = np.concatenate([np.random.default_rng(TRAIN_PROMPT_SEED + seed + e).permutation(len(pool))
                                 for e in epochs])
         problems = [pool[i] for i in order[:n]]
-    return [render_text(tokenizer, p.prompt) for p in problems]
+    return [render_text(tokenizer, p.prompt, enable_thinking=config.enable_thinking) for p in problems]
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, world: World) -> None:

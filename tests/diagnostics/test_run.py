@@ -43,7 +43,7 @@ def test_heldout_problems_from_a_file(tmp_path):
     assert [p.answer for p in last] == ["a3", "a4"]
     with pytest.raises(ConfigError, match="eval_prompts: .* has 5 prompts, fewer than the 6"):
         heldout_problems(pair, 6, split_seed=0, prompts=str(path), key="eval_prompts")
-    with pytest.raises(ConfigError, match="prompts: real models need a JSONL prompt file"):
+    with pytest.raises(ConfigError, match="prompts: real models need a prompt file"):
         heldout_problems(pair, 1, split_seed=0, prompts="", key="prompts")
 
 
