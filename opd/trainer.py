@@ -46,6 +46,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -423,25 +424,36 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
 
     Writes the raw tables: metrics.parquet (every arm's rows) and live_gain.parquet (every arm's
     per-sequence live gain), and manifest.json; `taopd train` adds the comparison table.
+    `engine: trl` trains each arm with TRL (opd/trl_recipe.py); the setup and outputs are these.
     """
-    if config.engine == "trl":  # the same arms and outputs, each arm trained by TRL (opd/trl_recipe.py)
-        from opd.trl_recipe import run_training_trl  # imports this module: a local import, no cycle at load
+    if config.engine == "trl":
+        from opd.trl_recipe import check_trl_config, train_arm_trl, trl_manifest  # imports this module
 
-        return run_training_trl(config, resume=resume)
+        check_trl_config(config)
+        return run_arms(config, resume, train_arm_trl, manifest_extra=trl_manifest(config))
+    return run_arms(config, resume, lambda ctx, arm: train_arm(ctx, arm, progress=config.progress))
+
+
+def run_arms(config: TrainConfig, resume: bool, train_one: Callable[[RunContext, Arm], None], *,
+             manifest_extra: dict | None = None) -> Path:
+    """The run around the arms: setup, `train_one(ctx, arm)` for each arm, the raw tables, the manifest."""
     started = time.perf_counter()
     ctx = setup_run(config, resume=resume)
     arms = config.arms()
-    ctx.logger.info(f"run {ctx.run_dir}: {len(arms)} arms x {config.steps} steps x "
+    engine = f" (engine {config.engine})" if config.engine != "own" else ""
+    ctx.logger.info(f"run {ctx.run_dir}{engine}: {len(arms)} arms x {config.steps} steps x "
                     f"{config.batch_size * config.samples_per_prompt} rollouts (base student: accuracy "
                     f"{ctx.base_eval['accuracy']:.3f}, KL(T||S) {ctx.base_eval['kl_to_teacher']:.4f})")
     for arm in progress_bar(arms, desc="arms", enabled=config.progress and ctx.world.is_main):
-        train_arm(ctx, arm, progress=config.progress)
+        train_one(ctx, arm)
     ctx.rollouts.close()
     if ctx.world.is_main:
         metrics, gains = collect(ctx)
         write_parquet(ctx.run_dir / "metrics.parquet", metrics)
         write_parquet(ctx.run_dir / "live_gain.parquet", gains)
-        write_json(ctx.run_dir / "manifest.json", build_manifest(ctx, time.perf_counter() - started))
+        manifest = build_manifest(ctx, time.perf_counter() - started)
+        manifest.update(manifest_extra or {})
+        write_json(ctx.run_dir / "manifest.json", manifest)
     ctx.world.barrier()
     release_run_lock(ctx.run_dir)  # rank 0 held it (prepare_run_dir); a no-op elsewhere
     return ctx.run_dir

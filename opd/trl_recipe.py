@@ -2,7 +2,7 @@
 
 Same run as the project's trainer (`opd.trainer.run_training`), with the same run directory, setup and
 outputs: `setup_run` (pair, held-out problems, common bank, base evaluation, every seed's prompt stream),
-one arm per (selector, ratio, seed), `finish_arm` (live gain on the common bank, the final student,
+one arm per (selector, ratio, seed) through `opd.trainer.run_arms`, `finish_arm` (live gain on the common bank, the final student,
 arms/<arm>/metrics.parquet, result.json), `collect` and `build_manifest` (metrics.parquet,
 live_gain.parquet, manifest.json); `taopd train` then writes the same comparison.parquet/.md through
 `analysis.training`. Only the training loop of an arm differs: `SelectiveDistillationTrainer`
@@ -49,16 +49,13 @@ import torch
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 
 from diagnostics.evaluation import encode_prompts
-from diagnostics.files import write_json, write_parquet
-from diagnostics.lock import release_run_lock
 from diagnostics.models import load_model
-from diagnostics.progress import progress_bar
 from opd.config import Arm, TrainConfig
 from opd.evaluation import evaluate
 from opd.integrations.trl import SelectiveDistillationTrainer, cut_vocab, distillation_config
 from opd.memory import peak_mb, reset_peak
 from opd.step import NonFiniteError
-from opd.trainer import RunContext, build_manifest, collect, finish_arm, metric_row, setup_run
+from opd.trainer import RunContext, finish_arm, metric_row
 
 TRL_TRAINER = "opd.integrations.trl.SelectiveDistillationTrainer (a trl.DistillationTrainer subclass)"
 
@@ -193,28 +190,9 @@ def train_arm_trl(ctx: RunContext, arm: Arm) -> None:
     ctx.world.barrier()
 
 
-def run_training_trl(config: TrainConfig, *, resume: bool = False) -> Path:
-    """`opd.trainer.run_training` with every arm trained by TRL; same outputs. Returns the run directory."""
-    check_trl_config(config)
-    started = time.perf_counter()
-    ctx = setup_run(config, resume=resume)
-    arms = config.arms()
-    ctx.logger.info(f"run {ctx.run_dir} (engine trl): {len(arms)} arms x {config.steps} steps x "
-                    f"{config.batch_size * config.samples_per_prompt} rollouts (base student: accuracy "
-                    f"{ctx.base_eval['accuracy']:.3f})")
-    for arm in progress_bar(arms, desc="arms", enabled=config.progress and ctx.world.is_main):
-        train_arm_trl(ctx, arm)
-    ctx.rollouts.close()  # the own engine's rollout backend (hf here: nothing held)
-    if ctx.world.is_main:
-        metrics, gains = collect(ctx)
-        write_parquet(ctx.run_dir / "metrics.parquet", metrics)
-        write_parquet(ctx.run_dir / "live_gain.parquet", gains)
-        manifest = build_manifest(ctx, time.perf_counter() - started)
-        manifest.update(engine="trl", trl_trainer=TRL_TRAINER, trl_version=metadata.version("trl"),
-                        rollout_backend="trl (transformers generate; vLLM with use_vllm)",
-                        old_logprobs="student log-probs of the trainer's signals pass (no grad), before the update",
-                        report_to=config.report_to)
-        write_json(ctx.run_dir / "manifest.json", manifest)
-    ctx.world.barrier()
-    release_run_lock(ctx.run_dir)  # rank 0 held it (opd.trainer.prepare_run_dir)
-    return ctx.run_dir
+def trl_manifest(config: TrainConfig) -> dict[str, Any]:
+    """What manifest.json adds for a run trained by TRL."""
+    return dict(engine="trl", trl_trainer=TRL_TRAINER, trl_version=metadata.version("trl"),
+                rollout_backend="trl (transformers generate; vLLM with use_vllm)",
+                old_logprobs="student log-probs of the trainer's signals pass (no grad), before the update",
+                report_to=config.report_to)

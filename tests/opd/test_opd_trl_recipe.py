@@ -97,13 +97,14 @@ def test_a_killed_trl_arm_resumes_from_its_checkpoint_to_the_same_result(tmp_pat
     weights, AdamW state, RNG and the data position) and ends where an uninterrupted run ends."""
     from diagnostics.config import load_config
     from opd import trl_recipe
+    from opd.trainer import run_training
 
     def config(name: str) -> TrainConfig:
         return load_config(TrainConfig, ROOT / "configs/train_quick.yaml", [
             f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", f"run_name={name}",
             "engine=trl", "steps=4", "eval_every=4", "checkpoint_every=2", "selectors=[teachability]"])
 
-    straight = pd.read_parquet(trl_recipe.run_training_trl(config("straight")) / "metrics.parquet")
+    straight = pd.read_parquet(run_training(config("straight")) / "metrics.parquet")
     on_step_end = trl_recipe.ArmCallback.on_step_end
 
     def killed_at_step_3(self, args, state, control, **kwargs):
@@ -113,11 +114,11 @@ def test_a_killed_trl_arm_resumes_from_its_checkpoint_to_the_same_result(tmp_pat
 
     monkeypatch.setattr(trl_recipe.ArmCallback, "on_step_end", killed_at_step_3)
     with pytest.raises(Interrupted):
-        trl_recipe.run_training_trl(config("killed"))
+        run_training(config("killed"))
     arm_dir = tmp_path / "killed" / "arms" / "teachability-r0.1-s0"
     assert [p.name for p in (arm_dir / "trl").glob("checkpoint-*")] == ["checkpoint-2"]
     monkeypatch.setattr(trl_recipe.ArmCallback, "on_step_end", on_step_end)
-    resumed = pd.read_parquet(trl_recipe.run_training_trl(config("killed"), resume=True) / "metrics.parquet")
+    resumed = pd.read_parquet(run_training(config("killed"), resume=True) / "metrics.parquet")
     assert resumed["step"].tolist() == straight["step"].tolist() == [0, 1, 2, 3, 4]
     columns = ["loss", "kept_tokens", "valid_tokens", "accuracy", "kl_to_teacher"]
     pd.testing.assert_frame_equal(resumed[columns], straight[columns], rtol=1e-5, atol=1e-6)
