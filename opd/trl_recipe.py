@@ -2,8 +2,8 @@
 
 Same run as the project's trainer (`opd.trainer.run_training`), with the same run directory, setup and
 outputs: `setup_run` (pair, held-out problems, common bank, base evaluation, every seed's prompt stream),
-one arm per (selector, ratio, seed) through `opd.trainer.run_arms`, `finish_arm` (live gain on the common bank, the final student,
-arms/<arm>/metrics.parquet, result.json), `collect` and `build_manifest` (metrics.parquet,
+one arm per (selector, ratio, seed) through `opd.trainer.run_arms`, `finish_arm` (live gain on the common
+bank, the final student, arms/<arm>/metrics.parquet, result.json), `collect` and `build_manifest` (metrics.parquet,
 live_gain.parquet, manifest.json); `taopd train` then writes the same comparison.parquet/.md through
 `analysis.training`. Only the training loop of an arm differs: `SelectiveDistillationTrainer`
 (`opd.integrations.trl`, a subclass of `trl.DistillationTrainer`) generates the rollouts, computes the
