@@ -175,7 +175,8 @@ def generate_rollouts(
     tokens = fit_prompts(rendered, max_len, sampling.max_new_tokens, truncate_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     options = GenerateOptions(pad_id=pad_id, max_model_len=max_len, batch_size=batch_size,
-                              max_tokens_per_batch=max_tokens_per_batch, device=device, dtype=dtype, progress=progress)
+                              max_tokens_per_batch=max_tokens_per_batch, device=device, dtype=dtype, progress=progress,
+                              vocab_size=len(tokenizer))
     records = get_backend(backend).generate(model_path or model, tokens, sampling, stop_ids, options)
     df = _to_frame(records, tokens, ids, sampling)
     df.attrs.update(backend=backend, model_path=model_path, sampling=dataclasses.asdict(sampling))

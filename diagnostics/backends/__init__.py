@@ -52,6 +52,7 @@ class GenerateOptions:
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
+    vocab_size: int | None = None  # tokenizer length: LM-head rows at or beyond it are padding, never sampled (hf)
 
 
 class Backend(Protocol):

@@ -62,9 +62,16 @@ def sample_hf(
     pad_id: int,
     batch_size: int,
     progress: bool,
+    vocab_size: int | None = None,
 ) -> list[tuple[int, int, list[int], str]]:
-    """(prompt index, sample index, response ids, finish reason) for every prompt x sample."""
+    """(prompt index, sample index, response ids, finish reason) for every prompt x sample.
+
+    LM-head rows at or beyond `vocab_size` (padding: Qwen2.5 has 151,936 rows for 151,665 tokens) are never
+    sampled: no tokenizer id exists for them, and the bank refuses them.
+    """
     device = next(model.parameters()).device
+    n_rows = model.get_output_embeddings().weight.shape[0]
+    padding = list(range(vocab_size, n_rows)) if vocab_size is not None and vocab_size < n_rows else None
     rows = [(i, s) for i in range(len(prompts)) for s in range(sampling.n)]
     out = []
     starts = range(0, len(rows), batch_size)
@@ -83,6 +90,7 @@ def sample_hf(
                     max_new_tokens=sampling.max_new_tokens,
                     eos_token_id=stop_ids or None,
                     pad_token_id=pad_id,
+                    suppress_tokens=padding,
                 )
             for (i, s), tokens in zip(batch, generated[:, ids.shape[1] :].tolist()):
                 out.append((i, s, *cut_at_stop(tokens, stop_ids, sampling.max_new_tokens)))
@@ -101,7 +109,8 @@ class HFBackend:
         if not isinstance(model, torch.nn.Module):  # a model directory
             device = resolve_device(options.device)
             model = load_model(str(model), device, resolve_dtype(options.dtype, device))
-        samples = sample_hf(model, prompts, sampling, stop_ids, options.pad_id, options.batch_size, options.progress)
+        samples = sample_hf(model, prompts, sampling, stop_ids, options.pad_id, options.batch_size, options.progress,
+                            options.vocab_size)
         sampled, top_ids, top_lps = sampled_token_logprobs(
             model,
             [prompts[i] for i, _, _, _ in samples],

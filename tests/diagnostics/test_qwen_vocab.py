@@ -202,3 +202,21 @@ def test_calibrate_rows_with_the_body_keeps_each_other_rows_own_values():
     assert not torch.equal(after["lm_head.weight"][vocab_ids], before["lm_head.weight"][vocab_ids])
     assert not torch.equal(after["model.norm.weight"], before["model.norm.weight"])
     assert not model.training
+
+
+def test_hf_sampling_never_picks_lm_head_padding_rows():
+    """Qwen2.5's 151,936 rows hold 271 padding rows past the tokenizer: HF sampling must not return their ids."""
+    from diagnostics.backends.hf import sample_hf
+    from diagnostics.rollouts import SamplingConfig
+
+    from tiny_lm import V, tiny_model
+
+    model = tiny_model(0).eval()
+    with torch.no_grad():
+        model.lm_head.weight[V:] = 50 * model.lm_head.weight[:V].mean(0)  # padding rows would win every draw
+    prompts = [[1, 2, 3], [4, 5]]
+    sampling = SamplingConfig(max_new_tokens=8, seed=0)
+    unrestricted = sample_hf(model, prompts, sampling, [], 0, 8, False)
+    assert any(t >= V for _, _, tokens, _ in unrestricted for t in tokens)  # the case is real
+    for _, _, tokens, _ in sample_hf(model, prompts, sampling, [], 0, 8, False, vocab_size=V):
+        assert tokens and max(tokens) < V
