@@ -99,7 +99,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> dict:
                  "eval_problems=16", "checkpoint_every=0", f"out_dir={work / 'train'}", "run_name=bench-memory"]
     run_dir = run_training(load_config(TrainConfig, ROOT / "configs/train_quick.yaml", overrides))
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
-    return {"arms": int(metrics["arm"].nunique()) if "arm" in metrics else None, "rows": len(metrics)}
+    return {"arms": int(metrics[["selector", "ratio", "seed"]].drop_duplicates().shape[0]), "metric_rows": len(metrics)}
 
 
 def run_stage(name: str, args: argparse.Namespace) -> dict:
