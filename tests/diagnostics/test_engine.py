@@ -166,7 +166,8 @@ def test_mixed_precision_updates_match_float32(setup, optimizer, lr):
                                    pair.vocab_size)["gain"][valid]
     lost = float(((pure == 0) & (float32 != 0)).float().mean())  # measured: Adam 1e-6 40%, SGD 1e-4 8.6%
     assert lost > (0.25 if optimizer == "adam" else 0.04)
-    assert not ((loop == 0) & (float32 != 0)).any()  # mixed precision loses none
+    # mixed precision loses none (a float32 "gain" below 1e-9 nats is the rounding of a KL difference, not an update)
+    assert not ((loop == 0) & (float32.abs() > 1e-9)).any()
 
 
 def test_mixed_precision_needs_float32_master_weights(setup):
