@@ -60,6 +60,17 @@ def can_bootstrap(clusters: Clusters, n_boot: int) -> tuple[bool, str | None]:
     return True, None
 
 
+def noted_resample_weights(
+    clusters: Clusters, n_boot: int, seed: int, notes: list[str], what: str
+) -> np.ndarray | None:
+    """`resample_weights` when a bootstrap is possible; else None, with `what: why` appended to `notes`."""
+    ok, why = can_bootstrap(clusters, n_boot)
+    if not ok:
+        notes.append(f"{what}: {why}")
+        return None
+    return resample_weights(clusters.n_clusters, n_boot, seed)
+
+
 def cluster_sums(values: np.ndarray, clusters: Clusters) -> np.ndarray:
     """Per-cluster sums: values [n] or [n, ...] -> [C] or [C, ...]."""
     values = np.asarray(values, dtype=np.float64)

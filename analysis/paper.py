@@ -49,6 +49,7 @@ from analysis.bootstrap import (
     bootstrap_mean,
     bootstrap_mean_diff,
     can_bootstrap,
+    noted_resample_weights,
     percentile_ci,
     resample_weights,
 )
@@ -193,14 +194,6 @@ def sample_clusters(frame: pd.DataFrame) -> Clusters:
     return Clusters(codes=codes.astype(np.int64), n_clusters=len(uniques), column="seq_id")
 
 
-def _weights(clusters: Clusters, n_boot: int, seed: int, notes: list[str], what: str) -> np.ndarray | None:
-    ok, why = can_bootstrap(clusters, n_boot)
-    if not ok:
-        notes.append(f"paper {what}: {why}")
-        return None
-    return resample_weights(clusters.n_clusters, n_boot, seed)
-
-
 # ----------------------------------------------------------------------------- OLS
 
 
@@ -240,7 +233,7 @@ def paper_ols(frame: pd.DataFrame, *, outcome: str = "gain_w01", n_boot: int = D
     out["delta_r2_plus_c"] = out["r2_plus_c"] - out["r2_base"]
     nan2 = (float("nan"), float("nan"))
     out.update(beta_L_ci=nan2, beta_I_ci=nan2, gap_ci=nan2, delta_r2_ci=nan2)
-    W = _weights(sample_clusters(frame), n_boot, seed, notes, "OLS")
+    W = noted_resample_weights(sample_clusters(frame), n_boot, seed, notes, "paper OLS")
     if W is not None:
         idx = {m: [feats.index(c) for c in cols] for m, cols in PAPER_MODELS.items()}
         boots = bootstrap_standardized(X, y, idx, sample_clusters(frame), W)
@@ -276,7 +269,7 @@ def q3_support_gap(frame: pd.DataFrame, *, proxy: str = "C", outcome: str = "gai
     out.update(gap=float(y[high].mean() - y[low].mean()), mean_high=float(y[high].mean()),
                mean_low=float(y[low].mean()), n_high=int(high.sum()), n_low=int(low.sum()))
     clusters = sample_clusters(q3)
-    W = _weights(clusters, n_boot, seed, notes, "support gap")
+    W = noted_resample_weights(clusters, n_boot, seed, notes, "paper support gap")
     if W is not None:
         out["ci"] = percentile_ci(bootstrap_mean_diff(y, high, low, clusters, W))
     out["matched"] = matched_gap_within_samples(q3.assign(_c=c), "_c", outcome=outcome)

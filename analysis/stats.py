@@ -31,9 +31,8 @@ from analysis.bootstrap import (
     Clusters,
     bootstrap_mean,
     bootstrap_mean_diff,
-    can_bootstrap,
     clusters_of,
-    resample_weights,
+    noted_resample_weights,
 )
 from analysis.io import require_columns, score_columns
 from analysis.ranks import (
@@ -113,14 +112,6 @@ def q3_mask(df: pd.DataFrame) -> np.ndarray:
     return (h < np.median(h)) & (d >= np.median(d))
 
 
-def _boot(clusters: Clusters, n_boot: int, seed: int, notes: list[str], what: str) -> np.ndarray | None:
-    ok, why = can_bootstrap(clusters, n_boot)
-    if not ok:
-        notes.append(f"{what}: {why}")
-        return None
-    return resample_weights(clusters.n_clusters, n_boot, seed)
-
-
 def support_gap(
     df: pd.DataFrame, *, outcome: str = "gain", n_boot: int = DEFAULT_N_BOOT, seed: int = 0
 ) -> GapResult:
@@ -140,7 +131,7 @@ def support_gap(
     if lo_thr == hi_thr:
         notes.append(f"support gap: C~ tertile thresholds coincide ({lo_thr:.3g}); high and low groups share tokens")
     gap = float(y[high].mean() - y[low].mean())
-    W = _boot(clusters, n_boot, seed, notes, "support gap")
+    W = noted_resample_weights(clusters, n_boot, seed, notes, "support gap")
     ci = ci_or_nan(None if W is None else bootstrap_mean_diff(y, high, low, clusters, W))
     return GapResult(
         "support_gap", gap, *ci, float(y[high].mean()), float(y[low].mean()),
@@ -194,7 +185,7 @@ def matched_gap(
         return GapResult("matched_gap", nan, nan, nan, nan, nan, 0, 0, clusters.n_clusters, notes)
     y = df[outcome].to_numpy(np.float64)
     pair_clusters = Clusters(pairs["cluster"].to_numpy(np.int64), clusters.n_clusters, clusters.column)
-    W = _boot(clusters, n_boot, seed, notes, "matched gap")
+    W = noted_resample_weights(clusters, n_boot, seed, notes, "matched gap")
     diff = pairs["diff"].to_numpy()
     ci = ci_or_nan(None if W is None else bootstrap_mean(diff, np.ones(diff.size, bool), pair_clusters, W))
     n_used = pairs["cluster"].nunique()
@@ -246,7 +237,7 @@ def _curves(
     """The bucket table of ``values(df) -> (y, mask)`` over the finite-outcome rows, notes in ``attrs``."""
     df, notes = finite_outcome(df, outcome)
     clusters = clusters_of(df)
-    W = _boot(clusters, n_boot, seed, notes, what)
+    W = noted_resample_weights(clusters, n_boot, seed, notes, what)
     y, mask = values(df)
     out = _bucket_table(bucket_variables(df), y, mask, n_buckets, clusters, W)
     out.attrs["notes"] = notes
@@ -299,8 +290,8 @@ def correlation_table(
     require_columns(df, scores.values(), "correlation scores")
     y = df[outcome].to_numpy(np.float64)
     clusters = clusters_of(df)
-    W = _boot(clusters, n_boot, seed, notes, "correlations")
-    Wk = _boot(clusters, kendall_n_boot, seed, notes, "Kendall") if W is not None else None
+    W = noted_resample_weights(clusters, n_boot, seed, notes, "correlations")
+    Wk = noted_resample_weights(clusters, kendall_n_boot, seed, notes, "Kendall") if W is not None else None
     vals = {name: df[col].to_numpy(np.float64) for name, col in scores.items()}
 
     usable: dict[str, np.ndarray] = {}
@@ -367,7 +358,7 @@ def partial_correlation(
         notes.append(f"partial correlation: {outcome}, {x} or {given} is constant; undefined (NaN)")
         return PartialResult(float("nan"), float("nan"), float("nan"), x, given, notes)
     clusters = clusters_of(df)
-    W = _boot(clusters, n_boot, seed, notes, "partial correlation")
+    W = noted_resample_weights(clusters, n_boot, seed, notes, "partial correlation")
     ci = ci_or_nan(None if W is None else bootstrap_partial_spearman(y, xv, zv, clusters, W))
     return PartialResult(partial_spearman(y, xv, zv), *ci, x=x, given=given, notes=notes)
 
