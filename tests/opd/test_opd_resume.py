@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from processes import kill_after_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPARED = ["step", "selector", "ratio", "seed", "loss", "kept_tokens", "valid_tokens", "accuracy", "kl_to_teacher"]
@@ -34,15 +34,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_testbed):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run(command(reference))
     arm_dir = killed / "quick" / "arms" / "teachability-r0.1-s0"
-    proc = subprocess.Popen(command(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not list(arm_dir.glob("ckpt-*")):
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = kill_after_first_checkpoint(command(killed), ROOT, arm_dir, timeout_s=240)
     assert proc.returncode == -signal.SIGKILL
     assert not (arm_dir / "result.json").exists(), "killed too late: the arm had finished"
     assert not (killed / "quick" / "metrics.parquet").exists()

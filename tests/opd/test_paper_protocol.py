@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +17,8 @@ import torch
 from diagnostics.config import ConfigError, load_config
 from diagnostics.diagnose import DiagnoseConfig, read_bank_file, release_columns
 from opd.paper_protocol import bank_rollouts, train_config
+
+from processes import kill_after_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_YAML = ROOT / "configs/diagnose_paper.yaml"
@@ -162,15 +162,7 @@ def test_chain_killed_and_resumed_loses_no_finished_work(tmp_path, small_testbed
     # kill -9 during training (after its first checkpoint), then rerun the same command
     killed = tmp_path / "killed" / "p"
     arm = killed / "opd" / "arms" / "full-r1-s0"
-    proc = subprocess.Popen(command(tmp_path / "killed"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not list(arm.glob("ckpt-*")):
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(command(tmp_path / "killed"), ROOT, arm, timeout_s=300)
     assert not (arm / "result.json").exists(), "killed too late: the OPD run had finished"
     log = run(command(tmp_path / "killed"))
     assert "resumed from" in log  # training continued from its checkpoint, not from scratch
