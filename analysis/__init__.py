@@ -14,10 +14,11 @@ Modules, each one concept:
     paper       the release's definitions (the `paper` preset): relative gain, winsorising, full-vocabulary D,
                 OLS base/+C/decomposed, Q3 support and matched gaps, exact top-N
     paper_summary  summarize_paper, the Table 6 support-proxy audit, side_by_side (paper vs project)
-    paper_figures  the paper-protocol figures (asinh heat map, coefficients per K, top-N, support proxies)
     training    the comparison table of a training run (over seeds), its checks and markdown
     variants    first-order vs exact gain, and the group (multi-token) gains per selector
-    figures     house-style figures; make_all_figures(results_dir, out_dir)
+    plots       the house style and one plot primitive per figure kind
+    figures     the figure sets (diagnose, train, paper protocol); make_all_figures(results_dir, out_dir)
+    pass_at_1   pass@1 per student (bootstrap over problems) and per arm (t over training seeds)
     tokenview   write_token_view(df, out_html): the HTML token view
     synthetic   schema-faithful synthetic tables with planted effects (tests, fixture)
 

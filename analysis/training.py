@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.stats
 
 from analysis.io import COMPARISON_REQUIRED, require_columns
+from analysis.pass_at_1 import add_evaluation
 
 COMPARISON_COLUMNS = (
     "selector", "ratio", "n_seeds", "acc_before_mean", "acc_before_std", "acc_after_mean", "acc_after_std",
@@ -116,7 +117,7 @@ def to_markdown(table: pd.DataFrame, *, title: str = "") -> str:
 
 def run_comparison(run_dir: str | Path) -> tuple[pd.DataFrame, str]:
     """(comparison table, its markdown) of a training run folder, from its raw tables and manifest; with
-    `taopd evaluate`'s columns (eval_pass1_*, lm_*: `analysis.evaluation.add_evaluation`) once it ran."""
+    `taopd evaluate`'s columns (eval_pass1_*, lm_*: `analysis.pass_at_1.add_evaluation`) once it ran."""
     folder = Path(run_dir)
     metrics = pd.read_parquet(folder / "metrics.parquet")
     live_gains = pd.read_parquet(folder / "live_gain.parquet")
@@ -124,7 +125,6 @@ def run_comparison(run_dir: str | Path) -> tuple[pd.DataFrame, str]:
     table = comparison_table(metrics, live_gains)
     evaluated = folder / "evaluation" / "evaluation.parquet"  # `taopd evaluate run=<run>` adds its columns
     if evaluated.is_file():
-        from analysis.evaluation import add_evaluation
 
         lm_path = evaluated.with_name("lm_eval.parquet")
         lm_eval = pd.read_parquet(lm_path) if lm_path.is_file() else None

@@ -20,10 +20,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from diagnostics import engine  # noqa: E402
-from diagnostics.config import load_config  # noqa: E402
-from diagnostics.forward import ResponseBatch, full_logprobs  # noqa: E402
-from diagnostics.models import load_pair  # noqa: E402
-from diagnostics.testbed import TestbedConfig, build_testbed, encode_problem, heldout_problems  # noqa: E402
+from diagnostics.core.config import load_config  # noqa: E402
+from diagnostics.lm.forward import ResponseBatch, full_logprobs  # noqa: E402
+from diagnostics.lm.models import load_pair  # noqa: E402
+from diagnostics.testbed.build import build_testbed, encode_problem  # noqa: E402
+from diagnostics.testbed.config import TestbedConfig, heldout_problems  # noqa: E402
 
 
 def main() -> None:

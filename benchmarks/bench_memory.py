@@ -38,9 +38,10 @@ def peak_rss_gb() -> float:
 
 
 def stage_testbed(args: argparse.Namespace) -> dict:
-    from diagnostics.config import load_config
-    from diagnostics.models import load_pair
-    from diagnostics.testbed import TestbedConfig, build_testbed
+    from diagnostics.core.config import load_config
+    from diagnostics.lm.models import load_pair
+    from diagnostics.testbed.build import build_testbed
+    from diagnostics.testbed.config import TestbedConfig
 
     testbed = build_testbed(load_config(TestbedConfig, Path(args.testbed_config), []), progress=False)
     pair = load_pair(testbed.student_path, testbed.teacher_path, device="cpu", dtype="float32")
@@ -72,8 +73,8 @@ def stage_group(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from diagnostics import engine
-    from diagnostics.models import load_pair
-    from diagnostics.run import bank_batch, read_bank
+    from diagnostics.bank import bank_batch, read_bank
+    from diagnostics.lm.models import load_pair
     from diagnostics.signals import select
 
     run_dir = work / "diagnose" / "bench-memory"
@@ -90,9 +91,9 @@ def stage_group(args: argparse.Namespace, work: Path) -> dict:
 def stage_train(args: argparse.Namespace, work: Path) -> dict:
     import pandas as pd
 
-    from diagnostics.config import load_config
+    from diagnostics.core.config import load_config
     from opd.config import TrainConfig
-    from opd.trainer import run_training
+    from opd.engines import run_training
 
     overrides = [f"testbed_config={Path(args.testbed_config).resolve()}", f"bank_sequences={args.sequences}",
                  f"bank_max_tokens={args.tokens}", f"micro_batch_size={args.micro}", "steps=2", "eval_every=2",

@@ -21,15 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 def testbed_config(name: str):
-    from diagnostics.config import load_config
-    from diagnostics.testbed import TestbedConfig
+    from diagnostics.core.config import load_config
+    from diagnostics.testbed.config import TestbedConfig
 
     return load_config(TestbedConfig, ROOT / "configs" / name, [f"cache_dir={ROOT / '.cache/testbed'}"])
 
 
 def default_student() -> str:
     """The default testbed's student if built, else the small testbed's (built now, seconds)."""
-    from diagnostics.testbed import build_testbed
+    from diagnostics.testbed.build import build_testbed
 
     config = testbed_config("testbed.yaml")
     built = Path(config.cache_dir) / config.cache_key()
@@ -40,8 +40,8 @@ def default_student() -> str:
 
 def prompts_for(path: str, n: int) -> list[str]:
     """Held-out problems of the testbed the student belongs to; generic prompts for another model."""
-    from diagnostics.config import ConfigError, load_config
-    from diagnostics.testbed import TestbedConfig, heldout_problems
+    from diagnostics.core.config import ConfigError, load_config
+    from diagnostics.testbed.config import TestbedConfig, heldout_problems
 
     try:  # a testbed stores its config (JSON, which is YAML) beside the models
         config = load_config(TestbedConfig, Path(path).parent / "config.json")
@@ -51,7 +51,7 @@ def prompts_for(path: str, n: int) -> list[str]:
 
 
 def timed(backend: str, path: str, prompts: list[str], sampling) -> tuple[float, int]:
-    from diagnostics.rollouts import generate_rollouts
+    from diagnostics.generation.rollouts import generate_rollouts
 
     start = time.perf_counter()
     df = generate_rollouts(path, None, prompts, sampling, backend=backend, progress=False)
@@ -69,9 +69,10 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from diagnostics.backends.vllm import check_vllm_supported, release_vllm_engine
-    from diagnostics.prompts import max_positions, render_prompts
-    from diagnostics.rollouts import SamplingConfig, generate_rollouts
+    from diagnostics.data.prompts import max_positions, render_prompts
+    from diagnostics.generation.backends import SamplingConfig
+    from diagnostics.generation.rollouts import generate_rollouts
+    from diagnostics.generation.vllm import check_vllm_supported, release_vllm_engine
 
     path = args.student or default_student()
     check_vllm_supported(path)

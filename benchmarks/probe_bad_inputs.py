@@ -142,9 +142,10 @@ PROBES: list[Probe] = [
 def build_workspace(ws: Path) -> dict[str, str]:
     """The scratch results every probe must leave untouched, and the bad files; -> the placeholders."""
     sys.path.insert(0, str(ROOT))
-    from diagnostics.config import load_config
-    from diagnostics.files import share_tree
-    from diagnostics.testbed import TestbedConfig, build_testbed, heldout_problems
+    from diagnostics.core.config import load_config
+    from diagnostics.core.files import share_tree
+    from diagnostics.testbed.build import build_testbed
+    from diagnostics.testbed.config import TestbedConfig, heldout_problems
     from opd.config import TrainConfig
     from taopd.cli import main
 
@@ -203,7 +204,7 @@ def changed_results(before: dict[str, str], ws: Path) -> list[str]:
 
 def hold_lock(run_dir: str) -> subprocess.Popen:
     """Another process holding the lock of `run_dir` until killed (it prints 'held' once it has it)."""
-    code = ("import sys, time; from diagnostics.lock import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
+    code = ("import sys, time; from diagnostics.core.lock import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
             "print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([str(PYTHON), "-c", code, run_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -11,11 +11,11 @@ this trains, for each seed:
            KL(pS || pT) over the full vocabulary, on the student's own samples, normalised by the
            batch's completion-token count); the on-policy trainer of the stable API. (`GKDTrainer`
            with `lmbda=1, beta=1` computes the same loss, but lives in `trl.experimental` in 1.x.)
-  project  the project's trainer (`opd.trainer.run_training`, `selectors=[full]`) with `reverse_kl`
+  project  the project's trainer (`opd.engines.run_training`, `selectors=[full]`) with `reverse_kl`
            and with the configured loss (`--loss`, default the train config's `loss`),
 
 then prints the held-out greedy exact match of each side by side (same held-out problems as the
-trainer's evaluation: `eval_problems` of the testbed's split 0, `diagnostics.evaluation`), with the
+trainer's evaluation: `eval_problems` of the testbed's split 0, `diagnostics.accuracy`), with the
 base student's accuracy measured both ways as a consistency check, and writes the table to
 `<out>/crosscheck.json` and `.md`. Project runs are cached by config hash under `<out>/project/`
 (a rerun with the same settings reuses finished arms).
@@ -81,13 +81,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from diagnostics.config import load_config  # noqa: E402
-from diagnostics.evaluation import exact_match_accuracy  # noqa: E402
-from diagnostics.models import check_pair, load_model  # noqa: E402
-from diagnostics.run import resolve_pair  # noqa: E402
+from diagnostics.accuracy import exact_match_accuracy  # noqa: E402
+from diagnostics.core.config import load_config  # noqa: E402
+from diagnostics.lm.models import check_pair, load_model  # noqa: E402
+from diagnostics.pair import resolve_pair  # noqa: E402
 from opd.config import TrainConfig  # noqa: E402
+from opd.engines import run_training  # noqa: E402
 from opd.integrations.trl import cut_vocab, distillation_config  # noqa: E402
-from opd.trainer import EVAL_SPLIT_SEED, heldout, run_training, training_texts  # noqa: E402
+from opd.trainer import EVAL_SPLIT_SEED, heldout, training_texts  # noqa: E402
 
 
 @dataclass
@@ -190,7 +191,7 @@ def trl_arm(config: TrainConfig, seed: int, pair, tokenizer, vocab_size: int, ev
 
 def check_prompt_ids(texts: list[str], tokenizer) -> None:
     """TRL encodes prompts with the tokenizer's defaults; the project without special tokens."""
-    from diagnostics.evaluation import encode_prompts
+    from diagnostics.generation.hf import encode_prompts
 
     trl_ids = tokenizer(text=texts)["input_ids"]
     if trl_ids != encode_prompts(tokenizer, texts):

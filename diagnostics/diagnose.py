@@ -1,9 +1,9 @@
 """The fixed-context diagnostic recipe: rollouts -> context bank -> per-token gains -> tokens.parquet.
 
 One readable workflow driven by `DiagnoseConfig` (`configs/diagnose.yaml`):
-  1. resolve the model pair (the embedded testbed when none is given; `diagnostics.run`) and check
+  1. resolve the model pair (the embedded testbed when none is given; `diagnostics.pair`) and check
      compatibility;
-  2. sample held-out student rollouts (`diagnostics.rollouts`), stored as `rollouts.parquet`;
+  2. sample held-out student rollouts (`diagnostics.generation.rollouts`), stored as `rollouts.parquet`;
   3. freeze them as a context bank (`bank.parquet`): B responses, each cut to at most L tokens;
   4. for each shard of sequences: teacher and student log-probs (the teacher's only for the shard,
      so peak memory is bounded by the shard), every signal of `diagnostics.signals` (per configured
@@ -36,30 +36,29 @@ import pandas as pd
 import torch
 
 from diagnostics import engine
-from diagnostics.backends import list_backends
-from diagnostics.backends.vllm import release_vllm_engine
-from diagnostics.config import check, check_at_least, check_device, config_to_dict
-from diagnostics.files import atomic_write, write_json, write_parquet
-from diagnostics.forward import ResponseBatch, full_logprobs, map_sequence_chunks
-from diagnostics.lock import release_run_lock
+from diagnostics.bank import bank_batch, make_bank, read_bank
+from diagnostics.core.config import check, check_at_least, check_device, config_to_dict
+from diagnostics.core.files import atomic_write, write_json, write_parquet
+from diagnostics.core.lock import release_run_lock
+from diagnostics.core.nonfinite import check_group_finite, check_shard_finite
+from diagnostics.core.progress import progress_bar
+from diagnostics.core.rundir import claim_run_dir, config_hash
+from diagnostics.data.prompts import render_text
+from diagnostics.generation.backends import SamplingConfig, list_backends
+from diagnostics.generation.rollouts import generate_rollouts
+from diagnostics.generation.store import make_manifest, read_store, write_store
+from diagnostics.generation.vllm import release_vllm_engine
+from diagnostics.lm.forward import ResponseBatch, full_logprobs, map_sequence_chunks
+from diagnostics.lm.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
+from diagnostics.lm.precision import check_mixed_precision, master_weights, resolve_precision
 from diagnostics.losses import list_losses
-from diagnostics.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
-from diagnostics.nonfinite import check_group_finite, check_shard_finite
-from diagnostics.precision import check_mixed_precision, master_weights, resolve_precision
-from diagnostics.progress import progress_bar
-from diagnostics.prompts import render_text
-from diagnostics.run import (
+from diagnostics.pair import (
     BANK_SPLIT_SEED,
     ResolvedPair,
-    bank_batch,
     check_k,
     check_prompts,
-    claim_run_dir,
-    config_hash,
     heldout_problems,
-    make_bank,
     manifest_base,
-    read_bank,
     resolve_pair,
 )
 from diagnostics.signals import list_scores, normalize_batch, select, selection_scores, token_signals
@@ -99,7 +98,7 @@ class DiagnoseConfig:
     temperature: float = 1.0  # rollout sampling temperature (the paper's 1.0)
     top_p: float = 1.0
     max_new_tokens: int = 0  # 0 = the testbed's response length, or 256 for real models
-    backend: str = "auto"  # "auto" or a registered backend (`diagnostics.backends.list_backends`)
+    backend: str = "auto"  # "auto" or a registered backend (`diagnostics.generation.backends.list_backends`)
     mode: Literal["single-step", "checkpoint", "first-order"] = "single-step"
     protocol: Literal["single-step", "paper"] = "single-step"  # what the gain measures (PROTOCOL_MEANING)
     bank: str = ""  # parquet of responses (BANK_COLUMNS) to re-score instead of sampling fresh rollouts
@@ -120,7 +119,7 @@ class DiagnoseConfig:
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    mixed_precision: str | bool = "auto"  # auto | no | bf16: float32 master weights (diagnostics.precision)
+    mixed_precision: str | bool = "auto"  # auto | no | bf16: float32 master weights (diagnostics.lm.precision)
     run_name: str = ""  # "" = derived from the config hash, so a rerun resumes the same run
     out_dir: str = "results/diagnose"
     n_boot: int = 1000  # cluster-bootstrap resamples for the summary
@@ -202,7 +201,7 @@ def compute_shard(
 ) -> dict[str, torch.Tensor]:
     """Signals and gains for one shard of sequences. -> name: [b, T] tensors (NaN where invalid).
 
-    A memory-bounded chunk of the shard's sequences at a time (`diagnostics.forward.map_sequence_chunks`): both
+    A memory-bounded chunk of the shard's sequences at a time (`diagnostics.lm.forward.map_sequence_chunks`): both
     models' [b, T, V] log-probs exist for one chunk only (2 sequences at Qwen's vocabulary and T = 74).
     """
     return map_sequence_chunks(lambda part, _rows: _shard_chunk(pair, part, config, ks, default_k, trained),
@@ -344,8 +343,6 @@ def read_bank_file(path: str, n_sequences: int) -> pd.DataFrame:
 
 def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: Path) -> pd.DataFrame:
     """Held-out student rollouts, stored at `path` with their manifest (read back on resume)."""
-    from diagnostics.rollouts import SamplingConfig, generate_rollouts
-    from diagnostics.store import make_manifest, read_store, write_store
 
     if path.is_file():
         return read_store(path)

@@ -20,11 +20,11 @@ Two implementations compute the same numbers:
   that the stacked gradients fit a memory budget. Fast for small models.
 - `method="loop"`: for large models, one position at a time: backward, in-place update, forward,
   restore the saved parameters. Memory: one extra copy of the parameters.
-Every forward is `diagnostics.forward`'s (decoder, then the LM head at response positions only).
+Every forward is `diagnostics.lm.forward`'s (decoder, then the LM head at response positions only).
 `single_step_reference` is the plain oracle (deep copy, torch.optim step, forward) the tests hold
 both against.
 
-Mixed precision (`StepConfig.compute_dtype`, `diagnostics.precision`): the student keeps float32 master
+Mixed precision (`StepConfig.compute_dtype`, `diagnostics.lm.precision`): the student keeps float32 master
 weights, so the update is applied to float32 values and a step far below bf16's spacing survives; the
 forward of the LOSS (and the old log-probs it is compared with, so a PPO ratio is still exactly 1) runs
 under bf16 autocast, the gradient is taken outside it. The MEASUREMENT (KL before and after, on the
@@ -47,9 +47,9 @@ from typing import Literal
 import torch
 from torch.func import functional_call, jacrev, vmap
 
-from diagnostics.forward import DENSE_CHUNK_BYTES, PositionLM, ResponseBatch, full_logprobs, sequence_chunks
+from diagnostics.lm.forward import DENSE_CHUNK_BYTES, PositionLM, ResponseBatch, full_logprobs, sequence_chunks
+from diagnostics.lm.precision import autocast, check_master_weights
 from diagnostics.losses import LossInputs, LossSpec, get_loss, kl_divergence, list_losses
-from diagnostics.precision import autocast, check_master_weights
 
 Optimizer = Literal["sgd", "adam"]
 ADAM_EPS = 1e-8  # torch.optim.Adam's default
@@ -60,12 +60,12 @@ ADAM_EPS = 1e-8  # torch.optim.Adam's default
 # --------------------------------------------------------------------------------------------------
 
 
-def forward_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_forward(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(pT || pS) over the last dim, the gain's metric. [..., V] -> [...]."""
     return kl_divergence(teacher_logprobs, student_logprobs)
 
 
-def reverse_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_reverse(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(pS || pT) over the last dim (the full per-token OPD loss). [..., V] -> [...]."""
     return kl_divergence(student_logprobs, teacher_logprobs)
 
@@ -224,11 +224,11 @@ def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_ord
         return position_loss(spec, s_lp, t_lp, targets, old_lp) * valid
 
     def fwd_kls(p, ids, pred_idx, t_lp, valid):  # one sequence -> [T] forward KL (for first order)
-        return forward_kl(t_lp, _sequence_logprobs(lm, p, ids, pred_idx)) * valid
+        return kl_forward(t_lp, _sequence_logprobs(lm, p, ids, pred_idx)) * valid
 
     def measure(p, ids, pred_idx, t_lp):  # one updated copy -> ([T] forward KL, [T] reverse KL), float32
         s_lp = _sequence_logprobs(lm, p, ids, pred_idx)
-        return forward_kl(t_lp, s_lp), reverse_kl(t_lp, s_lp)
+        return kl_forward(t_lp, s_lp), kl_reverse(t_lp, s_lp)
 
     results: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(bank), chunk):
@@ -255,7 +255,7 @@ def _single_step_vmap(model, bank, teacher_logprobs, step, vocab_size, first_ord
         with torch.no_grad():
             kl_f, kl_r = vmap(measure, in_dims=(0, 0, 0, 0))(stacked, repeat(part.ids), repeat(part.pred_idx),
                                                              repeat(t_lp))
-        before_f, before_r = forward_kl(t_lp, s_lp), reverse_kl(t_lp, s_lp)
+        before_f, before_r = kl_forward(t_lp, s_lp), kl_reverse(t_lp, s_lp)
         out = _gain_table(before_f, kl_f.reshape(b, T, T), part.valid)
         out["kl_forward_before"] = before_f
         out["kl_reverse_before"] = before_r
@@ -298,7 +298,7 @@ def single_step_loop(
         t_lp = teacher_logprobs[i : i + 1].to(device)
         base_lp = full_logprobs(model, seq, vocab_size).to(device)  # [1, T, V]
         old_lp = old_logprobs(model, seq, vocab_size, step, base_lp)  # [1, T]
-        before_f[i], before_r[i] = forward_kl(t_lp, base_lp)[0].cpu(), reverse_kl(t_lp, base_lp)[0].cpu()
+        before_f[i], before_r[i] = kl_forward(t_lp, base_lp)[0].cpu(), kl_reverse(t_lp, base_lp)[0].cpu()
         row = torch.zeros(1, dtype=torch.long, device=device)
         for t in range(int(seq.valid.sum())):
             # a fresh forward per position: the in-place update below invalidates any retained graph
@@ -311,8 +311,8 @@ def single_step_loop(
                 for p, g in zip(params, grads):
                     p.sub_(step.lr * update_direction(g, step.optimizer))
                 new_lp = full_logprobs(model, seq, vocab_size)[0].to(device)  # [T, V], float32 measurement
-                kl_after[i, t] = forward_kl(t_lp[0], new_lp).cpu()
-                rev_after[i, t] = reverse_kl(t_lp[0, t], new_lp[t]).cpu()
+                kl_after[i, t] = kl_forward(t_lp[0], new_lp).cpu()
+                rev_after[i, t] = kl_reverse(t_lp[0, t], new_lp[t]).cpu()
                 for p, original in zip(params, saved):
                     p.copy_(original)
             if progress is not None:
@@ -354,13 +354,13 @@ def single_step_reference(
             loss.backward()
             optimizer.step()
             new_lp = full_logprobs(student, seq, vocab_size)[0]
-            kl_after[i, t] = forward_kl(t_lp[0], new_lp)
-            rev_after[i, t] = reverse_kl(t_lp[0, t], new_lp[t])
-    before_f = forward_kl(teacher_logprobs, before_lp)
+            kl_after[i, t] = kl_forward(t_lp[0], new_lp)
+            rev_after[i, t] = kl_reverse(t_lp[0, t], new_lp[t])
+    before_f = kl_forward(teacher_logprobs, before_lp)
     out = _gain_table(before_f, kl_after, bank.valid)
     out.update(
         kl_forward_before=before_f,
-        kl_reverse_before=reverse_kl(teacher_logprobs, before_lp),
+        kl_reverse_before=kl_reverse(teacher_logprobs, before_lp),
         kl_reverse_after=rev_after,
     )
     return _masked(out, bank.valid)
@@ -395,7 +395,7 @@ def group_step_gains(
     normalisation), then the forward-KL reduction at EVERY bank position. -> [B, T] (NaN invalid).
 
     The teacher's (and the students') [b, T, V] log-probs exist for one chunk of at most `batch_size`
-    sequences and `dense_chunk_bytes` per tensor at a time (`diagnostics.forward.sequence_chunks`), never
+    sequences and `dense_chunk_bytes` per tensor at a time (`diagnostics.lm.forward.sequence_chunks`), never
     for the whole bank (the teacher runs twice: before and after the update). The chunking changes only
     the order of the gradient's sum.
     """
@@ -416,7 +416,7 @@ def group_step_gains(
         part = bank.select(chunk)
         t_lp = full_logprobs(teacher, part, vocab_size, batch_size)  # [b, T, V]
         before_lp = full_logprobs(model, part, vocab_size, batch_size)
-        before_f.append(forward_kl(t_lp, before_lp))
+        before_f.append(kl_forward(t_lp, before_lp))
         mask = (keep[chunk] & part.valid).to(device)
         if not mask.any():
             continue
@@ -438,7 +438,7 @@ def group_step_gains(
     for chunk, before in zip(chunks, before_f):
         part = bank.select(chunk)
         t_lp = full_logprobs(teacher, part, vocab_size, batch_size)
-        gains.append(before - forward_kl(t_lp, full_logprobs(student, part, vocab_size, batch_size)))
+        gains.append(before - kl_forward(t_lp, full_logprobs(student, part, vocab_size, batch_size)))
     return torch.where(bank.valid, torch.cat(gains), torch.nan)
 
 
@@ -452,13 +452,13 @@ def checkpoint_gains(
     """The paper's protocol: G = KL(pT || pS_base) - KL(pT || pS_trained) at every bank position."""
     before_lp = full_logprobs(base, bank, vocab_size)
     after_lp = full_logprobs(trained, bank, vocab_size)
-    before_f, after_f = forward_kl(teacher_logprobs, before_lp), forward_kl(teacher_logprobs, after_lp)
+    before_f, after_f = kl_forward(teacher_logprobs, before_lp), kl_forward(teacher_logprobs, after_lp)
     out = {
         "kl_forward_before": before_f,
         "kl_forward_after": after_f,
         "gain": before_f - after_f,
-        "kl_reverse_before": reverse_kl(teacher_logprobs, before_lp),
-        "kl_reverse_after": reverse_kl(teacher_logprobs, after_lp),
+        "kl_reverse_before": kl_reverse(teacher_logprobs, before_lp),
+        "kl_reverse_after": kl_reverse(teacher_logprobs, after_lp),
     }
     # spillover has no meaning without a per-position update; keep the column, as NaN
     out["spillover"] = torch.full_like(before_f, torch.nan)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diagnostics.registry import add_once, lookup
+from diagnostics.core.registry import add_once, lookup
 
 __all__ = ["LossInputs", "LossSpec", "register_loss", "get_loss", "list_losses", "kl_divergence"]
 

@@ -114,7 +114,7 @@ CORRELATION = [
              "        display(Markdown(f'**{name}**: {text}'))\n"
              "    display(tables['side_by_side'])\n"
              "    display(tables['paper_support_proxies'])\n"
-             "    from analysis.paper_figures import plot_asinh_gain_heatmap\n\n"
+             "    from analysis.figures import plot_asinh_gain_heatmap\n\n"
              "    display(plot_asinh_gain_heatmap(df, run_name=run_name))\n"
              "else:\n"
              "    print('this table lacks the columns of the paper definitions')"),

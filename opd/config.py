@@ -3,25 +3,26 @@
 A run trains one student per arm, arm = (selector, ratio, seed): the `full` selector at ratio 1.0
 (full-token OPD) and every other selector at every ratio in `ratios`, each for every seed in
 `seeds`, all with the same prompts per seed, number of steps and rollouts. Range and cross-field
-checks run in `__post_init__` and name the key; `diagnostics.config.load_config` adds the file.
+checks run in `__post_init__` and name the key; `diagnostics.core.config.load_config` adds the file.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from diagnostics.answers import ANSWER_CHECKS
-from diagnostics.config import check, check_at_least, check_device, config_to_dict
+from diagnostics.core.config import check, check_at_least, check_device, config_to_dict
+from diagnostics.core.rundir import config_hash
+from diagnostics.data.problems import ANSWER_CHECKS
+from diagnostics.lm.precision import check_mixed_precision
 from diagnostics.losses import list_losses
-from diagnostics.precision import check_mixed_precision
-from diagnostics.run import config_hash
 from diagnostics.signals import SIGNAL_NORMALIZATIONS, SelectionOptions, get_score, list_scores
 from diagnostics.signals.selectors import SIGNAL_MODES, TIE_BREAKS
 from opd.normalization import NORMALIZATIONS
-from opd.optim import OPTIMIZERS
-from opd.presets import apply_presets
+from opd.optim import OPTIMIZERS, PAPER_ADAM
 
 # Keys left out of the config fingerprint while at these defaults: the run hashes of configs written
 # before the keys existed stay the same (the manifest records every selection option either way).
@@ -52,7 +53,7 @@ class TrainConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     min_per_sequence: int = 0  # kept positions guaranteed per response, beyond the budget (released code: 1)
     k: int = 0  # top-K of the signals; 0 = the pair's default (testbed 4, real models 16)
-    # selection details (named options; `preset: paper` = the released code's: opd.presets, configs/train.yaml)
+    # selection details (named options; `preset: paper` = the released code's: opd.config, configs/train.yaml)
     preset: Literal["", "paper"] = ""  # "" = the keys as given | paper: the release's values of the keys it names
     signals: Literal["exact", "release_topk"] = "exact"  # H, D, C selection reads: exact | the release's top-K proxies
     signal_normalization: Literal["valid_rows", "all_response_rows"] = "valid_rows"  # Q05/Q95 rows and formula
@@ -80,7 +81,7 @@ class TrainConfig:
     # evaluation and the live selector check
     eval_every: int = 50  # steps between held-out evaluations (also after the last step)
     eval_problems: int = 500  # held-out problems for greedy accuracy
-    answer_check: str = "exact"  # exact (whole response, the testbed) | math (math-verify: diagnostics.answers)
+    answer_check: str = "exact"  # exact (whole response, the testbed) | math (math-verify: diagnostics.data.problems)
     bank_sequences: int = 64  # held-out base-student rollouts: the common bank for KL and live gain
     bank_max_tokens: int = 192  # bank responses cut to this many tokens
     # checkpoints, output, machine
@@ -89,7 +90,7 @@ class TrainConfig:
     save_rollouts: bool = False  # keep every step's rollouts in arms/<arm>/rollouts/ (opd.paper_protocol's bank)
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # the student: float32 master weights + bf16 autocast forwards (diagnostics.precision); auto = bf16 when dtype
+    # the student: float32 master weights + bf16 autocast forwards (diagnostics.lm.precision); auto = bf16 when dtype
     # resolves to bfloat16 (CUDA), else no
     mixed_precision: str | bool = "auto"  # auto | no | bf16 (bool: YAML reads a bare `no` as false)
     rollout_backend: Literal["hf", "vllm"] = "hf"  # vllm: colocated, weights synced each step (opd.rollout_engine)
@@ -208,3 +209,41 @@ class Arm:
     @property
     def name(self) -> str:
         return f"{self.selector}-r{self.ratio:g}-s{self.seed}"
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "paper": {
+        "signals": "release_topk",
+        "signal_normalization": "all_response_rows",
+        "tie_break": "earliest_position",
+        "top_up": "teachability_entropy_ndc",
+        "q3_fill": False,
+        "min_per_sequence": 1,
+        "normalization": "per_sequence_mean",
+        "optimizer": "paper",
+    },
+}
+# What `optimizer: paper` fixes (the optimizer's construction reads the rest from opd.optim.PAPER_ADAM).
+OPTIMIZER_FIXED = {"paper": {key: PAPER_ADAM[key] for key in ("betas", "weight_decay", "max_grad_norm")}}
+
+
+def _default(config, key: str):
+    spec = next(f for f in dataclasses.fields(config) if f.name == key)
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def _impose(config, values: dict[str, object], source: str) -> None:
+    for key, value in values.items():
+        current = getattr(config, key)
+        check(current in (value, _default(config, key)), key,
+              f"{source} sets it to {value!r}; got {current!r} (leave it at its default, or drop {source})")
+        setattr(config, key, copy.deepcopy(value))  # no list shared with the preset table
+
+
+def apply_presets(config) -> None:
+    """Write `config.preset`'s values, then `config.optimizer`'s fixed hyperparameters, into `config`."""
+    check(config.preset in ("", *PRESETS), "preset", f"must be '' or one of {list(PRESETS)}, got {config.preset!r}")
+    if config.preset:
+        _impose(config, PRESETS[config.preset], f"preset: {config.preset}")
+    if config.optimizer in OPTIMIZER_FIXED:
+        _impose(config, OPTIMIZER_FIXED[config.optimizer], f"optimizer: {config.optimizer}")

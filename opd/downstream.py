@@ -4,7 +4,7 @@ with the HF or vLLM backend, and a project prompt set written as a local lm-eval
 * `write_problem_task(problems, task_dir, ...)`: the problems as a local lm-eval task: `data.parquet`
   (prompt, answer; parquet keeps answers as text), `<name>.yaml` (generate_until over that file, greedy,
   the project's stop token and response cap) and `<name>_utils.py` whose `process_results` scores with
-  `diagnostics.answers.check_answer` -- the same check as `taopd evaluate`'s own path, so the two
+  `diagnostics.data.problems.check_answer` -- the same check as `taopd evaluate`'s own path, so the two
   differ only in how the responses are generated.
 * `run_lm_eval(model_path, tasks, ...)`: `lm_eval.simple_evaluate` with a `TaskManager` that also reads
   `include_path` (local task folders), returning lm-eval's results dict.
@@ -29,9 +29,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from diagnostics.answers import ANSWER_CHECKS
-from diagnostics.files import atomic_write
-from diagnostics.task import Problem
+from diagnostics.core.files import atomic_write
+from diagnostics.data.problems import ANSWER_CHECKS, Problem
 
 HELDOUT_TASK = "taopd_heldout"  # the task name of the problems `taopd evaluate` scores itself
 LM_EVAL_COLUMNS = ["student", "task", "metric", "filter", "value", "stderr", "n_samples"]
@@ -94,7 +93,7 @@ def write_problem_task(
     return task_dir
 
 
-VLLM_CPU_DEFAULTS = {"gpu_memory_utilization": "0.2", "enforce_eager": "True"}  # as diagnostics.backends.vllm
+VLLM_CPU_DEFAULTS = {"gpu_memory_utilization": "0.2", "enforce_eager": "True"}  # as diagnostics.generation.vllm
 
 
 def lm_eval_model_args(model_path: str, dtype: str, extra: str = "", *, vllm_cpu: bool = False) -> str:
@@ -168,7 +167,7 @@ def vllm_cpu_compat(backend: str, device: str) -> Iterator[None]:
     is the distribution `vllm-cpu` (the Makefile's CPU install), so the import fails. For the call, a
     "vllm" lookup answers `<vllm-cpu version>+cpu`, which is what vLLM's own platform check
     (`vllm.platforms.vllm_version_matches_substr`) computes for that build; on CPU the engine is built in
-    this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as `diagnostics.backends.vllm` does). Nothing changes
+    this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as `diagnostics.generation.vllm` does). Nothing changes
     when the `vllm` distribution is installed (GPU machines) or for the hf backend.
     """
     if backend != "vllm":

@@ -8,12 +8,12 @@ Problems: the run's own held-out problems (the testbed's split 0, or the first `
 run's `eval_prompts` file), rendered exactly as the trainer renders them, so greedy evaluation of an
 arm's student reproduces the accuracy its last training evaluation logged; or any prompt set
 (`prompts=`: a local JSON / JSONL / parquet file or a hub id, with a column mapping and the chat
-template, `diagnostics.prompt_sets`).
+template, `diagnostics.data.prompt_sets`).
 
-Accuracy is checked by name (`answer_check`: exact | math, `diagnostics.answers`). Greedy: one pass.
+Accuracy is checked by name (`answer_check`: exact | math, `diagnostics.data.problems`). Greedy: one pass.
 Sampled (`greedy=false`): `n_samples` responses per problem at `temperature` for each seed in `seeds`;
 pass@1 is the mean correctness over samples and problems (its intervals are computed from
-`evaluation.parquet` in `analysis.evaluation`). With `lm_eval_tasks` every student also runs those
+`evaluation.parquet` in `analysis.pass_at_1`). With `lm_eval_tasks` every student also runs those
 lm-eval tasks (HF or vLLM backend, `opd.downstream`); `lm_eval_heldout=true` adds the problems above as
 the local lm-eval task `taopd_heldout`, scored with the same answer check.
 
@@ -35,16 +35,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diagnostics.answers import ANSWER_CHECKS, correct_flags
-from diagnostics.config import ConfigError, check, check_at_least
-from diagnostics.evaluation import generate_responses
-from diagnostics.files import write_json, write_parquet
-from diagnostics.models import load_model, resolve_device, resolve_dtype
-from diagnostics.progress import progress_bar
-from diagnostics.prompt_sets import load_prompt_set, render_problems
-from diagnostics.run import DEFAULT_MAX_NEW_TOKENS_REAL, config_hash, resolve_pair
-from diagnostics.store import package_versions
-from diagnostics.task import Problem
+from diagnostics.core.config import ConfigError, check, check_at_least
+from diagnostics.core.files import write_json, write_parquet
+from diagnostics.core.progress import progress_bar
+from diagnostics.core.rundir import config_hash
+from diagnostics.core.seeds import derive_seed
+from diagnostics.data.problems import ANSWER_CHECKS, Problem, correct_flags
+from diagnostics.data.prompt_sets import load_prompt_set, render_problems
+from diagnostics.generation.hf import generate_responses
+from diagnostics.generation.store import package_versions
+from diagnostics.lm.models import load_model, resolve_device, resolve_dtype
+from diagnostics.pair import DEFAULT_MAX_NEW_TOKENS_REAL, resolve_pair
 from opd.config import TrainConfig
 from opd.downstream import (
     HELDOUT_TASK,
@@ -55,6 +56,7 @@ from opd.downstream import (
     write_problem_task,
 )
 from opd.downstream import write_results_json as write_lm_eval_json
+from opd.trainer import EVAL_SPLIT_SEED, heldout
 
 EVALUATION_COLUMNS = ["student", "selector", "ratio", "train_seed", "eval_seed", "sample", "problem_id", "response",
                       "correct"]
@@ -180,14 +182,8 @@ def evaluation_problems(
                                    subset=config.subset or None, limit=config.n_problems)
         return render_problems(tokenizer, problems, chat_template=config.chat_template,
                                enable_thinking=config.enable_thinking, system_prompt=config.system_prompt)
-    from opd.trainer import EVAL_SPLIT_SEED, heldout  # the trainer's own held-out problems and rendering
 
     return heldout(train, pair, config.n_problems or train.eval_problems, EVAL_SPLIT_SEED, tokenizer)
-
-
-def _generation_seed(seed: int) -> int:
-    """The generate stream's seed for an evaluation seed (independent of the trainer's streams)."""
-    return int(np.random.SeedSequence([seed, 16]).generate_state(1, np.uint32)[0])
 
 
 def score_student(
@@ -203,7 +199,7 @@ def score_student(
         repeated = [p for p in prompts for _ in range(config.n_samples)]  # problem-major
         responses = generate_responses(model, tokenizer, repeated, max_new_tokens=max_new_tokens,
                                        greedy=config.greedy, temperature=config.temperature,
-                                       seed=_generation_seed(seed), batch_size=config.batch_size)
+                                       seed=derive_seed(seed, 16), batch_size=config.batch_size)
         gold = [a for a in answers for _ in range(config.n_samples)]
         frames.append(pd.DataFrame({
             "eval_seed": seed,

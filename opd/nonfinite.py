@@ -28,7 +28,7 @@ from typing import NoReturn
 
 import torch
 
-from diagnostics.nonfinite import first_nonfinite_parameter, largest_weight, write_nonfinite_record
+from diagnostics.core.nonfinite import first_nonfinite_parameter, largest_weight, write_nonfinite_record
 from opd.checkpoint import latest_checkpoint, save_checkpoint
 from opd.step import NonFiniteError  # a diagnostics.nonfinite.NonFiniteError
 

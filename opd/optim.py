@@ -11,7 +11,7 @@
   `--adam-eps` default), no weight decay on biases and 1-D parameters (norm gains; its default
   parameter groups, `_get_param_groups` / `get_standard_config_overrides`), gradient clipping at
   global norm 1.0 (its `--clip-grad` default) and a constant learning rate. `PAPER_ADAM` holds the
-  values; `opd.presets` writes betas, weight_decay and max_grad_norm into the config so the saved
+  values; `opd.config` writes betas, weight_decay and max_grad_norm into the config so the saved
   config shows them, and the trainer clips with `max_grad_norm` as for any optimizer. The learning
   rate stays `TrainConfig.lr` (the release's 1e-6 is for Qwen3 models; the testbed has its own).
 

@@ -9,7 +9,7 @@ token's own loss. The chain, every stage resumable (a rerun of the same config c
      trainer's own stream (seed `opd.trainer.TRAIN_PROMPT_SEED` + seed, disjoint from the diagnose
      and evaluation splits), or for real models the prompt set `prompts` (a held-out shard; the
      trainer permutes it, as the release's `--rollout-shuffle`);
-  2. full-token OPD from the base student (`opd.trainer.run_training`, selector `full`,
+  2. full-token OPD from the base student (`opd.engines.run_training`, selector `full`,
      `save_rollouts`), in `<run>/opd/`, with the `train` overrides of the diagnose config; a killed
      run continues from its last checkpoint (`opd.checkpoint`);
   3. the bank: the run's first `n_sequences` rollouts in step order (`opd_rollouts.parquet`), each
@@ -38,7 +38,7 @@ The release this reproduces (public repository ckjsuperhh/taopd-baseline, folder
 * `slime_ta_opd/examples/on_policy_distillation/run-qwen3-1.7B-sampled-opd-sglang.sh`, GRPO_ARGS and
   OPTIMIZER_ARGS: sampled-token OPD (--use-opd, eps clip 0.2 / 0.28), Adam lr 1e-6 constant, weight
   decay 0.1, betas 0.9 / 0.98 (Megatron's default gradient clipping 1.0): `train.preset: paper` in
-  `configs/diagnose_paper.yaml` (`opd.presets`, `opd.optim`), with the testbed's lr.
+  `configs/diagnose_paper.yaml` (`opd.config`, `opd.optim`), with the testbed's lr.
 * `slime_ta_opd/tools/eval_fixed_context_bank.py` L131-132 (responses cut to 192 tokens), L156
   (KLf_full, the full-vocabulary forward KL) and L199-201 (G_KLf = (KLf_base - KLf) / (KLf_base +
   1e-12)): `diagnostics.diagnose.release_columns`.
@@ -55,12 +55,14 @@ from typing import Any
 
 import pandas as pd
 
-from diagnostics.config import ConfigError, check, load_config
+from diagnostics.core.config import ConfigError, check, load_config
+from diagnostics.core.files import atomic_write, write_parquet
+from diagnostics.core.rundir import claim_run_dir
 from diagnostics.diagnose import DiagnoseConfig, resolved_models, run_diagnose, saved_config
-from diagnostics.files import atomic_write, write_parquet
-from diagnostics.run import ResolvedPair, claim_run_dir, load_prompts, resolve_pair
+from diagnostics.pair import ResolvedPair, load_prompts, resolve_pair
 from opd.config import Arm, TrainConfig
-from opd.trainer import TRAIN_PROMPT_SEED, run_training
+from opd.engines import run_training
+from opd.trainer import TRAIN_PROMPT_SEED
 
 # TrainConfig keys the protocol sets itself (from the diagnose config or by definition): a `train`
 # override of one of them is an error naming it.

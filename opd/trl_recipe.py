@@ -1,6 +1,6 @@
 """`taopd train engine=trl`: the selector comparison of `opd.trainer`, each arm trained by TRL.
 
-Same run as the project's trainer (`opd.trainer.run_training`), with the same run directory, setup and
+Same run as the project's trainer (`opd.engines.run_training`), with the same run directory, setup and
 outputs: `setup_run` (pair, held-out problems, common bank, base evaluation, every seed's prompt stream),
 one arm per (selector, ratio, seed) through `opd.trainer.run_arms`, `finish_arm` (live gain on the common
 bank, the final student, arms/<arm>/metrics.parquet, result.json), `collect` and `build_manifest` (metrics.parquet,
@@ -26,7 +26,7 @@ Streams differ from the project's: TRL samples with `args.seed` = the arm's seed
 selector's scores use `SelectiveDistillationTrainer._selection_seed`.
 
 Evaluation: greedy held-out exact match and KL(pT||pS) on the common bank every `eval_every` steps and
-after the last (`opd.evaluation.evaluate`, as the own engine), recorded in TRL's log history (so a
+after the last (`opd.monitor.evaluate`, as the own engine), recorded in TRL's log history (so a
 resumed arm keeps them). Per-step metrics rows: TRL's loss, the global kept and valid token counts,
 cumulative training time (generation to optimizer step, without evaluation), peak memory of the step.
 
@@ -48,12 +48,12 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 
-from diagnostics.evaluation import encode_prompts
-from diagnostics.models import load_model
+from diagnostics.generation.hf import encode_prompts
+from diagnostics.lm.models import load_model
 from opd.config import Arm, TrainConfig
-from opd.evaluation import evaluate
 from opd.integrations.trl import SelectiveDistillationTrainer, cut_vocab, distillation_config
 from opd.memory import peak_mb, reset_peak
+from opd.monitor import evaluate
 from opd.step import NonFiniteError
 from opd.trainer import RunContext, finish_arm, metric_row
 

@@ -25,6 +25,25 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from analysis import format_report, load_run, make_all_figures, summarize, write_token_view
+from analysis.io import load_train_run
+from analysis.pass_at_1 import student_accuracy
+from analysis.plots import plot_learning_curves, plot_selector_comparison, save_figure
+from analysis.training import run_comparison, to_markdown
+from analysis.variants import first_order_agreement, group_summary
+from diagnostics.core.config import load_config
+from diagnostics.core.files import atomic_write, write_json, write_parquet
+from diagnostics.core.lock import RunLockedError, release_all_run_locks
+from diagnostics.core.nonfinite import NonFiniteError
+from diagnostics.diagnose import PROTOCOL_MEANING, DiagnoseConfig, run_diagnose
+from diagnostics.signals import get_score, list_scores
+from diagnostics.testbed.build import build_testbed
+from diagnostics.testbed.config import TestbedConfig
+from opd.config import TrainConfig
+from opd.engines import run_training
+from opd.evaluate import EvaluateConfig, run_evaluation
+from opd.paper_protocol import run_paper_protocol
+
 console = Console()
 error_console = Console(stderr=True, soft_wrap=True)  # one line, whatever the terminal width
 
@@ -54,8 +73,6 @@ def _quantiles(report: dict, name: str) -> str:
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:
-    from diagnostics.config import load_config
-    from diagnostics.testbed import TestbedConfig, build_testbed
 
     config = load_config(TestbedConfig, args.config, args.overrides)
     testbed = build_testbed(config, force=args.force)
@@ -92,7 +109,6 @@ def cmd_testbed(args: argparse.Namespace) -> int:
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
-    from diagnostics.signals import get_score, list_scores
 
     table = Table(title="registered token scores (selectors)")
     table.add_column("name")
@@ -106,13 +122,10 @@ def cmd_scores(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from diagnostics.config import load_config
-    from diagnostics.diagnose import DiagnoseConfig, run_diagnose
 
     overrides = _with_model_overrides(args)
     config = load_config(DiagnoseConfig, args.config, overrides)
     if config.protocol == "paper":  # trains full-token OPD first: the chain lives in opd (diagnostics never imports it)
-        from opd.paper_protocol import run_paper_protocol
 
         run_dir = run_paper_protocol(config)
     else:
@@ -127,10 +140,6 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
     `out_dir` (default: the run directory)."""
     import pandas as pd
 
-    from analysis import format_report, load_run, summarize
-    from analysis.variants import first_order_agreement, group_summary
-    from diagnostics.diagnose import PROTOCOL_MEANING
-    from diagnostics.files import write_json
 
     tokens, manifest = load_run(run_dir)
     summary = summarize(tokens, n_boot=n_boot, seed=seed, manifest=manifest)
@@ -198,7 +207,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     report_run(Path(args.run), n_boot=args.n_boot, seed=args.seed, json_path=Path(args.json) if args.json else None,
                out_dir=out)
     if args.html:
-        from analysis import load_run, write_token_view
 
         tokens, manifest = load_run(args.run)
         run_name = manifest.get("run_name", Path(args.run).name)
@@ -208,7 +216,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from analysis import make_all_figures
 
     if args.n_boot < 0:
         raise ValueError(f"--n-boot: must be >= 0 (0 = no intervals), got {args.n_boot}")
@@ -222,18 +229,11 @@ def cmd_figures(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from diagnostics.config import load_config
-    from opd.config import TrainConfig
-    from opd.trainer import run_training
 
     overrides = _with_model_overrides(args)
     config = load_config(TrainConfig, args.config, overrides)
     run_dir = run_training(config, resume=args.resume)  # errors: one line from main
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch / torchrun: rank 0 only
-        from analysis.figures import plot_learning_curves, plot_selector_comparison, save_figure
-        from analysis.io import load_train_run
-        from analysis.training import run_comparison
-        from diagnostics.files import atomic_write, write_parquet
 
         comparison, markdown = run_comparison(run_dir)  # opd writes raw tables; the statistics are analysis'
         write_parquet(run_dir / "comparison.parquet", comparison)
@@ -251,11 +251,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from analysis.evaluation import student_accuracy
-    from analysis.training import run_comparison, to_markdown
-    from diagnostics.config import load_config
-    from diagnostics.files import atomic_write, write_parquet
-    from opd.evaluate import EvaluateConfig, run_evaluation
 
     config = load_config(EvaluateConfig, args.config, args.overrides)
     out = run_evaluation(config)
@@ -349,9 +344,6 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diagnostics.lock import RunLockedError, release_all_run_locks
-    from diagnostics.nonfinite import NonFiniteError
-
     args = parse_args(argv)
     try:
         return args.func(args)

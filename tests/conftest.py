@@ -14,8 +14,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs readable
 @pytest.fixture(scope="session")
 def small_testbed():
     """A tiny testbed (seconds to build) for machinery tests; not for accuracy criteria."""
-    from diagnostics.config import load_config
-    from diagnostics.testbed import TestbedConfig, build_testbed
+    from diagnostics.core.config import load_config
+    from diagnostics.testbed.build import build_testbed
+    from diagnostics.testbed.config import TestbedConfig
 
     config = load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", [f"cache_dir={ROOT / '.cache/testbed'}"])
     return build_testbed(config)
@@ -24,8 +25,9 @@ def small_testbed():
 @pytest.fixture(scope="session")
 def default_testbed():
     """The default testbed (the pair every command uses by default); ~3 minutes cold, cached."""
-    from diagnostics.config import load_config
-    from diagnostics.testbed import TestbedConfig, build_testbed
+    from diagnostics.core.config import load_config
+    from diagnostics.testbed.build import build_testbed
+    from diagnostics.testbed.config import TestbedConfig
 
     config = load_config(TestbedConfig, ROOT / "configs/testbed.yaml", [f"cache_dir={ROOT / '.cache/testbed'}"])
     return build_testbed(config)

@@ -109,13 +109,13 @@ def test_analyze_out_leaves_the_run_directory_alone(workspace, capsys):
 def test_disk_full_is_one_line_and_keeps_the_summary(workspace, capsys, monkeypatch):
     """ENOSPC while writing summary.json: one line naming the file; the old summary.json is intact."""
     ws, places = workspace
-    import diagnostics.files
+    import diagnostics.core.files
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
     before = probes.results_hashes(ws)
-    monkeypatch.setattr(diagnostics.files.os, "replace", full)
+    monkeypatch.setattr(diagnostics.core.files.os, "replace", full)
     rc, output = run_in_process(["analyze", places["good"], "--n-boot", "5"], capsys)
     assert_one_clear_error(rc, output, f"No space left on device: {places['good']}/summary.json (the disk is full")
     assert probes.changed_results(before, ws) == []
@@ -124,14 +124,14 @@ def test_disk_full_is_one_line_and_keeps_the_summary(workspace, capsys, monkeypa
 
 def test_a_full_disk_is_named_whatever_the_writer_says(tmp_path, monkeypatch):
     """torch.save reports a full disk as "unexpected pos"; atomic_write says ENOSPC and names the file."""
-    import diagnostics.files
-    from diagnostics.files import atomic_write
+    import diagnostics.core.files
+    from diagnostics.core.files import atomic_write
 
     def write(tmp):
         Path(tmp).write_bytes(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
-    monkeypatch.setattr(diagnostics.files, "_disk_full", lambda directory: True)
+    monkeypatch.setattr(diagnostics.core.files, "_disk_full", lambda directory: True)
     with pytest.raises(OSError, match=rf"No space left on device: '{tmp_path}/shard.pt'") as info:
         atomic_write(tmp_path / "shard.pt", write)
     assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
@@ -201,8 +201,8 @@ def test_nonfinite_weights_keep_the_last_checkpoint(tmp_path):
 
 def test_other_errors_are_not_called_blowups(tmp_path, small_testbed):
     """A RuntimeError with finite weights and logits is re-raised unchanged (a bug stays a bug)."""
-    from diagnostics.models import load_model
-    from diagnostics.run import bank_batch
+    from diagnostics.bank import bank_batch
+    from diagnostics.lm.models import load_model
     from opd.distributed import World
     from opd.nonfinite import stop_arm
 
@@ -220,9 +220,9 @@ def test_other_errors_are_not_called_blowups(tmp_path, small_testbed):
 def test_diagnose_blowup_keeps_finished_shards(workspace, small_testbed):
     """lr=1e18 past the config check (a blow-up at a legal lr looks the same): the first shard with a NaN
     gain is not saved; nonfinite.json names shard, sequence, position and quantity; earlier shards stay."""
-    from diagnostics.config import load_config
+    from diagnostics.core.config import load_config
+    from diagnostics.core.nonfinite import NonFiniteError
     from diagnostics.diagnose import DiagnoseConfig, run_diagnose
-    from diagnostics.nonfinite import NonFiniteError
 
     ws, places = workspace
     argv = [s.format(**places) for s in probes.diagnose("run_name=nan", "lr=1e-5")][1:]
@@ -244,7 +244,7 @@ def test_diagnose_blowup_keeps_finished_shards(workspace, small_testbed):
 def test_results_files_follow_the_umask(tmp_path, umask):
     import pandas as pd
 
-    from diagnostics.files import write_json, write_parquet
+    from diagnostics.core.files import write_json, write_parquet
 
     old = os.umask(umask)
     try:
@@ -258,7 +258,7 @@ def test_results_files_follow_the_umask(tmp_path, umask):
 
 def test_a_finished_run_follows_the_umask(workspace):
     """Every file of a diagnostic run (parquet, JSON, shards) has the mode open(path, "w") would give it."""
-    from diagnostics.files import file_mode
+    from diagnostics.core.files import file_mode
 
     ws, places = workspace
     files = [p for p in Path(places["good"]).rglob("*") if p.is_file()]
@@ -270,7 +270,7 @@ def test_a_finished_run_follows_the_umask(workspace):
 def test_group_blowup_is_named(tmp_path):
     import pandas as pd
 
-    from diagnostics.nonfinite import NonFiniteError, check_group_finite
+    from diagnostics.core.nonfinite import NonFiniteError, check_group_finite
 
     group = pd.DataFrame({"selector": ["kl", "kl"], "ratio": [0.05, 0.05], "seq_id": [3, 3], "pos": [0, 1],
                           "kept": [True, False], "gain": [0.1, math.nan]})
@@ -306,7 +306,7 @@ def test_a_blowup_with_finite_weights_keeps_the_earlier_checkpoint(tmp_path):
 
 def test_damaged_weights_name_the_directory_at_load_too(workspace):
     """Past the header check (a file damaged after it), the weights load itself names the directory."""
-    from diagnostics.models import load_model
+    from diagnostics.lm.models import load_model
 
     ws, _ = workspace
     with pytest.raises(ValueError, match=rf"cannot load the model weights in {ws}/truncated \(SafetensorError"):
@@ -315,8 +315,8 @@ def test_damaged_weights_name_the_directory_at_load_too(workspace):
 
 def test_saved_models_follow_the_umask(tmp_path, small_testbed):
     """save_pretrained writes model.safetensors 0600; share_tree (the trainer's saved students) fixes that."""
-    from diagnostics.files import file_mode, share_tree
-    from diagnostics.models import load_model
+    from diagnostics.core.files import file_mode, share_tree
+    from diagnostics.lm.models import load_model
 
     load_model(small_testbed.student_path, torch.device("cpu"), torch.float32).save_pretrained(tmp_path / "student")
     share_tree(tmp_path / "student")
@@ -328,7 +328,7 @@ def test_unreadable_weights_are_named_not_called_missing(tmp_path, small_testbed
     """safetensors reports a file it may not read as "No such file"; the pair check says Permission denied."""
     import shutil
 
-    from diagnostics.models import check_path
+    from diagnostics.lm.models import check_path
 
     shutil.copytree(small_testbed.student_path, tmp_path / "student")
     real_access = os.access

@@ -23,7 +23,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from diagnostics.registry import add_once, lookup
+from diagnostics.core.registry import add_once, lookup
 from diagnostics.signals.checks import NEG_INF
 from diagnostics.signals.normalize import (
     SIGNAL_NORMALIZATIONS,

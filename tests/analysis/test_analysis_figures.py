@@ -8,8 +8,9 @@ import shutil
 import pytest
 from matplotlib.figure import Figure
 
-from analysis.figures import (
-    make_all_figures,
+from analysis.figures import make_all_figures
+from analysis.io import load_run, load_train_run
+from analysis.plots import (
     plot_bucket_curves,
     plot_coefficients,
     plot_gain_heatmap,
@@ -22,7 +23,6 @@ from analysis.figures import (
     plot_top_n,
     save_figure,
 )
-from analysis.io import load_run, load_train_run
 from analysis.report import per_k_stats
 from analysis.selectors import kept_overlap, top_n_table
 from analysis.stats import bucket_curves, residual_curves
@@ -148,7 +148,7 @@ def test_paper_protocol_run_gets_the_paper_figures(fixture_results, tmp_path, mo
 
 
 def test_asinh_heatmap_labels(fixture_results):
-    from analysis.paper_figures import plot_asinh_gain_heatmap
+    from analysis.figures import plot_asinh_gain_heatmap
 
     df, _ = load_run(fixture_results / "diagnose" / "fixture")
     fig = plot_asinh_gain_heatmap(df, run_name="fixture")

@@ -22,8 +22,9 @@ VLLM_TESTBED_OVERRIDES = [
 @pytest.fixture(scope="session")
 def vllm_testbed():
     """A tiny testbed (seconds to build) whose models vLLM can run on CPU."""
-    from diagnostics.config import load_config
-    from diagnostics.testbed import TestbedConfig, build_testbed
+    from diagnostics.core.config import load_config
+    from diagnostics.testbed.build import build_testbed
+    from diagnostics.testbed.config import TestbedConfig
 
     overrides = [f"cache_dir={ROOT / '.cache/testbed'}", *VLLM_TESTBED_OVERRIDES]
     return build_testbed(load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml", overrides))
@@ -31,7 +32,7 @@ def vllm_testbed():
 
 @pytest.fixture(scope="session")
 def rollout_prompts(vllm_testbed):
-    from diagnostics.testbed import heldout_problems
+    from diagnostics.testbed.config import heldout_problems
 
     return [p.prompt for p in heldout_problems(vllm_testbed.config, 16)]
 
@@ -39,7 +40,8 @@ def rollout_prompts(vllm_testbed):
 @pytest.fixture(scope="session")
 def vllm_rollouts(vllm_testbed, rollout_prompts):
     """Student rollouts from vLLM with the student's top-4 per position (engine started once)."""
-    from diagnostics.rollouts import SamplingConfig, generate_rollouts
+    from diagnostics.generation.backends import SamplingConfig
+    from diagnostics.generation.rollouts import generate_rollouts
 
     sampling = SamplingConfig(max_new_tokens=vllm_testbed.config.max_new_tokens + 2, n=2, seed=3, logprobs_k=4)
     return generate_rollouts(vllm_testbed.student_path, None, rollout_prompts, sampling, backend="vllm", progress=False)
@@ -51,5 +53,5 @@ def _release_vllm_engine():
     yield
     import sys
 
-    if "diagnostics.backends.vllm" in sys.modules:
-        sys.modules["diagnostics.backends.vllm"].release_vllm_engine()
+    if "diagnostics.generation.vllm" in sys.modules:
+        sys.modules["diagnostics.generation.vllm"].release_vllm_engine()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.answers import ANSWER_CHECKS, check_answer, correct_flags, math_equal, parse_gold
+from diagnostics.data.problems import ANSWER_CHECKS, check_answer, correct_flags, math_equal, parse_gold
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "math_answers.jsonl"
 
@@ -73,8 +73,8 @@ def test_answer_correctness_applies_the_named_check(monkeypatch):
     """The evaluation entry point (used by the trainer and `taopd evaluate`) scores with the named check."""
     import torch
 
-    from diagnostics import evaluation
-    from diagnostics.task import Problem
+    from diagnostics import accuracy as evaluation
+    from diagnostics.data.problems import Problem
 
     monkeypatch.setattr(evaluation, "generate_responses", lambda model, tok, prompts, **kw: ["so \\boxed{0.5}"] * 2)
     problems = [Problem(0, "half?", "\\frac{1}{2}"), Problem(1, "third?", "1/3")]

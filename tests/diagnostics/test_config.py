@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.config import ConfigError, check_device, load_config, parse_override
-from diagnostics.testbed import TestbedConfig
+from diagnostics.core.config import ConfigError, check_device, load_config, parse_override
+from diagnostics.testbed.config import TestbedConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from diagnostics.config import ConfigError, load_config
+from diagnostics.core.config import ConfigError, load_config
 from diagnostics.diagnose import DiagnoseConfig, run_diagnose
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def test_outputs_and_manifest(tmp_path, small_testbed):
 def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed):
     script = (
         "import sys\n"
-        "from diagnostics.config import load_config\n"
+        "from diagnostics.core.config import load_config\n"
         "from diagnostics.diagnose import DiagnoseConfig, run_diagnose\n"
         "if __name__ == '__main__':\n"
         "    run_diagnose(load_config(DiagnoseConfig, sys.argv[1], sys.argv[2:]), progress=False)\n"

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from diagnostics import engine
-from diagnostics.forward import ResponseBatch, full_logprobs
-from diagnostics.models import load_pair
-from diagnostics.testbed import encode_problem, heldout_problems
+from diagnostics.lm.forward import ResponseBatch, full_logprobs
+from diagnostics.lm.models import load_pair
+from diagnostics.testbed.build import encode_problem
+from diagnostics.testbed.config import heldout_problems
 
 TOL = 1e-5
 
@@ -98,11 +99,11 @@ def test_group_step_equals_manual_update(setup):
     for b, t in keep.nonzero().tolist():
         seq = bank.select(slice(b, b + 1))
         logits = student(input_ids=seq.ids).logits[0, seq.pred_idx[0, t], : pair.vocab_size]
-        total = total + engine.reverse_kl(teacher_lp[b, t], torch.log_softmax(logits, -1))
+        total = total + engine.kl_reverse(teacher_lp[b, t], torch.log_softmax(logits, -1))
     (total / 3).backward()
     opt.step()
-    after = engine.forward_kl(teacher_lp, full_logprobs(student, bank, pair.vocab_size))
-    before = engine.forward_kl(teacher_lp, full_logprobs(pair.student, bank, pair.vocab_size))
+    after = engine.kl_forward(teacher_lp, full_logprobs(student, bank, pair.vocab_size))
+    before = engine.kl_forward(teacher_lp, full_logprobs(pair.student, bank, pair.vocab_size))
     expected = torch.where(bank.valid, before - after, torch.nan)
     assert_same({"gain": gain}, {"gain": expected})
 
@@ -181,8 +182,8 @@ def test_mixed_precision_needs_float32_master_weights(setup):
 
 
 def test_master_weights_reload_a_low_precision_student_in_float32(small_testbed):
-    from diagnostics.models import load_model
-    from diagnostics.precision import master_weights, resolve_precision
+    from diagnostics.lm.models import load_model
+    from diagnostics.lm.precision import master_weights, resolve_precision
 
     cpu = torch.device("cpu")
     bf16 = load_model(small_testbed.student_path, cpu, torch.bfloat16)
@@ -196,7 +197,7 @@ def test_master_weights_reload_a_low_precision_student_in_float32(small_testbed)
 def test_diagnose_with_mixed_precision_matches_float32(tmp_path, small_testbed):
     import pandas as pd
 
-    from diagnostics.config import load_config
+    from diagnostics.core.config import load_config
     from diagnostics.diagnose import DiagnoseConfig, run_diagnose
 
     root = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diagnostics.forward import PositionLM, ResponseBatch, check_head_path, full_logprobs, kept_index
+from diagnostics.lm.forward import PositionLM, ResponseBatch, check_head_path, full_logprobs, kept_index
 
 from tiny_lm import V_ROWS, V, random_ids, tiny_model
 

@@ -1,4 +1,4 @@
-"""Memory-bounded chunking of dense [b, T, V] log-probs (`diagnostics.forward.sequence_chunks`,
+"""Memory-bounded chunking of dense [b, T, V] log-probs (`diagnostics.lm.forward.sequence_chunks`,
 `map_sequence_chunks`): the group variant, a diagnose shard and training's evaluation give the same numbers
 chunked as in one piece."""
 
@@ -9,8 +9,8 @@ import copy
 import torch
 
 from diagnostics import diagnose, engine
-from diagnostics.forward import ResponseBatch, full_logprobs, map_sequence_chunks, sequence_chunks
-from diagnostics.models import ModelPair
+from diagnostics.lm.forward import ResponseBatch, full_logprobs, map_sequence_chunks, sequence_chunks
+from diagnostics.lm.models import ModelPair
 
 from tiny_lm import V, random_ids, tiny_model
 
@@ -39,7 +39,7 @@ def test_map_sequence_chunks_equals_one_piece():
     pair, bank = tiny_pair()
 
     def kl(part: ResponseBatch, _rows) -> dict[str, torch.Tensor]:
-        return {"kl": engine.forward_kl(full_logprobs(pair.teacher, part, V), full_logprobs(pair.student, part, V))}
+        return {"kl": engine.kl_forward(full_logprobs(pair.teacher, part, V), full_logprobs(pair.student, part, V))}
 
     whole = kl(bank, slice(None))["kl"]
     one_row = map_sequence_chunks(kl, bank, V, budget_bytes=1)["kl"]
@@ -77,7 +77,7 @@ def test_diagnose_shard_chunked_equals_unchunked(monkeypatch):
 
 
 def test_training_live_gains_chunked_equals_unchunked(monkeypatch):
-    from opd import evaluation
+    from opd import monitor as evaluation
 
     pair, bank = tiny_pair()
     trained = copy.deepcopy(pair.student)

@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-from diagnostics.models import IncompatibleModelsError, check_compatibility, check_pair, load_pair
-from diagnostics.testbed import build_tokenizer
+from diagnostics.lm.models import IncompatibleModelsError, check_compatibility, check_pair, load_pair
+from diagnostics.testbed.build import build_tokenizer
 
 
 def test_tokenizer_round_trip(small_testbed):

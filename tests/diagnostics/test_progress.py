@@ -1,11 +1,11 @@
-"""diagnostics.progress: bars throttled when stderr is not a terminal, off when disabled."""
+"""diagnostics.core.progress: bars throttled when stderr is not a terminal, off when disabled."""
 
 from __future__ import annotations
 
 import io
 import sys
 
-from diagnostics.progress import LOG_INTERVAL_S, progress_bar
+from diagnostics.core.progress import LOG_INTERVAL_S, progress_bar
 
 
 def test_bar_is_throttled_off_a_terminal(monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.prompt_sets import (
+from diagnostics.data.prompt_sets import (
     PromptSetError,
     build_heldout_shard,
     dapo_slime_records,

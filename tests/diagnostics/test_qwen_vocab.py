@@ -12,8 +12,10 @@ import tiktoken
 import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from diagnostics.config import ConfigError, load_config
-from diagnostics.qwen_vocab import (
+from diagnostics.core.config import ConfigError, load_config
+from diagnostics.testbed.build import encode_problem, make_tokenizer
+from diagnostics.testbed.config import TestbedConfig, task_token_ids, word_pool
+from diagnostics.testbed.qwen_vocab import (
     QWEN2_ADDED_TOKENS,
     QWEN2_RANKS,
     build_qwen2_tokenizer,
@@ -23,8 +25,7 @@ from diagnostics.qwen_vocab import (
     off_task_mass,
     ranks_path,
 )
-from diagnostics.task import ALL_WORDS, trace_problems
-from diagnostics.testbed import TestbedConfig, encode_problem, make_tokenizer, task_token_ids, word_pool
+from diagnostics.testbed.task import ALL_WORDS, trace_problems
 
 # ASCII, digits (Qwen2 splits numbers digit by digit), unicode (accents, CJK, emoji, a decomposed accent that
 # NFC composes), whitespace runs (spaces, tabs, newlines, trailing), contractions and the chat special tokens
@@ -206,8 +207,8 @@ def test_calibrate_rows_with_the_body_keeps_each_other_rows_own_values():
 
 def test_hf_sampling_never_picks_lm_head_padding_rows():
     """Qwen2.5's 151,936 rows hold 271 padding rows past the tokenizer: HF sampling must not return their ids."""
-    from diagnostics.backends.hf import sample_hf
-    from diagnostics.rollouts import SamplingConfig
+    from diagnostics.generation.backends import SamplingConfig
+    from diagnostics.generation.hf import sample_hf
 
     from tiny_lm import V, tiny_model
 

@@ -7,14 +7,20 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from diagnostics.backends import get_backend, list_backends, register_backend, resolve_backend
-from diagnostics.backends.vllm import vllm_logprobs_mode
-from diagnostics.config import ConfigError
-from diagnostics.forward import iter_response_logits, sampled_token_logprobs
-from diagnostics.models import load_model
-from diagnostics.prompts import cut_at_stop, fit_prompts, render_prompts, render_text
-from diagnostics.rollouts import SamplingConfig, generate_rollouts
-from diagnostics.store import ROLLOUT_SCHEMA, read_store, write_store
+from diagnostics.core.config import ConfigError
+from diagnostics.data.prompts import cut_at_stop, fit_prompts, render_prompts, render_text
+from diagnostics.generation.backends import (
+    SamplingConfig,
+    get_backend,
+    list_backends,
+    register_backend,
+    resolve_backend,
+)
+from diagnostics.generation.rollouts import generate_rollouts
+from diagnostics.generation.store import ROLLOUT_SCHEMA, read_store, write_store
+from diagnostics.generation.vllm import vllm_logprobs_mode
+from diagnostics.lm.forward import iter_response_logits, sampled_token_logprobs
+from diagnostics.lm.models import load_model
 
 PARITY_TOL = 1e-3  # float32, as required of vLLM vs HF
 TIE_TOL = 1e-5  # two log-probs this close are a tie: their top-K order may differ across implementations
@@ -220,7 +226,7 @@ def test_backend_registry_by_name(student, tokenizer):
                                progress=False)
         assert df["response_ids"].map(list).tolist() == [[6], [7]] and df.attrs["backend"] == "echo"
     finally:
-        from diagnostics import backends
+        from diagnostics.generation import backends
 
         backends._BACKENDS.pop("echo")  # noqa: SLF001 - keep the registry as other tests expect it
 
@@ -275,7 +281,7 @@ def test_vllm_rollouts_stop_at_eos_and_fit_the_store(vllm_rollouts, tokenizer, t
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_same_seed_same_rollouts_and_tempered_logprobs(vllm_testbed, rollout_prompts, vllm_rollouts, student):
-    from diagnostics.backends.vllm import _ENGINE  # noqa: PLC2701 - inspect the engine cache
+    from diagnostics.generation.vllm import _ENGINE  # noqa: PLC2701 - inspect the engine cache
 
     sampling = SamplingConfig(max_new_tokens=vllm_testbed.config.max_new_tokens + 2, n=2, seed=3, logprobs_k=4)
     again = generate_rollouts(vllm_testbed.student_path, None, rollout_prompts, sampling, backend="vllm",

@@ -1,4 +1,4 @@
-"""diagnostics.run: the run setup both recipes share (pair, held-out prompts, run directory, bank, manifest)."""
+"""diagnostics.pair: the run setup both recipes share (pair, held-out prompts, run directory, bank, manifest)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics.config import ConfigError
-from diagnostics.run import (
-    DEFAULT_K_REAL,
-    ResolvedPair,
-    bank_batch,
-    check_k,
-    check_run_dir,
-    claim_run_dir,
-    config_hash,
-    heldout_problems,
-    make_bank,
-    read_bank,
-    resolve_pair,
-    validate_bank,
-)
+from diagnostics.bank import bank_batch, make_bank, read_bank, validate_bank
+from diagnostics.core.config import ConfigError
+from diagnostics.core.rundir import check_run_dir, claim_run_dir, config_hash
+from diagnostics.pair import DEFAULT_K_REAL, ResolvedPair, check_k, heldout_problems, resolve_pair
 
 
 def test_real_models_take_the_real_defaults():
@@ -108,14 +97,14 @@ def test_k_against_the_vocabulary():
         check_k(70, k=4, extra_k=[8, 1000])
 
 
-HOLD = ("import sys, time; from diagnostics.lock import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
+HOLD = ("import sys, time; from diagnostics.core.lock import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
         "print('held', flush=True); time.sleep(600)")
 
 
 def test_a_second_process_on_the_same_run_refuses(tmp_path):
     """One process per run directory: the second names the directory and the holder's pid; the lock
     goes with the holder (killed included); the same process may take its own lock again."""
-    from diagnostics.lock import RunLockedError, acquire_run_lock, release_run_lock
+    from diagnostics.core.lock import RunLockedError, acquire_run_lock, release_run_lock
 
     run_dir = tmp_path / "run"
     root = Path(__file__).resolve().parents[2]

@@ -7,10 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics.forward import sampled_token_logprobs
-from diagnostics.models import load_pair
-from diagnostics.rollouts import SamplingConfig, generate_rollouts
-from diagnostics.scoring import ScoredBatch, score_rollouts_hf, score_rollouts_vllm, teacher_prompt_topk, valid_mask
+from diagnostics.generation.backends import SamplingConfig
+from diagnostics.generation.hf import score_rollouts_hf
+from diagnostics.generation.rollouts import generate_rollouts
+from diagnostics.generation.scoring import ScoredBatch, valid_mask
+from diagnostics.generation.vllm import score_rollouts_vllm, teacher_prompt_topk
+from diagnostics.lm.forward import sampled_token_logprobs
+from diagnostics.lm.models import load_pair
 from diagnostics.signals import FULL_VOCAB_KEYS, token_signals
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from diagnostics.store import (
+from diagnostics.generation.store import (
     ROLLOUT_SCHEMA,
     TOPK_SCHEMA,
     make_manifest,
@@ -87,7 +87,7 @@ def test_round_trip_with_and_without_topk(tmp_path):
 def test_manifest_records_provenance(vllm_testbed):
     from transformers import AutoTokenizer
 
-    from diagnostics.models import directory_hash, tokenizer_hash
+    from diagnostics.lm.models import directory_hash, tokenizer_hash
 
     tokenizer = AutoTokenizer.from_pretrained(vllm_testbed.student_path)
     manifest = make_manifest(model_path=vllm_testbed.student_path, tokenizer=tokenizer, backend="vllm",

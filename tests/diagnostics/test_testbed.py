@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from diagnostics.config import load_config
-from diagnostics.models import check_pair
-from diagnostics.testbed import TestbedConfig, build_testbed
+from diagnostics.core.config import load_config
+from diagnostics.lm.models import check_pair
+from diagnostics.testbed.build import build_testbed
+from diagnostics.testbed.config import TestbedConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,7 @@ def test_default_testbed_meets_the_criteria(default_testbed):
 
 
 def test_selection_trace_and_its_length():
-    from diagnostics.task import selection_trace, trace_length, trace_problems
+    from diagnostics.testbed.task import selection_trace, trace_length, trace_problems
 
     assert selection_trace(["kd", "ab", "xq"]) == "ab | kd xq ; kd | xq ; xq"
     for n in (2, 5, 8):
@@ -83,8 +84,8 @@ def test_selection_trace_and_its_length():
 
 
 def test_trace_tokens_are_single_tokens():
-    from diagnostics.task import TRACE_SYMBOLS, trace_problems
-    from diagnostics.testbed import build_tokenizer, encode_problem
+    from diagnostics.testbed.build import build_tokenizer, encode_problem
+    from diagnostics.testbed.task import TRACE_SYMBOLS, trace_problems
 
     tokenizer = build_tokenizer(40, TRACE_SYMBOLS)
     (problem,) = trace_problems(1, seed=0, n_items=6, n_words=40)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from diagnostics.forward import PositionLM, ResponseBatch
-from diagnostics.models import load_model
-from diagnostics.scoring import score_rollouts_hf
+from diagnostics.generation.hf import score_rollouts_hf
+from diagnostics.lm.forward import PositionLM, ResponseBatch
+from diagnostics.lm.models import load_model
 from opd.config import Arm, TrainConfig
 from opd.distributed import World
 from opd.step import opd_step, select_kept

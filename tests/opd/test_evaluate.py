@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from diagnostics.config import ConfigError, load_config
-from diagnostics.task import Problem
+from diagnostics.core.config import ConfigError, load_config
+from diagnostics.data.problems import Problem
 from opd import evaluate as evaluate_module
 from opd.config import TrainConfig
 from opd.downstream import results_rows, write_problem_task
@@ -99,7 +99,7 @@ def test_problem_task_files(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A quick `taopd train` run (2 arms, 6 steps) on the trained-longer small testbed, students saved."""
-    from opd.trainer import run_training
+    from opd.engines import run_training
 
     folder = tmp_path_factory.mktemp("evaluate")
     testbed = yaml.safe_load((ROOT / "configs/testbed_small.yaml").read_text())
@@ -187,9 +187,10 @@ def test_lm_eval_vllm_backend_on_cpu_agrees(tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    from diagnostics.evaluation import answer_accuracy
-    from diagnostics.models import load_model
-    from diagnostics.testbed import TestbedConfig, build_testbed, heldout_problems
+    from diagnostics.accuracy import answer_accuracy
+    from diagnostics.lm.models import load_model
+    from diagnostics.testbed.build import build_testbed
+    from diagnostics.testbed.config import TestbedConfig, heldout_problems
     from opd.downstream import run_lm_eval
 
     overrides = [f"cache_dir={ROOT / '.cache/testbed'}", "student.train_steps=150", "teacher.train_steps=300"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diagnostics.config import ConfigError, load_config
+from diagnostics.core.config import ConfigError, load_config
 from diagnostics.signals import list_scores
 from opd.config import TrainConfig
 
@@ -75,7 +75,7 @@ def test_accelerate_configs_load(name, kind):
 
 
 def test_paper_preset_sets_the_release_values_and_no_default_moves():
-    """opd/presets.py: the released training code's choices (tip_compat.py selection, per-sequence loss
+    """opd/config.py: the released training code's choices (tip_compat.py selection, per-sequence loss
     normalisation, Megatron Adam); without a preset every key keeps today's default."""
     config = load_config(TrainConfig, ROOT / "configs/train.yaml", ["preset=paper"])
     assert (config.signals, config.signal_normalization, config.tie_break, config.top_up, config.q3_fill) == (

@@ -35,7 +35,7 @@ def torchrun(n: int, *args: str) -> None:
 
 
 def test_two_processes_make_the_single_process_update(tmp_path, small_testbed):
-    from diagnostics.models import load_model
+    from diagnostics.lm.models import load_model
 
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()

@@ -94,7 +94,7 @@ def test_optimizer_record_names_what_ran():
 
 @pytest.mark.parametrize("override", [{"betas": [0.9, 0.95]}, {"weight_decay": 0.0}, {"max_grad_norm": 2.0}])
 def test_paper_optimizer_refuses_other_hyperparameters(override):
-    from diagnostics.config import ConfigError
+    from diagnostics.core.config import ConfigError
 
     key = next(iter(override))
     with pytest.raises(ConfigError, match=rf"{key}.*optimizer: paper"):
@@ -104,8 +104,9 @@ def test_paper_optimizer_refuses_other_hyperparameters(override):
 def test_the_trainer_builds_and_clips_with_the_paper_optimizer(tmp_path, monkeypatch):
     """One step of `run_training` (small testbed, preset=paper): the optimizer the trainer steps is the paper's
     and every step clips the global gradient norm at 1.0."""
-    from diagnostics.config import load_config
+    from diagnostics.core.config import load_config
     from opd import trainer
+    from opd.engines import run_training
 
     seen = {"optimizers": [], "max_norms": []}
     build = trainer.make_optimizer
@@ -126,7 +127,7 @@ def test_the_trainer_builds_and_clips_with_the_paper_optimizer(tmp_path, monkeyp
     config = load_config(TrainConfig, root / "configs/train_quick.yaml", [
         "preset=paper", "selectors=[teachability]", "steps=1", "eval_every=1", "eval_problems=4", "bank_sequences=2",
         f"out_dir={tmp_path}", "progress=false", "save_students=false", "checkpoint_every=0"])
-    trainer.run_training(config)
+    run_training(config)
     (optimizer,) = seen["optimizers"]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 for g in optimizer.param_groups)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diagnostics.config import ConfigError, load_config
-from diagnostics.forward import PositionLM, ResponseBatch
-from diagnostics.precision import AutocastPositionLM, changed_fraction, position_lm, resolve_precision
+from diagnostics.core.config import ConfigError, load_config
+from diagnostics.lm.forward import PositionLM, ResponseBatch
+from diagnostics.lm.precision import AutocastPositionLM, changed_fraction, position_lm, resolve_precision
 from opd.config import TrainConfig
 from opd.distributed import World
 from opd.step import opd_step
@@ -127,7 +127,7 @@ def test_resolution_and_checks():
 
 @pytest.mark.slow
 def test_training_with_bf16_autocast_on_cpu(tmp_path, small_testbed):
-    from opd.trainer import run_training
+    from opd.engines import run_training
 
     overrides = [f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", "seeds=[0]",
                  "selectors=[full]", "mixed_precision=bf16", "steps=2", "eval_every=2", "checkpoint_every=0",

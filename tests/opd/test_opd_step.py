@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diagnostics import engine
-from diagnostics.forward import PositionLM, ResponseBatch, full_logprobs
+from diagnostics.lm.forward import PositionLM, ResponseBatch, full_logprobs
 from diagnostics.losses import LossInputs, get_loss, register_loss
 from opd.config import TrainConfig
 from opd.distributed import World

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics.config import ConfigError
-from diagnostics.forward import PositionLM, ResponseBatch, kept_index
+from diagnostics.core.config import ConfigError
+from diagnostics.generation.hf import score_rollouts_hf
+from diagnostics.generation.scoring import TEMPERED_KEYS
+from diagnostics.lm.forward import PositionLM, ResponseBatch, kept_index
 from diagnostics.losses import LossInputs, get_loss
-from diagnostics.scoring import TEMPERED_KEYS, score_rollouts_hf
 from opd import step as step_module
 from opd.config import TrainConfig
 from opd.distributed import World
@@ -141,9 +142,9 @@ def test_full_vocabulary_losses_temper_the_teacher_too(world, monkeypatch):
 
 @pytest.mark.slow
 def test_tempered_training_runs_and_records_the_convention(tmp_path, small_testbed):
-    from diagnostics.config import load_config
+    from diagnostics.core.config import load_config
+    from opd.engines import run_training
     from opd.step import TEMPERATURE_CONVENTION
-    from opd.trainer import run_training
 
     root = Path(__file__).resolve().parents[2]
     config = load_config(TrainConfig, root / "configs/train_quick.yaml",

@@ -12,12 +12,13 @@ import torch
 
 from analysis.training import run_comparison
 from diagnostics import losses
-from diagnostics.config import ConfigError, load_config
-from diagnostics.models import IncompatibleModelsError
+from diagnostics.core.config import ConfigError, load_config
+from diagnostics.lm.models import IncompatibleModelsError
 from diagnostics.signals import list_scores
 from opd.config import TrainConfig
+from opd.engines import run_training
 from opd.step import NonFiniteError
-from opd.trainer import LIVE_GAIN_COLUMNS, run_training
+from opd.trainer import LIVE_GAIN_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 METRIC_COLUMNS = ["step", "selector", "ratio", "seed", "loss", "kept_tokens", "accuracy", "kl_to_teacher",
@@ -75,8 +76,8 @@ def test_outputs_and_schema(quick_run):
 
 
 def test_analysis_reads_the_run(quick_run):
-    from analysis.figures import plot_learning_curves
     from analysis.io import load_train_run
+    from analysis.plots import plot_learning_curves
 
     metrics, comparison, manifest = load_train_run(quick_run[1])
     assert comparison is not None and manifest["run_name"] == "quick"
@@ -116,7 +117,7 @@ def test_resume_without_run_is_an_error(tmp_path, small_testbed):
 def test_mismatched_pair_is_refused(tmp_path, small_testbed):
     import shutil
 
-    from diagnostics.testbed import build_tokenizer
+    from diagnostics.testbed.build import build_tokenizer
 
     teacher = tmp_path / "teacher"
     shutil.copytree(small_testbed.teacher_path, teacher)
@@ -176,10 +177,11 @@ def test_unknown_selector_at_runtime_lists_registered():
 
 def test_kept_positions_of_old_policy_match_current(small_testbed):
     """At the step's start the student equals the policy that sampled: the PPO ratio is exactly 1."""
-    from diagnostics.forward import PositionLM, ResponseBatch, kept_index
-    from diagnostics.models import load_pair
-    from diagnostics.rollouts import SamplingConfig, generate_rollouts
-    from diagnostics.scoring import score_rollouts_hf
+    from diagnostics.generation.backends import SamplingConfig
+    from diagnostics.generation.hf import score_rollouts_hf
+    from diagnostics.generation.rollouts import generate_rollouts
+    from diagnostics.lm.forward import PositionLM, ResponseBatch, kept_index
+    from diagnostics.lm.models import load_pair
 
     pair = load_pair(small_testbed.student_path, small_testbed.teacher_path, device="cpu", dtype="float32")
     rollouts = generate_rollouts(pair.student, pair.tokenizer, ["sort ab ad ag aj :"] * 4,

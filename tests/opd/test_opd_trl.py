@@ -8,9 +8,9 @@ import torch
 import trl
 from transformers import AutoTokenizer
 
-from diagnostics.forward import PositionLM, ResponseBatch, kept_index
+from diagnostics.lm.forward import PositionLM, ResponseBatch, kept_index
+from diagnostics.lm.models import load_model
 from diagnostics.losses import kl_divergence
-from diagnostics.models import load_model
 from diagnostics.signals import select, selection_scores, token_signals
 from opd.config import TrainConfig
 from opd.distributed import World

@@ -41,7 +41,7 @@ def run_worker(out: Path, student: str, teacher: str, processes: int) -> None:
 
 
 def test_two_trl_processes_make_the_single_process_update(tmp_path, small_testbed):
-    from diagnostics.models import load_model
+    from diagnostics.lm.models import load_model
     from opd.integrations.trl import cut_vocab
 
     paths = (small_testbed.student_path, small_testbed.teacher_path)

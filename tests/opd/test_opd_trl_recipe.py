@@ -95,9 +95,9 @@ class Interrupted(RuntimeError):
 def test_a_killed_trl_arm_resumes_from_its_checkpoint_to_the_same_result(tmp_path, small_testbed, monkeypatch):
     """Steps 1-2, TRL's checkpoint, killed in step 3; `--resume` continues from checkpoint-2 (TRL restores
     weights, AdamW state, RNG and the data position) and ends where an uninterrupted run ends."""
-    from diagnostics.config import load_config
+    from diagnostics.core.config import load_config
     from opd import trl_recipe
-    from opd.trainer import run_training
+    from opd.engines import run_training
 
     def config(name: str) -> TrainConfig:
         return load_config(TrainConfig, ROOT / "configs/train_quick.yaml", [

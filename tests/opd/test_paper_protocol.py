@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diagnostics.config import ConfigError, load_config
+from diagnostics.core.config import ConfigError, load_config
 from diagnostics.diagnose import DiagnoseConfig, read_bank_file, release_columns
 from opd.paper_protocol import bank_rollouts, train_config
 

@@ -1,5 +1,5 @@
-"""Real-model prompts through `diagnostics.prompt_sets` in both recipes: a parquet file with message-list
-prompts and a nested answer column, read by `diagnostics.run.heldout_problems` (diagnose) and
+"""Real-model prompts through `diagnostics.data.prompt_sets` in both recipes: a parquet file with message-list
+prompts and a nested answer column, read by `diagnostics.pair.heldout_problems` (diagnose) and
 `opd.trainer.training_texts` / `heldout` (train), rendered with `enable_thinking`; the new keys at their
 defaults leave run names alone."""
 
@@ -11,11 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from diagnostics.config import ConfigError, load_config
+from diagnostics.core.config import ConfigError, load_config
+from diagnostics.data.prompt_sets import PromptSetError, load_problems
 from diagnostics.diagnose import DiagnoseConfig, run_diagnose
-from diagnostics.prompt_sets import PromptSetError
-from diagnostics.run import BANK_SPLIT_SEED, ResolvedPair, heldout_problems
-from diagnostics.task import load_problems
+from diagnostics.pair import BANK_SPLIT_SEED, ResolvedPair, heldout_problems
 from opd.config import TrainConfig
 from opd.trainer import EVAL_SPLIT_SEED, heldout, training_texts
 
@@ -132,7 +131,7 @@ def test_load_problems_is_the_prompt_set_loader(tmp_path):
 
 def test_diagnose_on_a_real_style_pair_with_a_parquet_set(tmp_path, small_testbed):
     """The small testbed's pair given as paths (a real-model run), its held-out prompts as message lists."""
-    from diagnostics.testbed import heldout_problems as testbed_heldout
+    from diagnostics.testbed.config import heldout_problems as testbed_heldout
 
     questions = [p.prompt for p in testbed_heldout(small_testbed.config, 4, split_seed=BANK_SPLIT_SEED)]
     path = write_parquet_set(tmp_path / "set.parquet", questions, system=False)

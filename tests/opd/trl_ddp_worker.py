@@ -49,7 +49,7 @@ def main(out: str, student_path: str, teacher_path: str) -> None:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from diagnostics.models import load_model
+    from diagnostics.lm.models import load_model
     from opd.config import TrainConfig
     from opd.integrations.trl import SelectiveDistillationTrainer, cut_vocab, distillation_config
 

@@ -1,0 +1,27 @@
+"""run_training: the arm trainer chosen by config.engine (own | trl), over the one run harness.
+
+`opd.trainer` holds the harness (setup, each arm, raw tables, manifest) and the own engine's arm trainer;
+`opd.trl_recipe` holds TRL's. This entry picks one, so neither recipe imports the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opd.config import TrainConfig
+from opd.trainer import run_arms, train_arm
+from opd.trl_recipe import check_trl_config, train_arm_trl, trl_manifest
+
+
+def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Run (or with `resume`, continue) every arm; returns the run directory.
+
+    Writes the raw tables: metrics.parquet (every arm's rows) and live_gain.parquet (every arm's
+    per-sequence live gain), and manifest.json; `taopd train` adds the comparison table.
+    `engine: trl` trains each arm with TRL (opd/trl_recipe.py); the setup and outputs are these.
+    """
+    if config.engine == "trl":
+
+        check_trl_config(config)
+        return run_arms(config, resume, train_arm_trl, manifest_extra=trl_manifest(config))
+    return run_arms(config, resume, lambda ctx, arm: train_arm(ctx, arm, progress=config.progress))
