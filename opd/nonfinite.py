@@ -50,7 +50,8 @@ def check_weights(student: torch.nn.Module) -> None:
 
 def quantity_of(message: str) -> str:
     """A short name of what went non-finite (the first one the message names), for nonfinite.json."""
-    for quantity in ("student weights", "student logits", "per-token loss", "gradient norm", "loss"):
+    for quantity in ("student weights", "student logits", "generation logits", "per-token loss", "gradient norm",
+                     "loss"):
         if quantity in message:
             return quantity
     return "unknown"

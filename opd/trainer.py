@@ -393,7 +393,8 @@ def build_manifest(ctx: RunContext, seconds: float) -> dict:
         "loss": config.loss,
         "normalization": config.normalization,
         "normalization_meaning": NORMALIZATION_MEANING[config.normalization],
-        "selection": {"preset": config.preset, **config.selection_options().to_dict()},  # diagnostics.signals.selectors
+        "selection": {"preset": config.preset, "preset_keys": config.preset_keys(),  # the keys the preset set
+                      **config.selection_options().to_dict()},  # diagnostics.signals.selectors
         "optimizer": optimizer_record(config),
         "rollout_backend": config.rollout_backend,
         "mixed_precision": ctx.precision.name,
