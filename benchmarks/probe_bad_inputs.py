@@ -218,6 +218,10 @@ PROBES: list[Probe] = [
           "{ws}/long.jsonl: prompt 1: "),
     Probe("23.9 messages", "evaluate run=<a diagnose run>", ("evaluate", "run={good}"),
           "run={good}: is a `taopd diagnose` run"),
+    # 12. left open from issue 13
+    Probe("23.12 left open", "train engine=trl lr=1e30 (TRL's nonfinite.json)",
+          train("run_name=trl_lr1e30", "engine=trl", "lr=1e30", *TRAIN_SHORT),
+          "full-r1-s0: step 2: student logits non-finite"),
     # 11. shard integrity
     Probe("23.11 shards", "a copy of shard 0 as shard 1", diagnose("run_name=swapped_shard"),
           "shard {ws}/results/diagnose/swapped_shard/shards/shard_0001.pt holds bank sequences [0, 1], not [2, 3]"),

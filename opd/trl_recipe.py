@@ -179,8 +179,8 @@ def stop_trl_arm(err: BaseException, ctx: RunContext, arm: Arm, arm_dir: Path, t
     if ctx.world.is_main:
         write_nonfinite_record(arm_dir, recipe="train", engine="trl", arm=arm.name, step=step, quantity=quantity,
                                message=reason, checkpoint=last_good)
-    raise NonFiniteError(f"{arm.name}: step {step}: {quantity} non-finite ({reason}); last good state: "
-                         f"{last_good or 'the base student'}; nonfinite.json in {arm_dir}") from None
+    raise NonFiniteError(f"{arm.name}: step {step}: {reason}; last good state: {last_good or 'the base student'}; "
+                         f"nonfinite.json in {arm_dir}") from None
 
 
 def train_arm_trl(ctx: RunContext, arm: Arm) -> None:

@@ -348,21 +348,21 @@ def test_unreadable_weights_are_named_not_called_missing(tmp_path, small_testbed
 
 def test_a_summary_never_loses_sections(workspace, capsys, monkeypatch):
     """A rerun whose sections are skipped (for any reason) is refused; the stored summary.json stays as it was."""
-    import analysis
+    import taopd.cli
 
     ws, places = workspace
     report = ws / "report_sections"
     rc, output = run_in_process(["analyze", places["good"], "--n-boot", "5", "--out", str(report)], capsys)
     assert rc == 0, output
     before = (report / "summary.json").read_bytes()
-    real = analysis.summarize
+    real = taopd.cli.summarize
 
     def skipping(*args, **kwargs):
         summary = real(*args, **kwargs)
         summary["notes"].append("OLS: skipped (a reason)")
         return {**summary, "ols": None, "correlations": {}}
 
-    monkeypatch.setattr(analysis, "summarize", skipping)
+    monkeypatch.setattr(taopd.cli, "summarize", skipping)
     rc, output = run_in_process(["analyze", places["good"], "--n-boot", "5", "--out", str(report)], capsys)
     assert_one_clear_error(rc, output, f"{report}/summary.json: the new summary would lose sections it holds "
                                        f"(correlations, ols: OLS: skipped (a reason))")
@@ -419,6 +419,18 @@ def test_generation_blowup_writes_nonfinite_json(workspace, capsys):
     record = json.loads((ws / "results/diagnose/nan_gen_record/nonfinite.json").read_text())
     assert (record["recipe"], record["stage"], record["quantity"]) == ("diagnose", "rollouts", "generation logits")
     assert not (ws / "results/diagnose/nan_gen_record/rollouts.parquet").exists()
+
+
+def test_trl_blowup_writes_nonfinite_json(workspace, capsys):
+    """engine=trl: a blow-up stops the arm with arms/<arm>/nonfinite.json, as the own engine's guard does."""
+    ws, places = workspace
+    argv = [s.format(**places) for s in probes.train("run_name=trl_record", "engine=trl", "lr=1e30",
+                                                     *probes.TRAIN_SHORT)]
+    rc, output = run_in_process(argv, capsys)
+    assert_one_clear_error(rc, output, "full-r1-s0: step 2: student logits non-finite")
+    record = json.loads((ws / "results/train/trl_record/arms/full-r1-s0/nonfinite.json").read_text())
+    assert (record["engine"], record["arm"], record["step"], record["quantity"]) == ("trl", "full-r1-s0", 2,
+                                                                                      "student logits")
 
 
 def test_a_checkpoint_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
