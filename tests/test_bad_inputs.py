@@ -512,3 +512,24 @@ def test_ctrl_c_is_one_line_and_exit_130(workspace):
     rc, output = probes.probe_ctrl_c(ws, places)
     assert probes.judge(None, "interrupted (Ctrl-C)", rc, output, 130), output
     assert list((ws / "results/diagnose/ctrl_c/shards").glob("shard_*.pt"))
+
+
+@pytest.mark.slow
+def test_a_blowup_on_one_ddp_rank_stops_every_rank(tmp_path):
+    """2 gloo processes under torchrun: rank 1 fails in the local phase, rank 0 does not; both stop with an
+    error within seconds instead of rank 0 waiting in the next all-reduce."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(ROOT / "tests/opd/stop_worker.py"), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "rank1.txt").read_text() == "generation logits non-finite at generated token 1"
+    assert (tmp_path / "rank0.txt").read_text().startswith("student logits non-finite on another process's rollouts "
+                                                           "(1 of 2 processes stopped this step")
