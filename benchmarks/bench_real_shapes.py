@@ -105,22 +105,25 @@ def memory_model(stage: str, s: dict, t: dict, base: float, seq_tokens: int, res
     """Predicted peak RSS of a stage (bytes), term by term: 4 bytes per float32 number held at the peak."""
     P, Pt, V = 4.0 * s["params"], 4.0 * t["params"], s["vocab_rows"]
     logits = 4 * 4.0 * batch * resp_tokens * V  # teacher and student [b, T, V] log-probs + a loss's temporaries
+    # a tied embedding's gradient is the sum of two dense [V, hidden] ones (the LM head's and the embedding's),
+    # both alive while autograd adds them
+    tied = 2 * 4.0 * V * s["hidden"]
     terms = {"libraries": base}
     if stage in ("diagnose", "timing"):
         # student, teacher, the position's gradient, the loop's restore copy (timing: or the oracle's deep copy)
         terms.update(student=P, teacher=Pt, gradients=P, param_copy=P, activations=activations(s, seq_tokens),
-                     logits=logits)
+                     tied_gradient=tied, logits=logits)
     elif stage in ("paper", "train_own", "train_trl"):
         terms.update(student=P, teacher=Pt, gradients=P, adam_state=2 * P,
-                     activations=activations(s, batch * seq_tokens), logits=logits)
+                     activations=activations(s, batch * seq_tokens), tied_gradient=tied, logits=logits)
     elif stage == "vllm":  # the trainer-side student and vLLM's own copy (the checkpoint's float32) + its KV cache
         kv_cache = 2 * 4.0 * s["layers"] * s["kv_dim"] * batch * seq_tokens
         terms.update(student=P, vllm_weights=P, kv_cache=kv_cache)
     elif stage == "evaluate":  # the student + the generation's KV cache and last-position logits
         terms.update(student=P, kv_cache=2 * 4.0 * s["layers"] * s["kv_dim"] * batch * seq_tokens,
                      logits=4.0 * batch * V)
-    elif stage == "build":  # one model at a time, plus its float32 copy while the teacher is perturbed
-        terms.update(model=max(P, Pt), copy=max(P, Pt))
+    elif stage == "build":  # one model at a time, plus safetensors' serialisation buffer while it is saved
+        terms.update(model=max(P, Pt), save_buffer=max(P, Pt))
     return {"total": sum(terms.values()), **{k: round(v / GB, 3) for k, v in terms.items()}}
 
 
@@ -137,7 +140,9 @@ def stage_build(args: argparse.Namespace, work: Path) -> dict:
 
     tokenizer = qwen3_tokenizer()
     base = peak_rss_bytes()
-    student, teacher = build_qwen3_pair(load_config(Qwen3PairConfig, PAIR_CONFIG, [f"cache_dir={work / 'pair'}"]))
+    config = load_config(Qwen3PairConfig, PAIR_CONFIG, [f"cache_dir={work / 'pair'}"])
+    reused = (Path(config.cache_dir) / config.cache_key() / "pair.json").is_file()
+    student, teacher = build_qwen3_pair(config)
     rng = np.random.default_rng(0)
     words = [w for w in (tokenizer.decode([i]) for i in range(1000, 20000)) if w.strip().isalpha()]
     def length(text: str) -> int:  # tokens of the prompt as the model sees it
@@ -154,7 +159,7 @@ def stage_build(args: argparse.Namespace, work: Path) -> dict:
             lines.append(json.dumps({"prompt": text, "answer": str(i)}))
         (work / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     return {"student": student, "teacher": teacher, "prompts": str(work / "prompts.jsonl"),
-            "short_prompts": str(work / "short_prompts.jsonl"), "libraries_gb": base / GB,
+            "short_prompts": str(work / "short_prompts.jsonl"), "libraries_gb": base / GB, "reused": reused,
             "student_numbers": model_numbers(student), "teacher_numbers": model_numbers(teacher)}
 
 
@@ -252,9 +257,13 @@ def stage_timing(args: argparse.Namespace, work: Path) -> dict:
     counts = [int(n) for n in bank.valid.sum(dim=1)]
     starts = [sum(counts[:i]) for i in range(len(counts))]  # each sequence's first delta holds its setup
     clean = [d for j, d in enumerate(deltas) if j not in starts]
+    partial = work / "results" / "timing.partial.json"  # what is measured so far, should the stage time out
+    partial.write_text(json.dumps({"loop_deltas_s": deltas, "peak_rss_gb": peak_rss_bytes() / GB}))
     started = time.perf_counter()  # the oracle's time per position includes its one up-front scoring forward
     oracle = engine.single_step_reference(pair.student, bank, teacher_lp, step, pair.vocab_size)
     oracle_s = (time.perf_counter() - started) / len(deltas)
+    partial.write_text(json.dumps({"loop_deltas_s": deltas, "oracle_s": oracle_s, "peak_rss_gb": peak_rss_bytes() / GB,
+                                   "gain_diff_loop_oracle": scaled_difference(loop, oracle)}))
     floor = floor_and_parts(pair.student, bank, teacher_lp, step, pair.vocab_size)
     cli = torch.load(run / "shards" / "shard_0000.pt", weights_only=True)["gain"]  # `taopd diagnose`'s, sequence 0
     med = statistics.median
@@ -390,8 +399,8 @@ def run_stage(name: str, args: argparse.Namespace) -> dict | None:
 def table_row(name: str, row: dict, args: argparse.Namespace) -> str:
     build = pair_paths(args.work)
     seq, resp, batch = stage_shape(name, args)
-    model = memory_model(name, build["student_numbers"], build["teacher_numbers"], build["libraries_gb"] * GB,
-                         seq, resp, batch)
+    model = memory_model("reused" if name == "build" and build.get("reused") else name, build["student_numbers"],
+                         build["teacher_numbers"], build["libraries_gb"] * GB, seq, resp, batch)
     peak = row["peak_rss_gb"]
     extra = ""
     if name == "timing":

