@@ -13,6 +13,7 @@ again). Stages, in order:
              (one forward+backward of the position's loss + one re-scoring forward, timed alone); the loop's
              update and restore timed alone too; gains of the loop, of the `taopd diagnose` run (its shard 0)
              and of the oracle compared
+  gains      the `taopd diagnose` run's gains on that sequence against the oracle at the run's own update
   paper      `taopd diagnose protocol=paper`: a 2-step OPD stage, a bank of its first 2 rollouts, re-scoring
   train_own  `taopd train` (own engine) 2 steps, full-token arm
   train_trl  the same with engine=trl
@@ -48,9 +49,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's packages, before any installed copy
 PAIR_CONFIG = ROOT / "configs/qwen3_bench.yaml"
-STAGES = ("build", "diagnose", "timing", "paper", "train_own", "train_trl", "vllm", "evaluate")
-LIMIT_S = {"build": 1200, "diagnose": 1200, "timing": 1800, "paper": 1500, "train_own": 1200, "train_trl": 1500,
-           "vllm": 1200, "evaluate": 900}
+STAGES = ("build", "diagnose", "timing", "gains", "paper", "train_own", "train_trl", "vllm", "evaluate")
+LIMIT_S = {"build": 1200, "diagnose": 1200, "timing": 1800, "gains": 1200, "paper": 1500, "train_own": 1200,
+           "train_trl": 1500, "vllm": 1200, "evaluate": 900}
 PROMPT_TOKENS = 250  # prompt tokens after the chat template: sequences of ~256 tokens with the short responses
 SHORT_TOKENS = 32  # the other stages' prompts: they measure memory and that every path runs, not per-token time
 ENGINE_TOL = 1e-5  # tests/diagnostics/test_engine.py TOL: |difference| / max(1, KL before)
@@ -109,8 +110,8 @@ def memory_model(stage: str, s: dict, t: dict, base: float, seq_tokens: int, res
     # both alive while autograd adds them
     tied = 2 * 4.0 * V * s["hidden"]
     terms = {"libraries": base}
-    if stage in ("diagnose", "timing"):
-        # student, teacher, the position's gradient, the loop's restore copy (timing: or the oracle's deep copy)
+    if stage in ("diagnose", "timing", "gains"):
+        # student, teacher, the position's gradient, the loop's restore copy (timing, gains: the oracle's deep copy)
         terms.update(student=P, teacher=Pt, gradients=P, param_copy=P, activations=activations(s, seq_tokens),
                      tied_gradient=tied, logits=logits)
     elif stage in ("paper", "train_own", "train_trl"):
@@ -235,6 +236,36 @@ def scaled_difference(a: dict, b: dict, key: str = "gain") -> float:
     return float(((a[key] - b[key]).abs().nan_to_num(0) / scale).max())
 
 
+def run_step(run: Path):
+    """The update the `taopd diagnose` run measured (its config.json: loss, optimizer, lr)."""
+    from diagnostics import engine
+
+    config = json.loads((run / "config.json").read_text())
+    return engine.StepConfig(loss=config["loss"], optimizer=config["optimizer"], lr=config["lr"])
+
+
+def stage_gains(args: argparse.Namespace, work: Path) -> dict:
+    """The `taopd diagnose` run's gains on its first sequence (shard 0) against the plain oracle at its update."""
+    import torch
+
+    from diagnostics import engine
+    from diagnostics.bank import bank_batch, read_bank
+    from diagnostics.lm.forward import full_logprobs
+    from diagnostics.lm.models import load_pair
+
+    run, paths = work / "diagnose" / "bench", pair_paths(work)
+    pair = load_pair(paths["student"], paths["teacher"], device="cpu", dtype="float32")
+    bank = bank_batch(read_bank(run / "bank.parquet", pair.vocab_size), pair.tokenizer.pad_token_id)
+    bank = bank.select(slice(0, 1))
+    teacher_lp = full_logprobs(pair.teacher, bank, pair.vocab_size)
+    step = run_step(run)
+    oracle = engine.single_step_reference(pair.student, bank, teacher_lp, step, pair.vocab_size)
+    cli = torch.load(run / "shards" / "shard_0000.pt", weights_only=True)["gain"]
+    return {"lr": step.lr, "optimizer": step.optimizer, "loss": step.loss, "positions": int(bank.valid.sum()),
+            "gain_diff_cli_oracle": scaled_difference({"gain": cli}, oracle),
+            "gain_abs_max": float(oracle["gain"].abs().nan_to_num(0).max()), "tolerance": ENGINE_TOL}
+
+
 def stage_timing(args: argparse.Namespace, work: Path) -> dict:
     import statistics
 
@@ -250,7 +281,7 @@ def stage_timing(args: argparse.Namespace, work: Path) -> dict:
     bank = bank_batch(read_bank(run / "bank.parquet", pair.vocab_size), pair.tokenizer.pad_token_id)
     bank = bank.select(slice(0, 1))  # its first sequence (shard 0): every method there, on a shared 2-core CPU
     teacher_lp = full_logprobs(pair.teacher, bank, pair.vocab_size)
-    step = engine.StepConfig()  # the diagnose command's defaults: reverse_kl, sgd, lr 1e-5
+    step = run_step(run)
     stamps = Stamps()
     loop = engine.single_step_loop(pair.student, bank, teacher_lp, step, pair.vocab_size, progress=stamps)
     deltas = [b - a for a, b in zip(stamps.times, stamps.times[1:])]
@@ -362,14 +393,15 @@ def stage_evaluate(args: argparse.Namespace, work: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ the driver
 
-STAGE_FNS = {"build": stage_build, "diagnose": stage_diagnose, "timing": stage_timing, "paper": stage_paper,
+STAGE_FNS = {"build": stage_build, "diagnose": stage_diagnose, "timing": stage_timing, "gains": stage_gains,
+             "paper": stage_paper,
              "train_own": lambda a, w: stage_train(a, w, "own"), "train_trl": lambda a, w: stage_train(a, w, "trl"),
              "vllm": stage_vllm, "evaluate": stage_evaluate}
 
 
 def stage_shape(stage: str, args: argparse.Namespace) -> tuple[int, int, int]:
     """(sequence tokens, response tokens, sequences) a stage holds at once, for the memory model."""
-    if stage in ("diagnose", "timing"):
+    if stage in ("diagnose", "timing", "gains"):
         return PROMPT_TOKENS + args.positions, args.positions, args.sequences
     if stage == "evaluate":
         return SHORT_TOKENS + 16, 16, 4
@@ -432,8 +464,9 @@ def main() -> int:
         return 0
     (args.work / "results").mkdir(parents=True, exist_ok=True)
     stages = ["build", *[s for s in args.stages if s != "build"]]
-    if "timing" in stages and "diagnose" not in stages:
-        stages.insert(stages.index("timing"), "diagnose")  # the timing stage reads the diagnose run's bank
+    for reader in ("timing", "gains"):
+        if reader in stages and "diagnose" not in stages:
+            stages.insert(stages.index(reader), "diagnose")  # these read the diagnose run's bank and shards
     rows = {}
     for name in stages:
         done = args.work / "results" / f"{name}.json"
