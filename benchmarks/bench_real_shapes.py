@@ -54,6 +54,7 @@ LIMIT_S = {"build": 1200, "diagnose": 1200, "timing": 1800, "gains": 1200, "pape
            "train_trl": 1500, "vllm": 1200, "evaluate": 900}
 PROMPT_TOKENS = 250  # prompt tokens after the chat template: sequences of ~256 tokens with the short responses
 SHORT_TOKENS = 32  # the other stages' prompts: they measure memory and that every path runs, not per-token time
+VLLM_KV_GIB = 1  # VLLM_CPU_KVCACHE_SPACE of the vllm stage
 ENGINE_TOL = 1e-5  # tests/diagnostics/test_engine.py TOL: |difference| / max(1, KL before)
 GB = 1e9
 
@@ -117,9 +118,9 @@ def memory_model(stage: str, s: dict, t: dict, base: float, seq_tokens: int, res
     elif stage in ("paper", "train_own", "train_trl"):
         terms.update(student=P, teacher=Pt, gradients=P, adam_state=2 * P,
                      activations=activations(s, batch * seq_tokens), tied_gradient=tied, logits=logits)
-    elif stage == "vllm":  # the trainer-side student and vLLM's own copy (the checkpoint's float32) + its KV cache
-        kv_cache = 2 * 4.0 * s["layers"] * s["kv_dim"] * batch * seq_tokens
-        terms.update(student=P, vllm_weights=P, kv_cache=kv_cache)
+    elif stage == "vllm":  # the trainer-side student, vLLM's own copy (the checkpoint's float32), the copy its CPU
+        # backend repacks the linear weights into for oneDNN (diagnostics/generation/vllm.py), its KV cache space
+        terms.update(student=P, vllm_weights=P, vllm_repacked=P, kv_cache=float(VLLM_KV_GIB * 2**30))
     elif stage == "evaluate":  # the student + the generation's KV cache and last-position logits
         terms.update(student=P, kv_cache=2 * 4.0 * s["layers"] * s["kv_dim"] * batch * seq_tokens,
                      logits=4.0 * batch * V)
@@ -415,7 +416,7 @@ def run_stage(name: str, args: argparse.Namespace) -> dict | None:
     out = args.work / "results" / f"{name}.json"
     command = [sys.executable, __file__, "--stage", name, "--work", str(args.work), "--sequences",
                str(args.sequences), "--positions", str(args.positions)]
-    env = {**os.environ, "TQDM_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TQDM_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": str(VLLM_KV_GIB), "PYTHONPATH": str(ROOT)}
     limit = LIMIT_S[name] * args.time_scale
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
