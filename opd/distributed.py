@@ -19,6 +19,7 @@ On a GPU machine, `accelerate launch --config_file configs/accelerate_ddp.yaml` 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -109,3 +110,11 @@ class World:
     def release(self) -> None:
         """Drop the Accelerator's references to prepared models and optimizers (between arms)."""
         self.accelerator.free_memory()
+
+
+def launched_world(device: str = "auto") -> World | None:
+    """The World of a multi-process launch (torchrun or accelerate launch set WORLD_SIZE > 1); None in a plain
+    process, which then runs exactly as it always has (no Accelerator, no process group)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return World.create(device)

@@ -42,13 +42,15 @@ The release this reproduces (public repository ckjsuperhh/taopd-baseline, folder
 * `slime_ta_opd/tools/eval_fixed_context_bank.py` L131-132 (responses cut to 192 tokens), L156
   (KLf_full, the full-vocabulary forward KL) and L199-201 (G_KLf = (KLf_base - KLf) / (KLf_base +
   1e-12)): `diagnostics.diagnose.release_columns`.
-Single process only (the diagnose command is not launched under torchrun).
+Under `torchrun --nproc_per_node N -m taopd.cli diagnose protocol=paper ...` every stage runs on N
+processes: the OPD run as `taopd train` does, the re-scoring shard by shard (`diagnostics.shards`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,9 @@ from diagnostics.core.files import atomic_write, write_parquet
 from diagnostics.core.rundir import claim_run_dir
 from diagnostics.diagnose import DiagnoseConfig, resolved_models, run_diagnose, saved_config
 from diagnostics.pair import ResolvedPair, load_prompts, resolve_pair
+from diagnostics.shards import wait_for
 from opd.config import Arm, TrainConfig
+from opd.distributed import World
 from opd.engines import run_training
 from opd.trainer import TRAIN_PROMPT_SEED
 
@@ -141,16 +145,17 @@ def write_prompt_shard(train: TrainConfig, resolved: ResolvedPair, path: Path) -
 
 def bank_rollouts(rollout_dir: Path, n_sequences: int, batch_size: int) -> pd.DataFrame:
     """The OPD run's first `n_sequences` non-empty rollouts in step order (within a step: the batch's
-    order), with prompt_id the prompt's position in the run's prompt stream."""
-    paths = sorted(rollout_dir.glob("step_*_rank*.parquet"))
-    if any(not p.name.endswith("_rank0.parquet") for p in paths):
-        raise ValueError(f"{rollout_dir}: rollouts of several processes; protocol=paper runs in one process")
-    if not paths:
+    order, the processes' shares in rank order as the trainer splits the batch), with prompt_id the
+    prompt's position in the run's prompt stream."""
+    named = [(p, re.fullmatch(r"step_(\d+)_rank(\d+)\.parquet", p.name)) for p in rollout_dir.glob("step_*.parquet")]
+    files = sorted((int(m[1]), int(m[2]), p) for p, m in named if m)  # (step, rank): numerically, rank 10 after 9
+    if not files:
         raise FileNotFoundError(f"{rollout_dir}: the OPD run kept no rollouts")
+    share = batch_size // (1 + max(rank for _, rank, _ in files))  # prompts per process (opd.distributed.local_rows)
     frames = []
-    for path in paths:
+    for _, rank, path in files:
         frame = pd.read_parquet(path)
-        frames.append(frame.assign(prompt_id=(frame["step"] - 1) * batch_size + frame["prompt_id"]))
+        frames.append(frame.assign(prompt_id=(frame["step"] - 1) * batch_size + rank * share + frame["prompt_id"]))
     rollouts = pd.concat(frames, ignore_index=True)
     rollouts = rollouts[rollouts["response_ids"].map(len) > 0]  # as the release's _sample_row
     if len(rollouts) < n_sequences:
@@ -158,24 +163,34 @@ def bank_rollouts(rollout_dir: Path, n_sequences: int, batch_size: int) -> pd.Da
     return rollouts.head(n_sequences).reset_index(drop=True)
 
 
-def run_paper_protocol(config: DiagnoseConfig) -> Path:
-    """Run (or resume) the whole chain; returns the diagnose run directory (tokens.parquet, manifest.json)."""
+def run_paper_protocol(config: DiagnoseConfig, world: World | None = None) -> Path:
+    """Run (or resume) the whole chain; returns the diagnose run directory (tokens.parquet, manifest.json).
+    Under a launch (`world`, torchrun): the OPD run trains on every process (`opd.trainer`'s split), the
+    first process writes the prompt shard and the bank, and the re-scoring splits the shards over the
+    processes (`diagnostics.shards`)."""
     started = time.perf_counter()
+    first = world is None or world.is_main
     train_config(config, Path(config.out_dir))  # every key checked before any model is built or loaded
     resolved = resolve_pair(config.student, config.teacher, testbed_config=config.testbed_config, k=config.k,
                             max_new_tokens=config.max_new_tokens)
     run_dir = Path(config.out_dir) / config.run_id(resolved_models(config, resolved))
     train = train_config(config, run_dir)
     rescore = rescore_config(config, run_dir, train)
-    claim_run_dir(run_dir, saved_config(rescore, resolved), ignore={"n_boot"})  # checked and locked before training
+    claim_run_dir(run_dir, saved_config(rescore, resolved), ignore={"n_boot"}, lock=first)  # before training
 
-    write_prompt_shard(train, resolved, run_dir / SHARD_FILE)
+    if first:
+        write_prompt_shard(train, resolved, run_dir / SHARD_FILE)
     train_dir = Path(train.out_dir) / train.run_id()
-    run_training(train, resume=(train_dir / "config.json").is_file())  # skips a finished arm, else resumes
+    resume = (train_dir / "config.json").is_file()
+    if world is not None:
+        world.barrier()  # every process has read `resume` before the first one writes config.json
+    run_training(train, resume=resume)  # skips a finished arm, else resumes
     bank_file = run_dir / BANK_FILE
-    if not bank_file.is_file():
+    if first and not bank_file.is_file():
         write_parquet(bank_file, bank_rollouts(arm_dir(train) / "rollouts", config.n_sequences, train.batch_size))
-    return run_diagnose(rescore, manifest_extra=provenance(train, train_dir, bank_file, started))
+    wait_for([bank_file])
+    extra = provenance(train, train_dir, bank_file, started) if first else None
+    return run_diagnose(rescore, manifest_extra=extra, processes=world)
 
 
 def provenance(train: TrainConfig, train_dir: Path, bank_file: Path, started: float) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from diagnostics.signals import get_score, list_scores
 from diagnostics.testbed.build import build_testbed
 from diagnostics.testbed.config import TestbedConfig
 from opd.config import TrainConfig
+from opd.distributed import launched_world
 from opd.engines import run_training
 from opd.evaluate import EvaluateConfig, run_evaluation
 from opd.paper_protocol import run_paper_protocol
@@ -131,12 +132,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     config = load_config(DiagnoseConfig, args.config, overrides)
     # the summary's bootstrap is checked now, not after the run (n_sequences bounds its clusters)
     check_bootstrap_args(config.n_boot, config.seed, config.n_sequences, keys=("n_boot", "seed"))
+    world = launched_world(config.device)  # None in a plain process; torchrun: the shards split over processes
     if config.protocol == "paper":  # trains full-token OPD first: the chain lives in opd (diagnostics never imports it)
 
-        run_dir = run_paper_protocol(config)
+        run_dir = run_paper_protocol(config, world)
     else:
-        run_dir = run_diagnose(config)
-    report_run(run_dir, n_boot=config.n_boot, seed=config.seed)
+        run_dir = run_diagnose(config, processes=world)
+    if world is None or world.is_main:  # under torchrun the first process merged the shards
+        report_run(run_dir, n_boot=config.n_boot, seed=config.seed)
     return 0
 
 
@@ -382,6 +385,7 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+
     args = parse_args(argv)
     try:
         return args.func(args)

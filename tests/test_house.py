@@ -33,8 +33,10 @@ ROOMS = {
     "testbed": {"core", "lm", "data", "signals", "generation", "accuracy"},
     "bank": {"core", "lm"},
     "engine": {"core", "lm", "losses"},
+    "shards": {"core"},
     "pair": {"core", "lm", "data", "generation", "testbed"},
-    "diagnose": {"core", "lm", "data", "signals", "losses", "generation", "bank", "engine", "pair", "testbed"},
+    "diagnose": {"core", "lm", "data", "signals", "losses", "generation", "bank", "engine", "shards", "pair",
+                 "testbed"},
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -69,10 +70,10 @@ def test_single_step_stays_the_default():
 # ------------------------------------------------------------------------------------------ the bank
 
 
-def write_step(directory: Path, step: int, responses: list[list[int]]) -> None:
+def write_step(directory: Path, step: int, responses: list[list[int]], rank: int = 0) -> None:
     frame = pd.DataFrame({"prompt_id": range(len(responses)), "sample_idx": 0,
                           "prompt_ids": [[1, 2, step]] * len(responses), "response_ids": responses, "step": step})
-    frame.to_parquet(directory / f"step_{step:06d}_rank0.parquet", index=False)
+    frame.to_parquet(directory / f"step_{step:06d}_rank{rank}.parquet", index=False)
 
 
 def test_bank_is_the_first_rollouts_in_step_order(tmp_path):
@@ -86,6 +87,17 @@ def test_bank_is_the_first_rollouts_in_step_order(tmp_path):
     assert [list(r) for r in bank["response_ids"]] == [[1, 7], [1, 8, 9], [2, 7], [2, 8, 9], [10, 7]]
     with pytest.raises(ValueError, match="6 non-empty rollouts, fewer than n_sequences=7"):
         bank_rollouts(tmp_path, n_sequences=7, batch_size=3)
+
+
+def test_bank_merges_the_processes_rollouts_in_batch_order(tmp_path):
+    """Under torchrun each process rolls out a contiguous share of the step's prompts, in rank order
+    (opd.distributed.World.local_rows); the bank is the one-process stream order."""
+    for step in (2, 1):
+        for rank in (3, 0, 2, 1):
+            write_step(tmp_path, step, [[step, rank, 0], [step, rank, 1]], rank=rank)
+    bank = bank_rollouts(tmp_path, n_sequences=16, batch_size=8)  # 4 processes x 2 prompts
+    assert bank["prompt_id"].tolist() == list(range(16))
+    assert [list(r) for r in bank["response_ids"]][:8] == [[1, r, i] for r in range(4) for i in (0, 1)]
 
 
 def test_bank_file_errors_name_the_key(tmp_path):
@@ -131,6 +143,12 @@ def command(out_dir: Path) -> list[str]:
                  "train.eval_problems=16", "train.bank_sequences=4", "train.checkpoint_every=2", "train.lr=1e-3",
                  "device=cpu", "dtype=float32", "n_boot=20"]
     return [sys.executable, "-m", "taopd.cli", "diagnose", "--config", str(PAPER_YAML), *overrides]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(cmd: list[str]) -> str:
@@ -180,3 +198,22 @@ def test_chain_killed_and_resumed_loses_no_finished_work(tmp_path, small_testbed
     assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items()), "finished work was redone"
     pd.testing.assert_frame_equal(pd.read_parquet(killed / "tokens.parquet"), tokens, check_exact=False, atol=1e-6,
                                   rtol=0)
+
+
+@pytest.mark.slow
+def test_chain_under_two_processes(tmp_path, small_testbed):
+    """torchrun: the OPD run trains on both processes (each rolls out half of a step's prompts), the bank merges
+    their rollouts in the one-process stream order, the re-scoring splits its shards (diagnostics.shards)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = command(tmp_path)[1:] + ["train.steps=4", "train.checkpoint_every=0"]
+    log = run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+               str(free_port()), *cmd])
+    out = tmp_path / "p"
+    rollouts = sorted(p.name for p in (out / "opd" / "arms" / "full-r1-s0" / "rollouts").iterdir())
+    assert rollouts == [f"step_{s:06d}_rank{r}.parquet" for s in (1, 2, 3, 4) for r in (0, 1)]
+    opd_rollouts = pd.read_parquet(out / "opd_rollouts.parquet")
+    assert opd_rollouts["prompt_id"].tolist() == list(range(8))
+    assert opd_rollouts["step"].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert len(tokens) == sum(len(r) for r in pd.read_parquet(out / "bank.parquet")["response_ids"])
+    assert tokens["gain"].notna().all() and log.count("summary") <= 2  # one process reports
