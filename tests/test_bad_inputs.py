@@ -336,3 +336,30 @@ def test_unreadable_weights_are_named_not_called_missing(tmp_path, small_testbed
                         else real_access(path, mode))
     with pytest.raises(PermissionError, match=rf"student: cannot read the model weights: '{tmp_path}/student/model"):
         check_path(str(tmp_path / "student"), "student")
+
+
+# ------------------------------------------------------------------------------------------ issue 24: shipped testbeds
+
+
+def test_a_tampered_shipped_testbed_file_is_one_error_naming_it(tmp_path, capsys, monkeypatch):
+    """One byte of a shipped weight file flipped: `taopd testbed` and `taopd diagnose` stop with one line naming the
+    file; nothing is built in its place (no cache directory) and no run directory is written."""
+    import shutil
+
+    from diagnostics.testbed.manifest import SHIPPED_DIR, SHIPPED_ENV
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(SHIPPED_DIR, shipped)
+    weights = shipped / "small" / "teacher" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setenv(SHIPPED_ENV, str(shipped))
+    expect = f"shipped testbed 'small': {weights} does not match its sha256"
+    rc, output = run_in_process(["testbed", "--config", "configs/testbed_small.yaml", f"cache_dir={tmp_path}/cache"],
+                                capsys)
+    assert_one_clear_error(rc, output, expect)
+    argv = [s.format(ws=tmp_path) for s in probes.diagnose()]  # the small testbed via testbed_config=
+    rc, output = run_in_process(argv, capsys)
+    assert_one_clear_error(rc, output, expect)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()

@@ -15,7 +15,8 @@ from diagnostics.testbed.rebuild import compare_weights
 from taopd.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = {"default": "configs/testbed.yaml", "small": "configs/testbed_small.yaml", "sort": "configs/testbed_sort.yaml"}
+SHIPPED = {"default": "configs/testbed.yaml", "small": "configs/testbed_small.yaml",
+           "sort": "configs/testbed_sort.yaml"}
 
 
 def test_each_shipped_testbed_verifies_and_matches_its_config():
@@ -54,3 +55,28 @@ def test_small_pair_rebuilt_from_scratch_matches_the_shipped_one(tmp_path, capsy
     if read_manifest(SHIPPED_DIR)["small"]["built_on"] == cpu_identity():
         assert max_diff == {"student": 0.0, "teacher": 0.0}, "a rebuild on the shipped build's CPU type differs"
         assert "bit-identical" in output
+
+
+def test_compare_weights_gives_the_largest_difference_and_names_structure(tmp_path):
+    """Against a plain reference: one weight moved by 0.5 is a max difference of 0.5 there, 0 elsewhere; a renamed
+    tensor and a missing checkpoint are structural differences."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(SHIPPED_DIR / "small", copy)
+    path = copy / "student" / "model.safetensors"
+    weights = load_file(path)
+    name = sorted(weights)[0]
+    moved = weights[name].clone()
+    moved.view(-1)[3] += 0.5
+    reference = (moved.double() - weights[name].double()).abs().max().item()
+    save_file({**weights, name: moved}, path)
+    max_diff, structure = compare_weights(SHIPPED_DIR / "small", copy)
+    assert max_diff == {"student": reference, "teacher": 0.0} and structure == []
+    save_file({("renamed" if k == name else k): v for k, v in weights.items()}, path)
+    shutil.rmtree(copy / "teacher")
+    _, structure = compare_weights(SHIPPED_DIR / "small", copy)
+    assert structure == ["checkpoint teacher only in one", f"student: tensor {name} only in one",
+                         "student: tensor renamed only in one"]
