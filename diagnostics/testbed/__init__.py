@@ -1,4 +1,5 @@
 """testbed: the embedded teacher-student pair: its config (`config`), synthetic tasks (`task`), build and cache
-(`build`), report (`report`), and the offline Qwen2 tokenizer (`qwen_vocab`).
+(`build`), report (`report`), the offline Qwen2 tokenizer (`qwen_vocab`), and the testbeds shipped inside the
+package (`shipped/`, checked by `manifest`; a rebuild compared with them by `rebuild`).
 Imports `diagnostics.core`, `lm`, `data`, `generation` and `diagnostics.accuracy`.
 """
