@@ -15,7 +15,9 @@ Shapes: n rows, C clusters, B resamples; ``codes`` [n] in 0..C-1, ``weights`` [B
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -122,3 +124,39 @@ def resample_indices(clusters: Clusters, weights_row: np.ndarray) -> np.ndarray:
     """
     reps = weights_row.astype(np.int64)[clusters.codes]  # [n]
     return np.repeat(np.arange(clusters.codes.size), reps)
+
+
+MAX_SEED = 2**63  # numpy's and torch's seeds: non-negative 64-bit integers
+MEMORY_SHARE = 4  # the resample weights may take at most 1/MEMORY_SHARE of free memory (sections hold copies)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_bootstrap_args(n_boot: int, seed: int, n_clusters: int, *, keys: tuple[str, str] = ("--n-boot", "--seed")
+                         ) -> None:
+    """Refuse, before anything runs or is written, a bootstrap the user's arguments make impossible: a seed
+    numpy cannot take, or more resamples than memory holds ([n_boot, n_clusters] float64 weights, several at
+    once). Every section would otherwise be skipped, and a summary of "skipped" notes replace a real one."""
+    n_key, seed_key = keys
+    if n_boot < 0:
+        raise ValueError(f"{n_key}: must be >= 0 (0 = no intervals), got {n_boot}")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"{seed_key}: must be in [0, 2**63), got {seed}")
+    need = n_boot * max(n_clusters, 1) * 8
+    free = available_memory()
+    if free is not None and need * MEMORY_SHARE > free:
+        raise ValueError(f"{n_key}: {n_boot} resamples x {n_clusters} clusters need {need / 1e9:.3g} GB per copy of "
+                         f"the resample weights, more than a {MEMORY_SHARE}th of the {free / 1e9:.3g} GB of memory "
+                         f"available; lower it (default {DEFAULT_N_BOOT})")

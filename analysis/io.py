@@ -12,7 +12,6 @@ statistic.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Iterable
@@ -21,6 +20,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+
+from diagnostics.core.files import read_json
 
 # Columns without which no part of the token-level analysis can run.
 TOKEN_REQUIRED: tuple[str, ...] = (
@@ -109,8 +111,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if not path.exists():
         warnings.warn(f"{folder}: no manifest.json; using the folder name as run_name", stacklevel=3)
         return {"run_name": folder.name}
-    with path.open() as f:
-        manifest = json.load(f)
+    manifest = read_json(path, "the run's manifest")
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
     manifest.setdefault("run_name", folder.name)
@@ -207,3 +208,27 @@ def newest_run(results_dir: str | Path, kind: str) -> Path:
     if not runs:
         raise FileNotFoundError(f"no {kind} runs under {Path(results_dir) / kind}")
     return runs[-1]
+
+
+def lost_sections(old_path: str | Path, new: dict[str, Any]) -> list[str]:
+    """The sections a summary.json at `old_path` holds (not null, not empty) that `new` would drop or null:
+    a rerun must never replace a summary by less (a section skipped now, for whatever reason, keeps the old
+    file; the caller refuses). [] when there is no old summary or it is unreadable as JSON."""
+    path = Path(old_path)
+    if not path.is_file():
+        return []
+    try:
+        old = read_json(path, "summary")
+    except ValueError:
+        return []  # a damaged old summary holds nothing to keep
+    if not isinstance(old, dict):
+        return []
+    return sorted(key for key, value in old.items()
+                  if key != "notes" and value not in (None, {}, []) and new.get(key) in (None, {}, []))
+
+
+def count_clusters(table: str | Path) -> int:
+    """The bootstrap clusters of a tokens.parquet (distinct prompt_id, else seq_id), reading that column only."""
+    names = pq.read_schema(table).names
+    column = "prompt_id" if "prompt_id" in names else "seq_id"
+    return len(pq.read_table(table, columns=[column]).column(0).unique())

@@ -13,7 +13,6 @@ per-selector mean, std and seed count (no interval with fewer than 2 seeds on ei
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import scipy.stats
 
 from analysis.io import COMPARISON_REQUIRED, require_columns
 from analysis.pass_at_1 import add_evaluation
+from diagnostics.core.files import read_json
 
 COMPARISON_COLUMNS = (
     "selector", "ratio", "n_seeds", "acc_before_mean", "acc_before_std", "acc_after_mean", "acc_after_std",
@@ -121,7 +121,7 @@ def run_comparison(run_dir: str | Path) -> tuple[pd.DataFrame, str]:
     folder = Path(run_dir)
     metrics = pd.read_parquet(folder / "metrics.parquet")
     live_gains = pd.read_parquet(folder / "live_gain.parquet")
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_json(folder / "manifest.json", "the run's manifest")
     table = comparison_table(metrics, live_gains)
     evaluated = folder / "evaluation" / "evaluation.parquet"  # `taopd evaluate run=<run>` adds its columns
     if evaluated.is_file():

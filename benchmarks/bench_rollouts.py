@@ -32,7 +32,7 @@ def default_student() -> str:
     from diagnostics.testbed.build import build_testbed
 
     config = testbed_config("testbed.yaml")
-    built = Path(config.cache_dir) / config.cache_key()
+    built = config.cache_root() / config.cache_key()
     if (built / "report.json").is_file():
         return str(built / "student")
     return build_testbed(testbed_config("testbed_small.yaml"), progress=False).student_path

@@ -1,13 +1,16 @@
-"""Every bad input of issue 13, tried as a hostile new user would: each must end in exit status 2 and
-one line `error: ...` naming the argument, file or position, with no traceback, and leave the existing
-results byte for byte as they were.
+"""Every bad input of issues 13 and 23, tried as a hostile new user would: each must end in exit status 2
+and one line `error: ...` naming the argument, file or position, with no traceback, and leave the existing
+results byte for byte as they were. Rows marked `success=True` are inputs whose correct outcome is success
+(exit 0, no error line, results unchanged); Ctrl-C ends in one line and exit status 130.
 
     .venv/bin/python benchmarks/probe_bad_inputs.py            # every probe, one line each
     .venv/bin/python benchmarks/probe_bad_inputs.py --keep DIR # keep the workspace for a look
 
 Each probe runs `.venv/bin/taopd ...` as a subprocess in a scratch workspace that holds a finished
 diagnostic run (the small testbed, 4 sequences), prompt files, an empty and a truncated model
-directory, a run with a corrupt config.json and a training run to lock. The same table drives
+directory, a run with a corrupt config.json and a training run to lock, and (issue 23) copies of the finished
+run with a truncated shard, a swapped shard, a corrupt or missing manifest, a BERT model, a model whose
+config disagrees with its weights and one with NaN weights. The same table drives
 tests/test_bad_inputs.py (there most probes call `taopd.cli.main` in-process, for speed).
 
 Two probes need the operating system's help and are skipped where it is not there: "disk full" mounts
@@ -24,14 +27,18 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TAOPD = ROOT / ".venv" / "bin" / "taopd"
+os.environ.setdefault("TAOPD_CACHE_DIR", str(ROOT / ".cache"))  # the checkout's testbed cache, in every subprocess
 PYTHON = ROOT / ".venv" / "bin" / "python"
+# `taopd` from this tree (the installed script imports wherever the package was installed from)
+TAOPD_CMD = (str(PYTHON), "-m", "taopd.cli")
 SMALL = "testbed_config=configs/testbed_small.yaml"
 
 
@@ -48,21 +55,34 @@ class Probe:
     subprocess_only: bool = False  # needs a fresh process (environment read at import)
     lock: str = ""  # a run directory another process holds locked while the probe runs
     skip_if_cuda: bool = False  # the probe asks for a GPU that is absent
+    success: bool = False  # the correct outcome is success: exit 0, no error line, results unchanged
+
+
+def merged(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
+    """`base` overrides less those whose key `extra` sets again (a key twice on the command line is an error)."""
+    keys = {e.split("=", 1)[0] for e in extra if "=" in e and not e.startswith("-")}
+    return (*[b for b in base if b.split("=", 1)[0] not in keys or b.startswith("-")], *extra)
 
 
 def diagnose(*extra: str) -> tuple[str, ...]:
-    return ("diagnose", SMALL, "out_dir={ws}/results/diagnose", "n_sequences=4", "group_selectors=[]",
-            "n_boot=10", "shard_sequences=2", *extra)
+    return merged(("diagnose", SMALL, "out_dir={ws}/results/diagnose", "n_sequences=4", "group_selectors=[]",
+                   "n_boot=10", "shard_sequences=2"), extra)
 
 
 def diagnose_real(*extra: str) -> tuple[str, ...]:
     """The diagnostic on a pair given as paths (the small testbed's), with a JSONL prompt file."""
-    return diagnose("student={student}", "teacher={teacher}", "prompts={ws}/prompts.jsonl", "max_new_tokens=8",
-                    *extra)
+    return diagnose(*merged(("student={student}", "teacher={teacher}", "prompts={ws}/prompts.jsonl",
+                              "max_new_tokens=8"), extra))
 
 
 def train(*extra: str) -> tuple[str, ...]:
-    return ("train", "--config", "configs/train_quick.yaml", SMALL, "out_dir={ws}/results/train", *extra)
+    return merged(("train", "--config", "configs/train_quick.yaml", SMALL, "out_dir={ws}/results/train"), extra)
+
+
+def evaluate(*extra: str) -> tuple[str, ...]:
+    """`taopd evaluate` of the workspace's student on its prompt file (the config checks run first)."""
+    return merged(("evaluate", "students=[{student}]", "prompts={ws}/prompts.jsonl", "max_new_tokens=8",
+                   "out_dir={ws}/results/evaluate/probe"), extra)
 
 
 # a training run cut short: one arm, three steps, tiny evaluation
@@ -133,6 +153,124 @@ PROBES: list[Probe] = [
           ("testbed", "--config", "configs/testbed_small.yaml", "n_words=1000"), "n_words: must be in [n_items, 226]"),
     Probe("5 message", "empty model directory", diagnose_real("student={ws}/empty_model", "run_name=empty"),
           "student: {ws}/empty_model holds no model (no config.json; it is empty)"),
+    # ---------------------------------------------------------------- issue 23: honoured or refused, never less
+    # 1. a stored result replaced by less
+    Probe("23.1 replaced by less", "analyze --seed -1", ("analyze", "{good}", "--seed", "-1"),
+          "--seed: must be in [0, 2**63), got -1"),
+    Probe("23.1 replaced by less", "analyze --n-boot too large to allocate",
+          ("analyze", "{good}", "--n-boot", "1000000000000000"), "--n-boot: 1000000000000000 resamples x 4 clusters"),
+    # 2. duplicates
+    Probe("23.2 duplicates", "train ratios=[0.1, 0.1]", train("ratios=[0.1, 0.1]"), "ratios: 0.1 is given twice"),
+    Probe("23.2 duplicates", "diagnose group_selectors=[kl, kl]", diagnose("group_selectors=[kl, kl]"),
+          "group_selectors: 'kl' is given twice"),
+    Probe("23.2 duplicates", "diagnose group_ratios=[0.05, 0.05]", diagnose("group_selectors=[kl]",
+                                                                            "group_ratios=[0.05, 0.05]"),
+          "group_ratios: 0.05 is given twice"),
+    Probe("23.2 duplicates", "evaluate the same student twice", evaluate("students=[{student}, {student}]"),
+          "students: '{student}' is given twice"),
+    # 3. an explicit key against a preset
+    Probe("23.3 explicit vs preset", "train preset=paper min_per_sequence=0",
+          train("preset=paper", "min_per_sequence=0"),
+          "min_per_sequence: set to 0 on the command line, but preset: paper sets it to 1"),
+    Probe("23.3 explicit vs preset", "YAML setting lr twice",
+          ("train", "--config", "{ws}/twice.yaml", SMALL, "out_dir={ws}/results/train"),
+          "config file {ws}/twice.yaml: lr: set twice (lines 1 and 3)"),
+    # 4. keys that do not apply
+    Probe("23.4 does not apply", "prompts= on the testbed", diagnose("prompts={ws}/prompts.jsonl"),
+          "prompts: does not apply here: the testbed's held-out problems are its own"),
+    Probe("23.4 does not apply", "checkpoint= with mode=single-step", diagnose("checkpoint={student}"),
+          "checkpoint: does not apply here: mode=checkpoint re-scores it; mode=single-step never does"),
+    Probe("23.4 does not apply", "temperature with greedy evaluation", evaluate("temperature=0.5"),
+          "temperature: does not apply here: greedy=true decodes the most likely token"),
+    # 5. paths
+    Probe("23.5 paths", "run_name=..", diagnose("run_name=.."), "run_name: must be one directory name"),
+    Probe("23.5 paths", "out_dir a symlink loop", diagnose("out_dir={ws}/loop"),
+          "out_dir: {ws}/loop is a symlink loop"),
+    Probe("23.5 paths", "a directory given as the prompt file", diagnose_real("prompts={ws}/adir.jsonl"),
+          "prompt file: {ws}/adir.jsonl is a directory; a file is expected here"),
+    Probe("23.5 paths", "a directory given as --config", ("diagnose", "--config", "{ws}/adir.jsonl"),
+          "config file: {ws}/adir.jsonl is a directory; a file is expected here"),
+    Probe("23.5 paths", "out_dir a file", diagnose("out_dir={ws}/prompts.jsonl"),
+          "out_dir: {ws}/prompts.jsonl is a file, not a directory"),
+    # 6. models
+    Probe("23.6 models", "a bidirectional (BERT) teacher", diagnose_real("teacher={ws}/bert"),
+          "teacher: {ws}/bert is a bidirectional bert encoder"),
+    Probe("23.6 models", "config vocab_size disagreeing with the weights", diagnose_real("student={ws}/vocab_off"),
+          "student: {ws}/vocab_off/config.json says vocab_size="),
+    # 7. numbers
+    Probe("23.7 numbers", "temperature=1e-300", diagnose("temperature=1e-300"), "temperature: must be >= 0.001"),
+    Probe("23.7 numbers", "NaN logits in generation", diagnose_real("student={ws}/nan_model", "backend=hf",
+                                                                    "run_name=nan_gen"),
+          "rollouts: generation logits non-finite at generated token 1"),
+    # 8. data
+    Probe("23.8 data", "non-UTF-8 prompt file", diagnose_real("prompts={ws}/latin1.jsonl"),
+          "{ws}/latin1.jsonl: line 2: not UTF-8 text (byte 0xe9"),
+    Probe("23.8 data", "JSONL answer NaN", diagnose_real("prompts={ws}/nan_answer.jsonl"),
+          "{ws}/nan_answer.jsonl: row 2 (line 2): the answer is nan"),
+    Probe("23.8 data", "n_problems larger than the file", evaluate("prompts={ws}/two.jsonl", "n_problems=5"),
+          "{ws}/two.jsonl: holds 2 prompts, fewer than the 5 asked for"),
+    # 9. messages
+    Probe("23.9 messages", "truncated shard on resume", diagnose("run_name=trunc_shard"),
+          "shard {ws}/results/diagnose/trunc_shard/shards/shard_0001.pt is damaged"),
+    Probe("23.9 messages", "corrupt manifest.json", ("analyze", "{ws}/results/diagnose/bad_manifest"),
+          "{ws}/results/diagnose/bad_manifest/manifest.json: the run's manifest is not valid JSON"),
+    Probe("23.9 messages", "too-long prompt", diagnose_real("prompts={ws}/long.jsonl"),
+          "{ws}/long.jsonl: prompt 1: "),
+    Probe("23.9 messages", "evaluate run=<a diagnose run>", ("evaluate", "run={good}"),
+          "run={good}: is a `taopd diagnose` run"),
+    # 12. left open from issue 13
+    Probe("23.12 left open", "train engine=trl lr=1e30 (TRL's nonfinite.json)",
+          train("run_name=trl_lr1e30", "engine=trl", "lr=1e30", *TRAIN_SHORT),
+          "full-r1-s0: step 2: student logits non-finite"),
+    # 11. shard integrity
+    Probe("23.11 shards", "a copy of shard 0 as shard 1", diagnose("run_name=swapped_shard"),
+          "shard {ws}/results/diagnose/swapped_shard/shards/shard_0001.pt holds bank sequences [0, 1], not [2, 3]"),
+    # ---------------------------------------------------------------- issue 23: 20 probes of classes not listed
+    Probe("23.new unfinished run", "analyze a run stopped before its manifest", ("analyze", "{ws}/results/diagnose/"
+                                                                                 "no_manifest"),
+          "holds no manifest.json (the run stopped before it finished)"),
+    Probe("23.new late failure", "diagnose mode=first-order method=loop",
+          diagnose("mode=first-order", "method=loop"), "method: mode=first-order needs the per-position gradients"),
+    Probe("23.new late failure", "diagnose n_boot too large (after the run)", diagnose("n_boot=1000000000000000"),
+          "n_boot: 1000000000000000 resamples x 4 clusters"),
+    Probe("23.new late failure", "diagnose seed=-1", diagnose("seed=-1"), "seed: each seed must be in [0, 2**31)"),
+    Probe("23.new wrong config kind", "testbed_config= a train config", diagnose("testbed_config=configs/train.yaml"),
+          "testbed_config: "),
+    Probe("23.new output onto results", "analyze --json onto a run's tokens.parquet",
+          ("analyze", "{good}", "--n-boot", "0", "--json", "{good}/tokens.parquet"),
+          "--json: {good}/tokens.parquet exists and is not a summary written by analyze"),
+    Probe("23.new output onto results", "analyze --out into another run", ("analyze", "{good}", "--n-boot", "0",
+                                                                          "--out", "{ws}/results/diagnose/corrupt"),
+          "--out: {ws}/results/diagnose/corrupt is another run's directory"),
+    Probe("23.new output onto results", "evaluate out_dir=<a diagnose run>", evaluate("out_dir={good}"),
+          "out_dir: {good} is another run's directory"),
+    Probe("23.new empty value", "out_dir= (empty)", diagnose("out_dir="), "out_dir: must name a directory"),
+    Probe("23.new empty value", "group_ratios=[] with group selectors",
+          diagnose("group_selectors=[kl]", "group_ratios=[]"), "group_ratios: is empty while group_selectors is set"),
+    Probe("23.new control characters", "run_name with a tab", diagnose('run_name="a\\tb"'),
+          "run_name: must be one directory name"),
+    Probe("23.new foreign checkpoint", "mode=checkpoint checkpoint=<the teacher>",
+          diagnose("mode=checkpoint", "checkpoint={teacher}"),
+          "checkpoint: {teacher} is not a trained copy of the student (intermediate_size"),
+    Probe("23.new environment", "TAOPD_CACHE_DIR a file", ("testbed", "--config", "configs/testbed_small.yaml"),
+          "TAOPD_CACHE_DIR: {ws}/prompts.jsonl is a file, not a directory",
+          env=(("TAOPD_CACHE_DIR", "{ws}/prompts.jsonl"),), subprocess_only=True),
+    Probe("23.new command line", "one key twice on the command line", diagnose("lr=1e-4", "lr=1e-3"),
+          "lr: given twice on the command line ('lr=1e-4' and 'lr=1e-3')"),
+    Probe("23.new figures", "figures --results a file", ("figures", "--results", "{ws}/prompts.jsonl", "--out",
+                                                        "{ws}/figs"),
+          "--results: {ws}/prompts.jsonl is a file, not a directory"),
+    Probe("23.new context length", "max_new_tokens past the testbed's positions", diagnose("max_new_tokens=100000"),
+          "max_new_tokens: 100000 leaves no room for a prompt"),
+    Probe("23.new file format", "bank= a JSONL file", diagnose("bank={ws}/prompts.jsonl", "run_name=bank_jsonl"),
+          "bank: {ws}/prompts.jsonl cannot be read as parquet"),
+    Probe("23.new machine", "train cpu_threads beyond the machine", train("cpu_threads=100000"),
+          "cpu_threads: 100000 threads on a machine with"),
+    Probe("23.new success", "figures of an empty results directory", ("figures", "--results", "{ws}/empty_results",
+                                                                      "--out", "{ws}/figs_empty", "--n-boot", "0"),
+          "", success=True),
+    Probe("23.new success", "analyze --n-boot 0 --out elsewhere", ("analyze", "{good}", "--n-boot", "0", "--out",
+                                                                   "{ws}/report_nboot0"), "", success=True),
 ]
 
 
@@ -176,7 +314,68 @@ def build_workspace(ws: Path) -> dict[str, str]:
                                [SMALL, f"out_dir={ws}/results/train", "run_name=locked"])
     (ws / "results/train/locked").mkdir(parents=True)
     (ws / "results/train/locked/config.json").write_text(json.dumps(train_config.fingerprint()))
+    issue23_files(ws, testbed, problems, rows)
     return places
+
+
+def issue23_files(ws: Path, testbed, problems, rows: list[str]) -> None:
+    """The bad files and damaged runs of issue 23's probes."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from diagnostics.core.files import share_tree
+
+    (ws / "twice.yaml").write_text("lr: 1.0e-4\nsteps: 3\nlr: 2.0e-4\n")
+    (ws / "adir.jsonl").mkdir()
+    (ws / "empty_results").mkdir()
+    os.symlink("loop", ws / "loop")  # points at itself
+    (ws / "latin1.jsonl").write_bytes((rows[0] + "\n").encode() + b'{"prompt": "sort caf\xe9", "answer": "x"}\n')
+    (ws / "nan_answer.jsonl").write_text(rows[0] + "\n" + json.dumps({"prompt": problems[1].prompt})[:-1]
+                                         + ', "answer": NaN}\n')
+    long = json.dumps({"prompt": " ".join([problems[0].prompt] * 40), "answer": "x"})  # past the 64 positions
+    (ws / "long.jsonl").write_text("\n".join([long, *rows[1:4]]) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(testbed.teacher_path)  # a BERT LM head sharing the pair's tokenizer
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=1, intermediate_size=16, max_position_embeddings=128))
+    bert.save_pretrained(ws / "bert")
+    tokenizer.save_pretrained(ws / "bert")
+    shutil.copytree(testbed.student_path, ws / "vocab_off")  # config.json's vocab_size off the weights' rows
+    config = json.loads((ws / "vocab_off/config.json").read_text())
+    (ws / "vocab_off/config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    shutil.copytree(testbed.student_path, ws / "nan_model")  # every norm weight NaN: NaN logits from token 1
+    weights = load_file(ws / "nan_model/model.safetensors")
+    save_file({k: v.fill_(float("nan")) if "norm" in k else v for k, v in weights.items()},
+              ws / "nan_model/model.safetensors", metadata={"format": "pt"})
+    share_tree(ws)
+    good = ws / "results/diagnose/good"
+    clone_run(good, "trunc_shard")
+    shard = ws / "results/diagnose/trunc_shard/shards/shard_0001.pt"
+    os.truncate(shard, shard.stat().st_size // 2)
+    clone_run(good, "swapped_shard")
+    shutil.copyfile(ws / "results/diagnose/swapped_shard/shards/shard_0000.pt",
+                    ws / "results/diagnose/swapped_shard/shards/shard_0001.pt")
+    clone_run(good, "bad_manifest")
+    (ws / "results/diagnose/bad_manifest/manifest.json").write_text("{\n")
+    clone_run(good, "no_manifest")
+    (ws / "results/diagnose/no_manifest/manifest.json").unlink()
+
+
+def clone_run(src: Path, name: str) -> Path:
+    """A copy of the diagnostic run `src` named `name` (its config.json and shards say so), to damage."""
+    import torch
+
+    from diagnostics.core.files import write_json
+    from diagnostics.core.shards import read_shard, write_shard
+
+    dst = src.parent / name
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    write_json(dst / "config.json", {**config, "run_name": name})  # as the run itself writes it
+    for path in sorted((dst / "shards").glob("shard_*.pt")):
+        rows = torch.load(path, weights_only=True)["seq_ids"]
+        grids = read_shard(src / "shards" / path.name, rows)
+        write_shard(path, grids, rows)  # stamped with the clone's config hash
+    return dst
 
 
 class _cwd:
@@ -214,7 +413,7 @@ def hold_lock(run_dir: str) -> subprocess.Popen:
 def run_subprocess(argv: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
     """`taopd argv` in a fresh process: (exit status, stderr + stdout)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run([str(TAOPD), *argv], cwd=ROOT, env=full_env, capture_output=True, text=True,
+    done = subprocess.run([*TAOPD_CMD, *argv], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     return done.returncode, done.stderr + done.stdout
 
@@ -270,7 +469,7 @@ def run_unprivileged(ws: Path, argv: list[str]) -> tuple[int, str] | None:
             break
         path.chmod(path.stat().st_mode | 0o005)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(ws), "HF_HOME": str(ws / "hf")}
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(TAOPD), *argv],
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *TAOPD_CMD, *argv],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if "Permission denied" in done.stderr and "error:" not in done.stderr:
         return None  # nobody cannot even start the program here
@@ -287,11 +486,27 @@ def probe_read_only_analyze(ws: Path, places: dict[str, str]) -> tuple[int, str]
     return run_unprivileged(ws, ["analyze", places["good"], "--n-boot", "5"])
 
 
-# OS-level probes: (item, name, function, the text the error line must contain)
+def probe_ctrl_c(ws: Path, places: dict[str, str]) -> tuple[int, str]:
+    """Ctrl-C (SIGINT) while a diagnostic runs: one line and exit status 130 (finished work is kept)."""
+    argv = [s.format(**places) for s in diagnose("run_name=ctrl_c", "n_sequences=16", "shard_sequences=1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([*TAOPD_CMD, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    shards = ws / "results/diagnose/ctrl_c/shards"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and not list(shards.glob("shard_*.pt")):
+        time.sleep(0.2)  # interrupt once the run is under way (its first shard written)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, err + out
+
+
+# OS-level probes: (item, name, function, the text the error line must contain, the exit status)
 OS_PROBES = [
-    ("4 traceback", "disk full (analyze --out on a full tmpfs)", probe_disk_full, "No space left on device"),
-    ("4 traceback", "unwritable results directory (non-root user)", probe_unwritable, "Permission denied"),
-    ("1 data damaged", "analyze read-only results (non-root user)", probe_read_only_analyze, "pass --out DIR"),
+    ("4 traceback", "disk full (analyze --out on a full tmpfs)", probe_disk_full, "No space left on device", 2),
+    ("4 traceback", "unwritable results directory (non-root user)", probe_unwritable, "Permission denied", 2),
+    ("1 data damaged", "analyze read-only results (non-root user)", probe_read_only_analyze, "pass --out DIR", 2),
+    ("23.9 messages", "Ctrl-C during a diagnostic", probe_ctrl_c, "interrupted (Ctrl-C)", 130),
 ]
 
 
@@ -311,7 +526,16 @@ def probe_tampered_shipped(ws: Path, places: dict[str, str]) -> tuple[int, str]:
 
 # issue 24: a probe that needs a tampered copy of the shipped testbeds (made in the workspace), run as the OS probes are
 OS_PROBES.append(("1 data damaged", "tampered shipped testbed file (one byte of a weight file)", probe_tampered_shipped,
-                  "small/teacher/model.safetensors does not match its sha256"))
+                  "small/teacher/model.safetensors does not match its sha256", 2))
+
+
+def judge(probe: Probe | None, expect: str, rc: int, output: str, status: int = 2) -> bool:
+    """A probe's outcome as the issue asks: one line `error:` naming `expect` and exit `status`, no traceback;
+    for a success probe, exit 0 and no error line."""
+    lines = error_lines(output)
+    if probe is not None and probe.success:
+        return rc == 0 and not lines and "Traceback" not in output
+    return rc == status and len(lines) == 1 and expect in lines[0] and "Traceback" not in output
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -320,12 +544,12 @@ OS_PROBES.append(("1 data damaged", "tampered shipped testbed file (one byte of 
 def run_all(ws: Path) -> int:
     places = build_workspace(ws)
     failures = 0
-    probes = [(p.item, p.name, p) for p in PROBES] + [(item, name, (fn, text)) for item, name, fn, text in OS_PROBES]
+    probes = [(p.item, p.name, p) for p in PROBES] + [(item, name, entry) for item, name, *entry in OS_PROBES]
     for item, name, probe in probes:
         before = results_hashes(ws)
-        holder = None
-        if isinstance(probe, tuple):
-            result, expect = probe[0](ws, places), probe[1]
+        holder, status = None, 2
+        if isinstance(probe, list):
+            result, expect, status = probe[0](ws, places), probe[1], probe[2]
             if result is None:
                 print(f"[skip] {item:20s} {name}: the OS does not allow the setup here")
                 continue
@@ -336,14 +560,15 @@ def run_all(ws: Path) -> int:
             expect = probe.expect.format(**places)
             holder = hold_lock(probe.lock.format(**places)) if probe.lock else None
             try:
-                result = run_subprocess([s.format(**places) for s in probe.argv], dict(probe.env))
+                env = {key: value.format(**places) for key, value in probe.env}
+                result = run_subprocess([s.format(**places) for s in probe.argv], env)
             finally:
                 if holder is not None:
                     holder.kill()
                     holder.wait()
         rc, output = result
         lines = error_lines(output)
-        ok = rc == 2 and len(lines) == 1 and expect in lines[0] and "Traceback" not in output
+        ok = judge(probe if isinstance(probe, Probe) else None, expect, rc, output, status)
         same = not changed_results(before, ws)
         failures += not (ok and same)
         status = "ok  " if ok and same else "FAIL"

@@ -3,6 +3,7 @@
 `make_bank` freezes rollouts as rows (seq_id, prompt_id, prompt_ids, response_ids), `validate_bank` checks them
 against the pair's vocabulary (errors name the first bad row), `read_bank` loads a stored bank, and `bank_batch`
 pads it into the `ResponseBatch` every forward takes. The diagnostic and the trainer's live gain share it.
+`read_bank_file` reads a bank file given as the diagnostic's `bank` key (e.g. the paper protocol's OPD rollouts).
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from diagnostics.core.config import check
+from diagnostics.core.files import read_user_parquet
 from diagnostics.lm.forward import ResponseBatch
+
+BANK_COLUMNS = ("prompt_id", "prompt_ids", "response_ids")  # what a bank file (`bank`) must hold
 
 
 def make_bank(rollouts: pd.DataFrame, max_response_tokens: int, vocab_size: int) -> pd.DataFrame:
@@ -57,3 +62,14 @@ def bank_batch(bank: pd.DataFrame, pad_id: int | None) -> ResponseBatch:
     position is valid (pad id 0 when the tokenizer has none)."""
     ids = {name: [[int(t) for t in row] for row in bank[name]] for name in ("prompt_ids", "response_ids")}
     return ResponseBatch.from_ids(ids["prompt_ids"], ids["response_ids"], pad_id or 0)
+
+
+def read_bank_file(path: str, n_sequences: int) -> pd.DataFrame:
+    """The first `n_sequences` responses of a bank file (`bank`): a parquet with BANK_COLUMNS, e.g. the
+    paper protocol's OPD rollouts (the release's `tools/export_fixed_context_bank.py --max-samples`)."""
+    frame = read_user_parquet(path, "bank")
+    missing = [c for c in BANK_COLUMNS if c not in frame.columns]
+    check(not missing, "bank", f"{path} lacks the columns {missing} (a bank file holds {list(BANK_COLUMNS)})")
+    check(len(frame) >= n_sequences, "n_sequences",
+          f"the bank file {path} holds {len(frame)} responses, fewer than n_sequences={n_sequences}")
+    return frame.head(n_sequences).reset_index(drop=True)

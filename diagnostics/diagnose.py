@@ -36,13 +36,22 @@ import pandas as pd
 import torch
 
 from diagnostics import engine
-from diagnostics.bank import bank_batch, make_bank, read_bank
-from diagnostics.core.config import check, check_at_least, check_device, config_to_dict
-from diagnostics.core.files import atomic_write, write_json, write_parquet
+from diagnostics.bank import bank_batch, make_bank, read_bank, read_bank_file
+from diagnostics.core.config import (
+    check,
+    check_applies,
+    check_at_least,
+    check_device,
+    check_run_keys,
+    check_temperature,
+    config_to_dict,
+)
+from diagnostics.core.files import write_json, write_parquet
 from diagnostics.core.lock import release_run_lock
-from diagnostics.core.nonfinite import check_group_finite, check_shard_finite
+from diagnostics.core.nonfinite import check_group_finite, check_shard_finite, nonfinite_recorded
 from diagnostics.core.progress import progress_bar
 from diagnostics.core.rundir import claim_run_dir, config_hash
+from diagnostics.core.shards import read_shard, write_shard
 from diagnostics.data.prompts import render_text
 from diagnostics.generation.backends import SamplingConfig, list_backends
 from diagnostics.generation.rollouts import generate_rollouts
@@ -75,7 +84,6 @@ PROTOCOL_MEANING = {
     "paper": "the gain at a token after full-token OPD trained on all tokens: latest checkpoint vs the base "
              "student, re-scored on the OPD run's own first rollouts (the paper's protocol)",
 }
-BANK_COLUMNS = ("prompt_id", "prompt_ids", "response_ids")  # what a bank file (`bank`) must hold
 RELATIVE_GAIN_EPS = 1e-12  # the release's (KL_base - KL_after) / (KL_base + eps)
 # Keys left out of the run hash and config.json while at these defaults: runs made before they existed keep
 # their names and resume.
@@ -126,7 +134,7 @@ class DiagnoseConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "n_sequences", "max_response_tokens")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         backends = ["auto", *list_backends()]
         check(self.backend in backends, "backend", f"must be one of {backends}, got {self.backend!r}")
         check(self.loss in list_losses(), "loss", f"unknown loss {self.loss!r}; registered: {', '.join(list_losses())}")
@@ -154,6 +162,25 @@ class DiagnoseConfig:
         for key, default in OMITTED_AT_DEFAULT.items():  # the testbed's problems have neither columns nor template
             check(bool(self.student) or getattr(self, key) == default, key,
                   "applies to real models' prompt files (student=, teacher=, prompts=), not the testbed's own problems")
+        self._check_lists_and_applicability()
+
+    def _check_lists_and_applicability(self) -> None:
+        """No value twice in a list, a run name of one directory, no key the mode or source would ignore."""
+        check_run_keys(self, unique=("extra_k", "group_selectors", "group_ratios"), seeds=("seed",))
+        check(bool(self.group_ratios) or not self.group_selectors, "group_ratios", "is empty while group_selectors "
+              "is set: no group rows would be computed (group_selectors=[] turns the group variant off)")
+        check(self.mode != "first-order" or self.method != "loop", "method",
+              "mode=first-order needs the per-position gradients of method=vmap (or auto); method=loop has none")
+        banked = "bank= re-scores the bank file's responses; no rollouts are sampled"
+        sampled = not self.bank or self.protocol == "paper"  # a bank's responses replace the sampled rollouts
+        for key, applies, why in (
+            ("prompts", bool(self.student), "the testbed's held-out problems are its own (for real models only)"),
+            ("checkpoint", self.mode == "checkpoint", f"mode=checkpoint re-scores it; mode={self.mode} never does"),
+            ("group_selectors", self.mode == "single-step" or not self.group_selectors,
+             f"the group variant is a single-step construction (mode={self.mode}); set group_selectors=[]"),
+            *((key, sampled, banked) for key in ("temperature", "top_p", "max_new_tokens", "backend", "prompts")),
+        ):
+            check_applies(self, key, applies, why)
 
     def fingerprint(self) -> dict[str, Any]:
         """The config as a plain dict without the OMITTED_AT_DEFAULT keys at their defaults."""
@@ -249,14 +276,15 @@ def bank_grids(
     parts: dict[str, list[torch.Tensor]] = {}
     for shard in progress_bar(range(n_shards), desc=f"diagnose ({config.mode})", enabled=progress):
         path = shard_dir / f"shard_{shard:04d}.pt"
+        rows = slice(shard * config.shard_sequences, (shard + 1) * config.shard_sequences)
+        held = list(range(len(bank)))[rows]  # the bank rows this shard holds (recorded and checked: core.shards)
         if not path.is_file():
-            rows = slice(shard * config.shard_sequences, (shard + 1) * config.shard_sequences)
             table = compute_shard(pair, bank.select(rows), config, ks, default_k, trained)
             step = f"mode {config.mode}, {config.optimizer} lr={config.lr:g}"
             check_shard_finite(table, bank.select(rows).valid, shard=shard, first_row=rows.start,
                                run_dir=shard_dir.parent, step=step)
-            atomic_write(path, lambda tmp, table=table: torch.save(table, tmp))
-        for name, grid in torch.load(path, weights_only=True).items():
+            write_shard(path, table, held)
+        for name, grid in read_shard(path, held).items():
             parts.setdefault(name, []).append(grid)
     return {name: torch.cat(grids) for name, grids in parts.items()}
 
@@ -328,19 +356,6 @@ def resolved_models(config: DiagnoseConfig, resolved: ResolvedPair) -> dict[str,
             "checkpoint_path": config.checkpoint}
 
 
-def read_bank_file(path: str, n_sequences: int) -> pd.DataFrame:
-    """The first `n_sequences` responses of a bank file (`bank`): a parquet with BANK_COLUMNS, e.g. the
-    paper protocol's OPD rollouts (the release's `tools/export_fixed_context_bank.py --max-samples`)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"bank: {path} does not exist")
-    frame = pd.read_parquet(path)
-    missing = [c for c in BANK_COLUMNS if c not in frame.columns]
-    check(not missing, "bank", f"{path} lacks the columns {missing} (a bank file holds {list(BANK_COLUMNS)})")
-    check(len(frame) >= n_sequences, "n_sequences",
-          f"the bank file {path} holds {len(frame)} responses, fewer than n_sequences={n_sequences}")
-    return frame.head(n_sequences).reset_index(drop=True)
-
-
 def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: Path) -> pd.DataFrame:
     """Held-out student rollouts, stored at `path` with their manifest (read back on resume)."""
 
@@ -354,8 +369,9 @@ def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: P
     problems = heldout_problems(resolved, config.n_sequences, split_seed=BANK_SPLIT_SEED, prompts=config.prompts,
                                 key="prompts", prompt_column=config.prompt_column, answer_column=config.answer_column)
     texts = [render_text(tokenizer, p.prompt, enable_thinking=config.enable_thinking) for p in problems]
-    rollouts = generate_rollouts(resolved.student_path, tokenizer, texts, sampling, backend=config.backend,
-                                 chat_template=False)  # rendered above
+    with nonfinite_recorded(path.parent, recipe="diagnose", stage="rollouts", temperature=config.temperature):
+        rollouts = generate_rollouts(resolved.student_path, tokenizer, texts, sampling, backend=config.backend,
+                                     chat_template=False)  # rendered above
     if rollouts.attrs.get("backend") == "vllm":  # its engine holds 0.9 of a GPU and the pair loads next
         release_vllm_engine()
     manifest = make_manifest(model_path=resolved.student_path, tokenizer=tokenizer,
@@ -377,10 +393,11 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
         problems = heldout_problems(resolved, config.n_sequences, split_seed=BANK_SPLIT_SEED, prompts=config.prompts,
                                     key="prompts", prompt_column=config.prompt_column,
                                     answer_column=config.answer_column)
-        check_prompts(tokenizer, [p.prompt for p in problems], config.prompts, enable_thinking=config.enable_thinking)
+        check_prompts(tokenizer, [p.prompt for p in problems], config.prompts, enable_thinking=config.enable_thinking,
+                      model_path=resolved.student_path, max_new_tokens=resolved.max_new_tokens)
     if config.mode == "checkpoint":
         check_path(config.checkpoint, "checkpoint")
-        check_pair(resolved.student_path, config.checkpoint, names=("student", "checkpoint"))
+        check_pair(resolved.student_path, config.checkpoint, names=("student", "checkpoint"), same_architecture=True)
     run_dir = Path(config.out_dir) / config.run_id(resolved_models(config, resolved))
     claim_run_dir(run_dir, saved_config(config, resolved), ignore={"n_boot"})
     write_json(run_dir / "config.json", saved_config(config, resolved))

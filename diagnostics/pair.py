@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from diagnostics.core.config import ConfigError, config_to_dict, load_config
 from diagnostics.data.problems import Problem
 from diagnostics.data.prompt_sets import load_prompt_set
-from diagnostics.data.prompts import check_encodable, render_text
+from diagnostics.data.prompts import check_encodable, max_positions, render_text
 from diagnostics.generation.store import package_versions
 from diagnostics.lm.models import directory_hash, tokenizer_hash
 from diagnostics.testbed.build import build_testbed
@@ -51,9 +52,16 @@ def resolve_pair(
     `student` is "", the embedded testbed built from `testbed_config` (its k and response length)."""
     if student:
         return ResolvedPair(student, teacher, k or DEFAULT_K_REAL, max_new_tokens or DEFAULT_MAX_NEW_TOKENS_REAL)
-
-    testbed = build_testbed(load_config(TestbedConfig, testbed_config), progress=progress)
+    try:
+        testbed_cfg = load_config(TestbedConfig, testbed_config)
+    except ConfigError as exc:  # e.g. a diagnose or train config given as the testbed's: name the key that took it
+        raise ConfigError(f"testbed_config: {exc}") from None
+    testbed = build_testbed(testbed_cfg, progress=progress)
     tb = testbed.config
+    limit = max_positions(AutoConfig.from_pretrained(testbed.student_path))
+    if limit is not None and max_new_tokens >= limit:  # generate() would run past the position table
+        raise ConfigError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in the testbed models' "
+                          f"{limit} positions (0 = the testbed's response length, {tb.max_new_tokens})")
     return ResolvedPair(testbed.student_path, testbed.teacher_path, k or tb.k, max_new_tokens or tb.max_new_tokens,
                         testbed)
 
@@ -103,15 +111,22 @@ def check_k(vocab_size: int, *, k: int, extra_k: Collection[int] = (), key: str 
 
 
 def check_prompts(
-    tokenizer: Any, prompts: list[Any], source: str, *, rendered: bool = False, enable_thinking: bool | None = None
+    tokenizer: Any, prompts: list[Any], source: str, *, rendered: bool = False, enable_thinking: bool | None = None,
+    model_path: str = "", max_new_tokens: int = 0,
 ) -> None:
     """Every prompt as the model will see it (chat template applied, with `enable_thinking`, unless
-    `rendered`) encodes without losing a character (`diagnostics.data.prompts.check_encodable`); the error
-    names `source` and the prompt."""
-
+    `rendered`) encodes without losing a character (`diagnostics.data.prompts.check_encodable`) and, given
+    `model_path`, fits the model's context with `max_new_tokens` after it; the error names `source` and the
+    prompt (its row in the file) and the key that changes it."""
+    limit = max_positions(AutoConfig.from_pretrained(model_path)) if model_path else None
     for i, prompt in enumerate(prompts):
         text = prompt if rendered else render_text(tokenizer, prompt, enable_thinking=enable_thinking)
         check_encodable(tokenizer, text, f"{source}: prompt {i + 1}")
+        n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if limit is not None else 0
+        if limit is not None and n_tokens + max_new_tokens > limit:
+            raise ConfigError(f"{source}: prompt {i + 1}: {n_tokens} prompt tokens + max_new_tokens={max_new_tokens} "
+                              f"exceed the model's {limit} positions (max_position_embeddings); shorten the prompt "
+                              f"or lower max_new_tokens")
 
 
 # ------------------------------------------------------------------------------------------ the context bank

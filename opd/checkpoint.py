@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diagnostics.core.files import disk_full_error, read_json
 from opd.distributed import World
 
 _NAME = re.compile(r"^ckpt-(\d{6})$")
@@ -79,12 +80,19 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{world.rank}.pt")
-    if world.is_main:
-        torch.save(model.state_dict(), tmp / "student.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": world.size}, indent=2))
-        pd.DataFrame(metrics).to_parquet(tmp / "metrics.parquet", index=False)
+    try:
+        torch.save(rng_state(), tmp / f"rng_rank{world.rank}.pt")
+        if world.is_main:
+            torch.save(model.state_dict(), tmp / "student.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": world.size}, indent=2))
+            pd.DataFrame(metrics).to_parquet(tmp / "metrics.parquet", index=False)
+    except (OSError, RuntimeError) as exc:  # a full disk: one line naming the checkpoint; the older one stays
+        full = disk_full_error(exc, arm_dir, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
+        raise
     world.barrier()
     if world.is_main:
         _fsync_tree(tmp)
@@ -109,7 +117,7 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
 ) -> tuple[dict[str, Any], list[dict]]:
     """Restore model, optimizer and this rank's RNG states; returns (state.json, metric rows)."""
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json", "the checkpoint's state")
     if state.get("world_size", 1) != world.size:
         raise ValueError(f"{path} was written by {state.get('world_size')} processes; "
                          f"resuming with {world.size} is not supported")

@@ -14,7 +14,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from diagnostics.core.config import check, check_at_least, check_device, config_to_dict
+from diagnostics.core.config import (
+    check,
+    check_at_least,
+    check_cpu_threads,
+    check_device,
+    check_out_dir,
+    check_run_name,
+    check_temperature,
+    check_unique,
+    config_to_dict,
+    explicit_keys,
+)
 from diagnostics.core.rundir import config_hash
 from diagnostics.data.problems import ANSWER_CHECKS
 from diagnostics.lm.precision import check_mixed_precision
@@ -29,7 +40,8 @@ from opd.optim import OPTIMIZERS, PAPER_ADAM
 OMITTED_AT_DEFAULT = {"preset": "", "signals": "exact", "signal_normalization": "valid_rows",
                       "tie_break": "row_major", "top_up": "", "q3_fill": False, "mixed_precision": "auto",
                       "rollout_backend": "hf", "engine": "own", "trl_args": {}, "answer_check": "exact",
-                      "prompt_column": "prompt", "answer_column": "answer", "enable_thinking": None}
+                      "prompt_column": "prompt", "answer_column": "answer", "enable_thinking": None,
+                      "budget": "exact"}
 # Keys that do not change what a run computes: a resume may differ in them.
 RESUME_IGNORED = ("progress", "report_to", "save_rollouts")
 
@@ -60,6 +72,7 @@ class TrainConfig:
     tie_break: Literal["row_major", "earliest_position"] = "row_major"  # equal scores: sequence first | position first
     top_up: str = ""  # min_per_sequence top-up: "" = the selector's own score | a registered score (all positions)
     q3_fill: bool = False  # a Q3 selector short of its budget fills it with the best positions outside Q3
+    budget: Literal["exact", "release"] = "exact"  # kept count: exact ceil(ratio n) | release: float ceil(n * ratio)
     # rollouts
     steps: int = 200  # optimizer steps per arm; one fresh rollout batch per step
     batch_size: int = 32  # prompts per step, over all processes
@@ -113,6 +126,7 @@ class TrainConfig:
         check(len(set(self.selectors)) == len(self.selectors), "selectors", f"duplicate selector in {self.selectors}")
         bad = [r for r in self.ratios if not 0 < r <= 1]
         check(not bad, "ratios", f"each ratio must be in (0, 1], got {bad[0] if bad else ''}")
+        check_unique(self.ratios, "ratios")
         check(len(self.ratios) >= 1 or self.selectors == ["full"], "ratios", "must hold at least one ratio")
         check(len(self.seeds) >= 1, "seeds", "must hold at least one seed")
         check(len(set(self.seeds)) == len(self.seeds), "seeds", f"duplicate seed in {self.seeds}")
@@ -121,7 +135,7 @@ class TrainConfig:
         check(self.k >= 0, "k", f"must be >= 1 (or 0 for the pair's default), got {self.k}")
         check_at_least(self, 1, "steps", "batch_size", "samples_per_prompt")
         check_at_least(self, 0, "max_new_tokens")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         # top_p < 1 samples from the nucleus-renormalised distribution, whose support moves with every update (a
         # sampled token can leave the nucleus: log-prob -inf); the loss would train against a distribution that
         # was not sampled, so it is refused rather than silently ignored.
@@ -150,7 +164,8 @@ class TrainConfig:
         check_at_least(self, 1, "eval_every", "eval_problems", "bank_sequences", "bank_max_tokens")
         check(self.answer_check in ANSWER_CHECKS, "answer_check",
               f"must be one of {', '.join(ANSWER_CHECKS)}, got {self.answer_check!r}")
-        check_at_least(self, 0, "checkpoint_every", "cpu_threads")
+        check_at_least(self, 0, "checkpoint_every")
+        check_cpu_threads(self.cpu_threads)
         check_at_least(self, 1, "scoring_tokens")
         self.mixed_precision = check_mixed_precision(self.mixed_precision)
         check(self.rollout_backend in ("hf", "vllm"), "rollout_backend",
@@ -169,6 +184,16 @@ class TrainConfig:
         for key in ("prompt_column", "answer_column", "enable_thinking"):  # the testbed's problems have neither
             check(bool(self.student) or getattr(self, key) == OMITTED_AT_DEFAULT[key], key,
                   "applies to real models' prompt files (student=, teacher=, prompts=), not the testbed's own problems")
+        for key in ("prompts", "eval_prompts"):  # the testbed trains and evaluates on its own problems
+            check(bool(self.student) or not getattr(self, key), key, "applies to real models (student=, teacher=); "
+                  "the testbed trains and evaluates on its own problems (drop it, or give the models)")
+        if self.run_name:
+            check_run_name(self.run_name)
+        check_out_dir(self.out_dir)
+        names = [arm.name for arm in self.arms()]
+        clash = next((n for n in names if names.count(n) > 1), None)
+        check(clash is None, "ratios", f"two arms would share the name {clash!r} ({self.ratios}: ratios equal to 6 "
+              f"significant digits); give distinct ratios")
 
     def arms(self) -> list[Arm]:
         """Every (selector, ratio, seed) of the run: full at 1.0, the others at each ratio."""
@@ -178,7 +203,12 @@ class TrainConfig:
     def selection_options(self) -> SelectionOptions:
         """The selection's named choices (`diagnostics.signals.select_by_name`)."""
         return SelectionOptions(signals=self.signals, normalization=self.signal_normalization,
-                                tie_break=self.tie_break, q3_fill=self.q3_fill, top_up=self.top_up)
+                                tie_break=self.tie_break, q3_fill=self.q3_fill, top_up=self.top_up, budget=self.budget)
+
+    def preset_keys(self) -> list[str]:
+        """The keys whose values `preset` (and `optimizer: paper`) set, for the manifest."""
+        keys = list(PRESETS.get(self.preset, {}))
+        return keys + [k for k in OPTIMIZER_FIXED.get(self.optimizer, {}) if k not in keys]
 
     def fingerprint(self) -> dict:
         """The config as a plain dict without the keys a resume may change (nor OMITTED_AT_DEFAULT ones)."""
@@ -219,6 +249,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "top_up": "teachability_entropy_ndc",
         "q3_fill": False,
         "min_per_sequence": 1,
+        "budget": "release",
         "normalization": "per_sequence_mean",
         "optimizer": "paper",
     },
@@ -233,11 +264,22 @@ def _default(config, key: str):
 
 
 def _impose(config, values: dict[str, object], source: str) -> None:
+    """Write `values` into `config`; a key the user wrote with another value is an error naming both (through
+    `load_config`: `explicit_keys`; a config built in Python: any value other than the default)."""
+    written = explicit_keys(config)
     for key, value in values.items():
         current = getattr(config, key)
-        check(current in (value, _default(config, key)), key,
-              f"{source} sets it to {value!r}; got {current!r} (leave it at its default, or drop {source})")
+        user_set = key in written if written is not None else current != _default(config, key)
+        check(current == value or not user_set, key,
+              f"set to {current!r} {_where(written, key)}, but {source} sets it to {value!r}: drop one of the two "
+              f"(the preset's keys are written into config.json and the manifest)")
         setattr(config, key, copy.deepcopy(value))  # no list shared with the preset table
+
+
+def _where(written: dict[str, str] | None, key: str) -> str:
+    if written is None or key not in written:
+        return "in the config"
+    return "on the command line" if written[key] == "the command line" else f"in {written[key]}"
 
 
 def apply_presets(config) -> None:

@@ -37,7 +37,7 @@ LM_EVAL_COLUMNS = ["student", "task", "metric", "filter", "value", "stderr", "n_
 
 UTILS_SOURCE = '''"""Written by opd.downstream.write_problem_task: score a response with the project's answer check."""
 
-from diagnostics.answers import check_answer
+from diagnostics.data.problems import check_answer
 
 ANSWER_CHECK = {answer_check!r}
 

@@ -25,7 +25,6 @@ it is correct), `lm_eval.parquet` (one row per student x task x metric), `lm_eva
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +34,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diagnostics.core.config import ConfigError, check, check_at_least
-from diagnostics.core.files import write_json, write_parquet
+from diagnostics.core.config import (
+    ConfigError,
+    check,
+    check_applies,
+    check_at_least,
+    check_cpu_threads,
+    check_run_name,
+    check_temperature,
+    check_unique,
+)
+from diagnostics.core.files import read_json, write_json, write_parquet
 from diagnostics.core.progress import progress_bar
-from diagnostics.core.rundir import config_hash
+from diagnostics.core.rundir import check_not_a_run, config_hash
 from diagnostics.core.seeds import derive_seed
 from diagnostics.data.problems import ANSWER_CHECKS, Problem, correct_flags
 from diagnostics.data.prompt_sets import load_prompt_set, render_problems
@@ -114,13 +122,20 @@ class EvaluateConfig:
               "needs problems: a run or a prompt set")
         check(not self.answer_check or self.answer_check in ANSWER_CHECKS, "answer_check",
               f"must be one of {', '.join(ANSWER_CHECKS)} (or empty for the run's), got {self.answer_check!r}")
-        check_at_least(self, 0, "n_problems", "max_new_tokens", "lm_eval_limit", "cpu_threads")
+        check_at_least(self, 0, "n_problems", "max_new_tokens", "lm_eval_limit")
+        check_cpu_threads(self.cpu_threads)
         check_at_least(self, 1, "n_samples", "batch_size", "lm_eval_batch_size")
         check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
               f"must hold at least one seed, no duplicates, got {self.seeds}")
         check(not self.greedy or (self.n_samples == 1 and len(self.seeds) == 1), "n_samples",
               "greedy decoding is deterministic: n_samples and seeds > 1 need greedy=false")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
+        check_applies(self, "temperature", not self.greedy, "greedy=true decodes the most likely token; temperature "
+                      "is for sampled evaluation (greedy=false)")
+        for key in ("students", "lm_eval_tasks", "lm_eval_include"):
+            check_unique(getattr(self, key), key)
+        if self.name:
+            check_run_name(self.name, "name")
         for key in ("enable_thinking", "system_prompt", "chat_template"):  # the run's problems: as trained
             default = {"enable_thinking": None, "system_prompt": "", "chat_template": True}[key]
             check(getattr(self, key) == default or bool(self.prompts), key,
@@ -141,11 +156,21 @@ class Student:
 def run_train_config(run_dir: Path) -> TrainConfig:
     """The TrainConfig a run was made with (its config.json; keys it predates take their defaults)."""
     path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run: {run_dir} is not a directory" if run_dir.exists()
+                                else f"run: run directory {run_dir} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"run={run_dir}: holds no config.json (not a `taopd train` run directory)")
-    saved = json.loads(path.read_text())
+    saved = read_json(path, "the run's saved config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: the run's saved config is not a JSON object")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    foreign = sorted(k for k in saved if k not in known)
+    if foreign:  # a diagnose run's config (mode, n_sequences, ...) or another tool's
+        kind = "a `taopd diagnose` run" if {"mode", "n_sequences"} <= set(saved) else "not a `taopd train` run"
+        raise ConfigError(f"run={run_dir}: is {kind} (its config.json has keys taopd train does not know: "
+                          f"{', '.join(foreign[:4])}); evaluate takes a training run directory (results/train/<run>)")
+    return TrainConfig(**saved)
 
 
 def find_students(config: EvaluateConfig, train: TrainConfig | None, base_path: str | None) -> list[Student]:
@@ -162,11 +187,18 @@ def find_students(config: EvaluateConfig, train: TrainConfig | None, base_path: 
                                         f"needs save_students=true and finished arms")
             out.append(Student(arm.name, str(path), arm.selector, arm.ratio, arm.seed))
     for given in config.students:
-        name = Path(given).name or given
-        if any(s.name == name for s in out):
-            name = given.replace("/", "_")
-        out.append(Student(name, given))
+        out.append(Student(student_name(given, {s.name for s in out}), given))
     return out
+
+
+def student_name(given: str, taken: set[str]) -> str:
+    """A name for a `students` entry unique among `taken` by construction: its directory name, else the whole
+    path with '/' as '_', else that with a counter (two different students never share a row)."""
+    for name in (Path(given).name or given, given.strip("/").replace("/", "_")):
+        if name and name not in taken:
+            return name
+    base = given.strip("/").replace("/", "_") or "student"
+    return next(f"{base}-{i}" for i in range(2, len(taken) + 3) if f"{base}-{i}" not in taken)
 
 
 def evaluation_problems(
@@ -250,6 +282,7 @@ def run_evaluation(config: EvaluateConfig) -> Path:
     train, pair, tokenizer, problems, answer_check, max_new_tokens = _setup(config)
     students = find_students(config, train, pair.student_path if pair is not None else None)
     out = output_dir(config)
+    check_not_a_run(out, "out_dir", allowed_kind="evaluate")  # a diagnose or train run's files stay theirs
     frames, lm_rows = [], []
     for student in progress_bar(students if problems else [], desc="students", enabled=config.progress):
         model = load_model(student.path, device, dtype)

@@ -48,9 +48,22 @@ def check_weights(student: torch.nn.Module) -> None:
                                f"{total} entries NaN/inf (the loss and gradient norm were finite; lower lr)")
 
 
+def stop_together(world, err: BaseException | None) -> None:
+    """Every process learns of an error raised on any process in a step's local phase (rollouts, scoring),
+    before the next collective: the failing process re-raises its own error, the others raise NonFiniteError
+    naming how many stopped, so no process waits in an all-reduce the failed one never reaches (a hang)."""
+    failed = int(world.sum(int(err is not None)))
+    if err is not None:
+        raise err
+    if failed:
+        raise NonFiniteError(f"student logits non-finite on another process's rollouts ({failed} of {world.size} "
+                             f"processes stopped this step; its record names the cause)")
+
+
 def quantity_of(message: str) -> str:
     """A short name of what went non-finite (the first one the message names), for nonfinite.json."""
-    for quantity in ("student weights", "student logits", "per-token loss", "gradient norm", "loss"):
+    for quantity in ("student weights", "student logits", "generation logits", "per-token loss", "gradient norm",
+                     "loss"):
         if quantity in message:
             return quantity
     return "unknown"

@@ -86,7 +86,7 @@ from opd.distributed import World
 from opd.logger import NullLogger, make_logger
 from opd.memory import peak_mb, reset_peak
 from opd.monitor import evaluate, live_gains
-from opd.nonfinite import check_weights, stop_arm
+from opd.nonfinite import check_weights, stop_arm, stop_together
 from opd.optim import make_optimizer, optimizer_record  # make_optimizer: also imported from here by others
 from opd.rollout_engine import RolloutEngine
 from opd.step import TEMPERATURE_CONVENTION, NonFiniteError, opd_step, select_kept
@@ -241,15 +241,20 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
     texts = texts[world.local_rows(len(texts))]
     sampling = SamplingConfig(config.temperature, config.top_p, ctx.pair.max_new_tokens, config.samples_per_prompt,
                               seed=derive_seed(arm.seed, step, world.rank, "rollout"))
-    rollouts = ctx.rollouts.generate(student, texts, sampling)  # hf, or the colocated vLLM engine (synced)
-    if config.save_rollouts:  # the paper protocol's bank is the run's own rollouts (opd.paper_protocol)
-        write_parquet(ctx.run_dir / "arms" / arm.name / "rollouts" / f"step_{step:06d}_rank{world.rank}.parquet",
-                      rollouts[["prompt_id", "sample_idx", "prompt_ids", "response_ids"]].assign(step=step))
-    with inference(ctx.precision):  # old log-probs in the loss forward's precision: the first ratio is 1
-        scored = get_backend(BACKEND).score(rollouts, teacher=ctx.teacher.model, k=ctx.pair.k, stop_ids=ctx.stop_ids,
-                                            student=student, vocab_size=ctx.vocab_size,
-                                            max_tokens_per_batch=config.scoring_tokens,
-                                            temperature=config.temperature, progress=False)
+    local_error = None
+    try:  # the local phase: an error here on one process must stop every process (stop_together), not hang them
+        rollouts = ctx.rollouts.generate(student, texts, sampling)  # hf, or the colocated vLLM engine (synced)
+        if config.save_rollouts:  # the paper protocol's bank is the run's own rollouts (opd.paper_protocol)
+            write_parquet(ctx.run_dir / "arms" / arm.name / "rollouts" / f"step_{step:06d}_rank{world.rank}.parquet",
+                          rollouts[["prompt_id", "sample_idx", "prompt_ids", "response_ids"]].assign(step=step))
+        with inference(ctx.precision):  # old log-probs in the loss forward's precision: the first ratio is 1
+            scored = get_backend(BACKEND).score(rollouts, teacher=ctx.teacher.model, k=ctx.pair.k,
+                                                stop_ids=ctx.stop_ids, student=student, vocab_size=ctx.vocab_size,
+                                                max_tokens_per_batch=config.scoring_tokens,
+                                                temperature=config.temperature, progress=False)
+    except (RuntimeError, ValueError) as err:
+        local_error = err
+    stop_together(world, local_error)
     student.train()
     batch = ResponseBatch.from_ids(list(rollouts["prompt_ids"]), list(rollouts["response_ids"]),
                                    ctx.tokenizer.pad_token_id or 0, scored.valid)
@@ -393,7 +398,8 @@ def build_manifest(ctx: RunContext, seconds: float) -> dict:
         "loss": config.loss,
         "normalization": config.normalization,
         "normalization_meaning": NORMALIZATION_MEANING[config.normalization],
-        "selection": {"preset": config.preset, **config.selection_options().to_dict()},  # diagnostics.signals.selectors
+        "selection": {"preset": config.preset, "preset_keys": config.preset_keys(),  # the keys the preset set
+                      **config.selection_options().to_dict()},  # diagnostics.signals.selectors
         "optimizer": optimizer_record(config),
         "rollout_backend": config.rollout_backend,
         "mixed_precision": ctx.precision.name,

@@ -48,12 +48,14 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 
+from diagnostics.core.nonfinite import write_nonfinite_record
 from diagnostics.generation.hf import encode_prompts
 from diagnostics.lm.models import load_model
 from opd.config import Arm, TrainConfig
 from opd.integrations.trl import SelectiveDistillationTrainer, cut_vocab, distillation_config
 from opd.memory import peak_mb, reset_peak
 from opd.monitor import evaluate
+from opd.nonfinite import find_blowup, quantity_of
 from opd.step import NonFiniteError
 from opd.trainer import RunContext, finish_arm, metric_row
 
@@ -102,7 +104,7 @@ class ArmCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise NonFiniteError(f"step {state.global_step}: TRL's training loss is {loss}")
+            raise NonFiniteError(f"TRL's training loss non-finite at step {state.global_step}: {loss}")
 
 
 def arm_rows(arm: Arm, history: list[dict], base_eval: dict[str, float]) -> list[dict]:
@@ -162,6 +164,25 @@ def load_teacher(ctx: RunContext) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(ctx.pair.teacher_path, **{"dtype": ctx.dtype, **placement}).eval()
 
 
+def stop_trl_arm(err: BaseException, ctx: RunContext, arm: Arm, arm_dir: Path, trainer) -> None:
+    """A step that raised: a NonFiniteError, or an error a blow-up explains (`opd.nonfinite.find_blowup`), writes
+    arms/<arm>/nonfinite.json (arm, step, quantity, message, TRL's last checkpoint: the last good state) and
+    raises NonFiniteError naming arm, step and quantity; any other error is re-raised unchanged."""
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    reason = str(err) if isinstance(err, NonFiniteError) else find_blowup(student, ctx.bank, err)
+    if reason is None:
+        raise err
+    step = int(trainer.state.global_step) + 1  # the step that failed
+    quantity = quantity_of(reason)
+    checkpoints = sorted((arm_dir / "trl").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    last_good = str(checkpoints[-1]) if checkpoints else None
+    if ctx.world.is_main:
+        write_nonfinite_record(arm_dir, recipe="train", engine="trl", arm=arm.name, step=step, quantity=quantity,
+                               message=reason, checkpoint=last_good)
+    raise NonFiniteError(f"{arm.name}: step {step}: {reason}; last good state: {last_good or 'the base student'}; "
+                         f"nonfinite.json in {arm_dir}") from None
+
+
 def train_arm_trl(ctx: RunContext, arm: Arm) -> None:
     """Train one arm through TRL (from its last TRL checkpoint with `resume`); writes arms/<arm>/ when done."""
     arm_dir = ctx.run_dir / "arms" / arm.name
@@ -182,7 +203,10 @@ def train_arm_trl(ctx: RunContext, arm: Arm) -> None:
     checkpoints = sorted((arm_dir / "trl").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     if checkpoints:
         ctx.logger.info(f"[{arm.name}] resuming TRL from {checkpoints[-1]}")
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    except (RuntimeError, ValueError) as err:  # a blow-up: nonfinite.json as the own engine writes (opd.nonfinite)
+        stop_trl_arm(err, ctx, arm, arm_dir, trainer)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     finish_arm(ctx, arm, arm_dir, trained, arm_rows(arm, trainer.state.log_history, ctx.base_eval))
     if ctx.world.is_main:

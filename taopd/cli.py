@@ -26,15 +26,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from analysis import format_report, load_run, make_all_figures, summarize, write_token_view
-from analysis.io import load_train_run
+from analysis.bootstrap import check_bootstrap_args
+from analysis.io import count_clusters, load_train_run, lost_sections
 from analysis.pass_at_1 import student_accuracy
 from analysis.plots import plot_learning_curves, plot_selector_comparison, save_figure
+from analysis.report import SCHEMA
 from analysis.training import run_comparison, to_markdown
 from analysis.variants import first_order_agreement, group_summary
 from diagnostics.core.config import load_config
-from diagnostics.core.files import atomic_write, write_json, write_parquet
+from diagnostics.core.files import atomic_write, read_json, write_json, write_parquet
 from diagnostics.core.lock import RunLockedError, release_all_run_locks
 from diagnostics.core.nonfinite import NonFiniteError
+from diagnostics.core.paths import check_user_path
+from diagnostics.core.rundir import check_not_a_run
 from diagnostics.diagnose import PROTOCOL_MEANING, DiagnoseConfig, run_diagnose
 from diagnostics.signals import get_score, list_scores
 from diagnostics.testbed.build import build_testbed
@@ -135,6 +139,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     overrides = _with_model_overrides(args)
     config = load_config(DiagnoseConfig, args.config, overrides)
+    # the summary's bootstrap is checked now, not after the run (n_sequences bounds its clusters)
+    check_bootstrap_args(config.n_boot, config.seed, config.n_sequences, keys=("n_boot", "seed"))
     if config.protocol == "paper":  # trains full-token OPD first: the chain lives in opd (diagnostics never imports it)
 
         run_dir = run_paper_protocol(config)
@@ -163,7 +169,13 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
     group_path = Path(run_dir) / "group.parquet"
     if group_path.is_file():
         summary["group"] = group_summary(pd.read_parquet(group_path))
-    write_json(Path(out_dir or run_dir) / "summary.json", summary)
+    summary_path = Path(out_dir or run_dir) / "summary.json"
+    lost = lost_sections(summary_path, summary)
+    if lost:  # never replace a stored result by less (a section skipped now keeps the old file)
+        why = "; ".join(n for n in summary.get("notes", []) if "skipped" in n)[:300] or "see the notes"
+        raise ValueError(f"{summary_path}: the new summary would lose sections it holds ({', '.join(lost)}: {why}); "
+                         f"the old summary is kept (write elsewhere with --out DIR)")
+    write_json(summary_path, summary)
     if json_path is not None:
         write_json(json_path, summary)
     console.print(format_report(summary), markup=False, highlight=False)
@@ -194,21 +206,46 @@ def check_analyze_args(args: argparse.Namespace) -> Path:
     run = Path(args.run)
     if run.is_file():
         raise ValueError(f"analyze: {run} is a file; give its run directory ({run.parent})")
-    if not run.is_dir():
-        raise FileNotFoundError(f"analyze: run directory {run} does not exist")
+    try:
+        check_user_path(run, "analyze", "directory")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"analyze: run directory {run} does not exist") from None
     if not (run / "tokens.parquet").is_file():
         raise FileNotFoundError(f"analyze: {run} holds no tokens.parquet (not a finished diagnostic run)")
-    if args.n_boot < 0:
-        raise ValueError(f"--n-boot: must be >= 0 (0 = no intervals), got {args.n_boot}")
+    if not (run / "manifest.json").is_file():  # tokens.parquet is written before the manifest: a cut-short run
+        raise FileNotFoundError(f"analyze: {run} holds no manifest.json (the run stopped before it finished): rerun "
+                                f"its diagnose command to finish it")
+    check_bootstrap_args(args.n_boot, args.seed, count_clusters(run / "tokens.parquet"))
     out = Path(args.out) if args.out else run
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} is a file, not a directory")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise FileNotFoundError(f"--json: directory {Path(args.json).parent} does not exist")
+    if out != run:
+        check_user_path(out, "--out", "writable directory")
+        check_not_a_run(out, "--out")
+    if args.json:
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json: {args.json} is a directory; give a file name")
+        check_replaceable_summary(Path(args.json))
+        if not Path(args.json).parent.is_dir():
+            raise FileNotFoundError(f"--json: directory {Path(args.json).parent} does not exist")
+        check_user_path(Path(args.json).parent, "--json", "writable directory")
     writable = out if out.is_dir() else out.parent
     if writable.is_dir() and not os.access(writable, os.W_OK):
         raise PermissionError(errno.EACCES, "cannot write the report there (pass --out DIR)", str(writable))
     return out
+
+
+def check_replaceable_summary(path: Path) -> None:
+    """--json may replace an earlier summary JSON only, never another file (a run's tokens.parquet, a config)."""
+    if not path.exists():
+        return
+    try:
+        held = read_json(path) if path.suffix == ".json" else None
+    except ValueError:
+        held = None
+    if not (isinstance(held, dict) and held.get("schema") == SCHEMA):
+        raise ValueError(f"--json: {path} exists and is not a summary written by analyze; it would be replaced: "
+                         f"give a new file name")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -226,11 +263,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-
-    if args.n_boot < 0:
-        raise ValueError(f"--n-boot: must be >= 0 (0 = no intervals), got {args.n_boot}")
-    if not Path(args.results).is_dir():
-        raise FileNotFoundError(f"--results: directory {args.results} does not exist")
+    try:
+        check_user_path(args.results, "--results", "directory")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--results: directory {args.results} does not exist") from None
+    check_bootstrap_args(args.n_boot, 0, 1, keys=("--n-boot", "--seed"))  # clusters: at least one per run
+    check_user_path(args.out, "--out", "writable directory")
     paths = make_all_figures(args.results, args.out, n_boot=args.n_boot)
     console.print(f"{len(paths)} figure files written to {args.out}")
     return 0
@@ -363,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         error_console.print(f"[red]error:[/red] {escape(error_line(exc))}", highlight=False)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's 128 + SIGINT; finished shards/checkpoints are kept
+        if os.environ.get("TAOPD_DEBUG"):
+            raise
+        error_console.print("[red]error:[/red] interrupted (Ctrl-C); finished work is kept: rerun the same command "
+                            "to resume", highlight=False)
+        return 130
     finally:
         release_all_run_locks()  # in-process callers (tests, notebooks) must not keep runs locked
 

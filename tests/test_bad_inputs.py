@@ -72,7 +72,7 @@ def test_probe(probe, workspace, capsys, monkeypatch):
     holder = probes.hold_lock(probe.lock.format(**places)) if probe.lock else None
     try:
         if probe.subprocess_only:
-            rc, output = probes.run_subprocess(argv, dict(probe.env))
+            rc, output = probes.run_subprocess(argv, {k: v.format(**places) for k, v in probe.env})
         else:
             monkeypatch.setenv("TQDM_DISABLE", "1")
             rc, output = run_in_process(argv, capsys)
@@ -80,7 +80,10 @@ def test_probe(probe, workspace, capsys, monkeypatch):
         if holder is not None:
             holder.kill()
             holder.wait()
-    assert_one_clear_error(rc, output, probe.expect.format(**places))
+    if probe.success:
+        assert probes.judge(probe, "", rc, output), output
+    else:
+        assert_one_clear_error(rc, output, probe.expect.format(**places))
     assert probes.changed_results(before, ws) == []
 
 
@@ -142,13 +145,15 @@ def test_os_level_probes(workspace):
     """A real full disk (tmpfs) and real unwritable results (user nobody), where the OS allows them."""
     ws, places = workspace
     ran = 0
-    for _, _, probe, expect in probes.OS_PROBES:
+    for _, _, probe, expect, status in probes.OS_PROBES:
+        if probe is probes.probe_ctrl_c:
+            continue  # its own test below
         before = probes.results_hashes(ws)
         result = probe(ws, places)
         if result is None:
             continue
         ran += 1
-        assert_one_clear_error(*result, expect)
+        assert probes.judge(None, expect, *result, status), result[1]
         assert probes.changed_results(before, ws) == []
     if not ran:
         pytest.skip("neither tmpfs nor another user is available here")
@@ -336,6 +341,198 @@ def test_unreadable_weights_are_named_not_called_missing(tmp_path, small_testbed
                         else real_access(path, mode))
     with pytest.raises(PermissionError, match=rf"student: cannot read the model weights: '{tmp_path}/student/model"):
         check_path(str(tmp_path / "student"), "student")
+
+
+# ------------------------------------------------------------------------------------------ issue 23
+
+
+def test_a_summary_never_loses_sections(workspace, capsys, monkeypatch):
+    """A rerun whose sections are skipped (for any reason) is refused; the stored summary.json stays as it was."""
+    import taopd.cli
+
+    ws, places = workspace
+    report = ws / "report_sections"
+    rc, output = run_in_process(["analyze", places["good"], "--n-boot", "5", "--out", str(report)], capsys)
+    assert rc == 0, output
+    before = (report / "summary.json").read_bytes()
+    real = taopd.cli.summarize
+
+    def skipping(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        summary["notes"].append("OLS: skipped (a reason)")
+        return {**summary, "ols": None, "correlations": {}}
+
+    monkeypatch.setattr(taopd.cli, "summarize", skipping)
+    rc, output = run_in_process(["analyze", places["good"], "--n-boot", "5", "--out", str(report)], capsys)
+    assert_one_clear_error(rc, output, f"{report}/summary.json: the new summary would lose sections it holds "
+                                       f"(correlations, ols: OLS: skipped (a reason))")
+    assert (report / "summary.json").read_bytes() == before
+
+
+def test_student_names_are_unique_by_construction():
+    from opd.evaluate import student_name
+
+    taken: set[str] = set()
+    for given in ["a/student", "b/student", "a_student", "a/student/"]:
+        taken.add(student_name(given, taken))
+    assert taken == {"student", "b_student", "a_student", "a_student-2"}
+
+
+def test_the_manifest_names_the_keys_the_preset_set():
+    from diagnostics.core.config import load_config
+    from opd.config import TrainConfig
+
+    config = load_config(TrainConfig, ROOT / "configs/train.yaml", ["preset=paper"])
+    assert set(config.preset_keys()) == {"signals", "signal_normalization", "tie_break", "top_up", "q3_fill",
+                                         "min_per_sequence", "budget", "normalization", "optimizer", "betas",
+                                         "weight_decay", "max_grad_norm"}
+    assert load_config(TrainConfig, ROOT / "configs/train.yaml").preset_keys() == []
+    source = (ROOT / "opd/trainer.py").read_text()
+    assert '"preset_keys": config.preset_keys()' in source  # build_manifest writes them into manifest.json
+
+
+def test_the_testbed_cache_is_one_place_whatever_the_directory(tmp_path, monkeypatch):
+    from diagnostics.testbed.config import TestbedConfig
+
+    monkeypatch.delenv("TAOPD_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    roots = set()
+    for cwd in (tmp_path, ROOT):
+        monkeypatch.chdir(cwd)
+        roots.add(TestbedConfig().cache_root())
+    assert roots == {tmp_path / "xdg" / "taopd" / "testbed"}
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert TestbedConfig().cache_root() == tmp_path / "home" / ".cache" / "taopd" / "testbed"
+    monkeypatch.setenv("TAOPD_CACHE_DIR", str(tmp_path))
+    assert TestbedConfig().cache_root() == tmp_path / "testbed"
+    assert TestbedConfig(cache_dir=str(tmp_path / "own")).cache_root() == tmp_path / "own"
+
+
+def test_generation_blowup_writes_nonfinite_json(workspace, capsys):
+    """NaN weights: generation stops at the first sampled token, with nonfinite.json beside the run's files."""
+    ws, places = workspace
+    argv = [s.format(**places) for s in probes.diagnose_real("student={ws}/nan_model", "backend=hf",
+                                                             "run_name=nan_gen_record")]
+    rc, output = run_in_process(argv, capsys)
+    assert_one_clear_error(rc, output, "rollouts: generation logits non-finite at generated token 1")
+    record = json.loads((ws / "results/diagnose/nan_gen_record/nonfinite.json").read_text())
+    assert (record["recipe"], record["stage"], record["quantity"]) == ("diagnose", "rollouts", "generation logits")
+    assert not (ws / "results/diagnose/nan_gen_record/rollouts.parquet").exists()
+
+
+def test_trl_blowup_writes_nonfinite_json(workspace, capsys):
+    """engine=trl: a blow-up stops the arm with arms/<arm>/nonfinite.json, as the own engine's guard does."""
+    ws, places = workspace
+    argv = [s.format(**places) for s in probes.train("run_name=trl_record", "engine=trl", "lr=1e30",
+                                                     *probes.TRAIN_SHORT)]
+    rc, output = run_in_process(argv, capsys)
+    assert_one_clear_error(rc, output, "full-r1-s0: step 2: student logits non-finite")
+    record = json.loads((ws / "results/train/trl_record/arms/full-r1-s0/nonfinite.json").read_text())
+    assert (record["engine"], record["arm"], record["step"], record["quantity"]) == ("trl", "full-r1-s0", 2,
+                                                                                      "student logits")
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """torch.save on a full disk says "unexpected pos"; save_checkpoint says ENOSPC naming the checkpoint and
+    leaves no half-written temporary, the older checkpoint intact."""
+    import diagnostics.core.files
+    import opd.checkpoint
+    from opd.checkpoint import latest_checkpoint, save_checkpoint
+    from opd.distributed import World
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    world = World.create("cpu")
+    state = {"step": 1, "data_position": 1, "train_seconds": 0.0}
+    save_checkpoint(tmp_path, 1, model, optimizer, state, [], world)
+    real_save = torch.save
+
+    def full(obj, path, *args, **kwargs):
+        if str(path).endswith("student.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(opd.checkpoint.torch, "save", full)
+    monkeypatch.setattr(diagnostics.core.files, "_disk_full", lambda directory: True)
+    with pytest.raises(OSError, match=rf"No space left on device: '{tmp_path}/ckpt-000002'") as info:
+        save_checkpoint(tmp_path, 2, model, optimizer, {**state, "step": 2}, [], world)
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000001"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-000001"
+    from taopd.cli import error_line
+
+    assert error_line(info.value).startswith(f"No space left on device: {tmp_path}/ckpt-000002 (the disk is full")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_testbed_cache_files_follow_the_umask(tmp_path, umask):
+    """save_pretrained writes model.safetensors 0600; a testbed build shares it like any result."""
+    from diagnostics.core.config import load_config
+    from diagnostics.core.files import file_mode
+    from diagnostics.testbed.build import build_testbed
+    from diagnostics.testbed.config import TestbedConfig
+
+    config = load_config(TestbedConfig, ROOT / "configs/testbed_small.yaml",
+                         [f"cache_dir={tmp_path}", "capacity_steps=0", "teacher.train_steps=2", "student.train_steps=1",
+                          "eval_problems=2", "spread_problems=2"])
+    old = os.umask(umask)
+    try:
+        testbed = build_testbed(config, progress=False)
+        mode = file_mode()
+    finally:
+        os.umask(old)
+    files = [p for p in Path(testbed.root).rglob("*") if p.is_file()]
+    wrong = {str(p.relative_to(testbed.root)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if stat.S_IMODE(p.stat().st_mode) != mode}
+    assert files and not wrong
+
+
+def test_the_paper_preset_keeps_the_release_budget():
+    """tip_compat.py L450 keeps ceil(n * ratio) in float64: 7% of 100 positions keeps 8, the project's rule 7;
+    both against the definition written out (the release's float product; the exact decimal product)."""
+    from fractions import Fraction
+
+    from diagnostics.signals import select
+
+    for ratio, n in [(0.07, 100), (0.05, 60), (0.1, 30), (0.3, 10), (0.05, 256), (0.25, 7)]:
+        release = max(1, min(n, math.ceil(n * ratio)))
+        exact = max(1, min(n, math.ceil(Fraction(str(ratio)) * n)))
+        score = torch.arange(n, dtype=torch.float64).view(1, n)
+        valid = torch.ones(1, n, dtype=torch.bool)
+        assert int(select(score, valid, ratio, min_per_sequence=0, budget_rule="release").sum()) == release
+        assert int(select(score, valid, ratio, min_per_sequence=0).sum()) == exact
+    assert (math.ceil(100 * 0.07), math.ceil(Fraction("0.07") * 100)) == (8, 7)
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_exit_130(workspace):
+    """SIGINT mid-run: one line, exit status 130, no traceback; the finished shards are kept for the resume."""
+    ws, places = workspace
+    rc, output = probes.probe_ctrl_c(ws, places)
+    assert probes.judge(None, "interrupted (Ctrl-C)", rc, output, 130), output
+    assert list((ws / "results/diagnose/ctrl_c/shards").glob("shard_*.pt"))
+
+
+@pytest.mark.slow
+def test_a_blowup_on_one_ddp_rank_stops_every_rank(tmp_path):
+    """2 gloo processes under torchrun: rank 1 fails in the local phase, rank 0 does not; both stop with an
+    error within seconds instead of rank 0 waiting in the next all-reduce."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(ROOT / "tests/opd/stop_worker.py"), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "rank1.txt").read_text() == "generation logits non-finite at generated token 1"
+    assert (tmp_path / "rank0.txt").read_text().startswith("student logits non-finite on another process's rollouts "
+                                                           "(1 of 2 processes stopped this step")
 
 
 # ------------------------------------------------------------------------------------------ issue 24: shipped testbeds

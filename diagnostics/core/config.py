@@ -7,12 +7,19 @@ dataclass's `__post_init__` range checks. Every error names the key and the file
 raised before any model is loaded.
 
 Nested dataclasses are addressed with dots: `teacher.num_layers=4`.
+
+What the user wrote is honoured or refused, never dropped: a YAML file that sets one key twice is an error
+naming the key (PyYAML keeps the last silently), and `explicit_keys()` tells a `__post_init__` which keys the
+user wrote (every command-line override; a YAML key whose value differs from the default, or any key of a
+file that also sets `preset`), so a preset can refuse to overwrite them (`opd.config`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -20,11 +27,95 @@ from typing import Any, TypeVar
 
 import yaml
 
+from diagnostics.core.paths import check_user_path
+
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A bad config value; the message names the key and where it came from."""
+
+
+# Keys the user wrote, while `load_config` builds a config: key -> where ("the command line" or the file).
+# None outside load_config (a config built in Python): callers then treat non-default values as written.
+_EXPLICIT: contextvars.ContextVar[tuple[type, dict[str, str]] | None] = contextvars.ContextVar("explicit_keys",
+                                                                                              default=None)
+MIN_TEMPERATURE = 1e-3  # below it logits / T overflow float16 (|logit| ~ 65: 65 / 1e-3 = 6.5e4) and sampling is greedy
+
+
+def explicit_keys(config: Any) -> dict[str, str] | None:
+    """The top-level keys the user wrote for `config` while `load_config` builds it (key -> where), or None when
+    it is built directly in Python (not by `load_config`, or nested inside another config's checks)."""
+    loading = _EXPLICIT.get()
+    return loading[1] if loading is not None and type(config) is loading[0] else None
+
+
+def field_default(config: Any, key: str) -> Any:
+    """The dataclass default of `key` on `config` (its default_factory's value for lists and dicts)."""
+    spec = next(f for f in dataclasses.fields(config) if f.name == key)
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def user_set(config: Any, key: str) -> bool:
+    """Whether the user wrote `key` (`explicit_keys`); for a config built in Python, whether it is off its default."""
+    written = explicit_keys(config)
+    return key in written if written is not None else getattr(config, key) != field_default(config, key)
+
+
+def check_applies(config: Any, key: str, applies: bool, why: str) -> None:
+    """A key the run would ignore is refused, naming `why`, when the user wrote it (a silent no-op is a wrong run)."""
+    check(applies or not user_set(config, key), key, f"does not apply here: {why}")
+
+
+def check_unique(values: list, key: str) -> None:
+    """No value twice in a list key: a duplicate would run (or report) the same thing twice."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ConfigError(f"{key}: {value!r} is given twice in {list(values)}; give each once")
+        seen.add(value)
+
+
+def check_temperature(value: float, key: str = "temperature") -> None:
+    """A sampling temperature: finite (the loader checks) and >= MIN_TEMPERATURE."""
+    check(value >= MIN_TEMPERATURE, key, f"must be >= {MIN_TEMPERATURE:g} (logits / T overflows below it; for the "
+          f"most likely token use greedy decoding), got {value!r}")
+
+
+def check_run_name(name: str, key: str = "run_name") -> None:
+    """A run name is one path component: the run's directory right under out_dir, never above or inside it."""
+    bad = (name in (".", "..") or "/" in name or "\\" in name or name != name.strip() or len(name.encode()) > 200
+           or any(ord(c) < 32 or ord(c) == 127 for c in name))  # a newline or tab breaks every one-line message
+    check(not bad, key, f"must be one directory name (no '/', not '.' or '..', no control characters or surrounding "
+          f"spaces, at most 200 bytes), got {name!r}")
+
+
+def check_run_keys(config: Any, *, unique: tuple[str, ...] = (), seeds: tuple[str, ...] = (),
+                   named_out_dir: bool = True) -> None:
+    """What every command's config shares: no list key holding a value twice (`unique`), seeds (a key or a list
+    key) in [0, 2**31), a run name of one directory, and (`named_out_dir`) an out_dir that is not ''."""
+    for key in unique:
+        check_unique(getattr(config, key), key)
+    for key in seeds:
+        value = getattr(config, key)
+        check(all(0 <= s < 2**31 for s in (value if isinstance(value, list) else [value])), key,
+              f"each seed must be in [0, 2**31), got {value}")
+    if getattr(config, "run_name", ""):
+        check_run_name(config.run_name)
+    if named_out_dir:
+        check_out_dir(config.out_dir)
+
+
+def check_cpu_threads(value: int, key: str = "cpu_threads") -> None:
+    """torch threads: 0 (torch's default) up to the machine's CPUs (more only oversubscribes the cores)."""
+    cpus = os.cpu_count() or 1
+    check(0 <= value <= cpus, key, f"{value} threads on a machine with {cpus} CPUs: must be in [0, {cpus}] "
+          f"(0 = torch's default)")
+
+
+def check_out_dir(value: str, key: str = "out_dir") -> None:
+    """An output directory is named: '' would write runs into whatever the current directory is."""
+    check(bool(value.strip()), key, "must name a directory ('' would write into the current directory)")
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -146,6 +237,24 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix}{exc}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping setting one key twice (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{key}: set twice (lines {seen[key]} and {line}); keep one")
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=3` -> (['a', 'b'], 3); the value is parsed as YAML (so `true`, `1e-3`, `[8, 16]` work)."""
     if "=" not in text:
@@ -180,10 +289,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        try:  # a directory, a symlink loop, an unreadable file: said as such
+            check_user_path(path, "config file", "file")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path}: invalid YAML: {' '.join(str(exc).split())}") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -191,15 +306,36 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
         data = loaded or {}
+    explicit = _written_keys(cls, data, source)
+    given: dict[str, str] = {}
     for text in overrides or []:
         key_path, value = parse_override(text)
+        key = ".".join(key_path)
+        if key in given:  # the last would win silently
+            raise ConfigError(f"{key}: given twice on the command line ({given[key]!r} and {text!r}); keep one")
+        given[key] = text
         _set_nested(data, key_path, value)
+        explicit[key_path[0]] = "the command line"
     if overrides:
         source += " + command-line overrides"
+    token = _EXPLICIT.set((cls, explicit))
     try:
         return _build(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in {source})") from None
+    finally:
+        _EXPLICIT.reset(token)
+
+
+def _written_keys(cls: type, data: dict[str, Any], source: str) -> dict[str, str]:
+    """The YAML keys that count as written by the user: a value other than the default, or any key of a file
+    that sets `preset` itself (a file mirroring the defaults key for key writes them as documentation)."""
+    defaults = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls) if f.init and (f.default is not dataclasses.MISSING
+                                                                or f.default_factory is not dataclasses.MISSING)}
+    sets_preset = bool(data.get("preset"))
+    return {key: source for key, value in data.items()
+            if sets_preset or key not in defaults or value != defaults[key]}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

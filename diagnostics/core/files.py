@@ -17,6 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from diagnostics.core.paths import check_user_path
+
 
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
@@ -32,6 +34,16 @@ def _disk_full(directory: Path) -> bool:
         return shutil.disk_usage(directory).free < 1 << 20
     except OSError:
         return False
+
+
+def disk_full_error(exc: BaseException, directory: str | Path, path: str | Path) -> OSError | None:
+    """The one-line ENOSPC error naming `path` when `exc` (from a writer: torch.save says "unexpected pos",
+    pyarrow names no file) came from a full disk under `directory`; None otherwise."""
+    if not isinstance(exc, OSError | RuntimeError):
+        return None
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _disk_full(Path(directory)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
 
 
 def file_mode() -> int:
@@ -85,3 +97,28 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
     return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def read_user_parquet(path: str | Path, key: str) -> pd.DataFrame:
+    """A parquet file the user named by `key`: a missing or non-parquet file is an error naming key and path."""
+    try:
+        check_user_path(path, key, "file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{key}: {path} does not exist") from None
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... naming no key
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{key}: {path} cannot be read as parquet ({first})") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """The JSON value of `path`; a damaged file is a ValueError naming the file and what it is (never a bare
+    JSONDecodeError, whose message names no file)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: {what} is not valid JSON ({exc}); the file is damaged: restore it, or delete "
+                         f"the run and rerun") from None
+

@@ -17,8 +17,10 @@ Helpers that find the first non-finite entry:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,18 @@ def write_nonfinite_record(directory: str | Path, **fields: Any) -> Path:
     """`<directory>/nonfinite.json` with `fields` (quantity, step, last good state, ...) and the time."""
     record = {**fields, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return write_json(Path(directory) / RECORD_NAME, record)
+
+
+@contextlib.contextmanager
+def nonfinite_recorded(directory: str | Path, **fields: Any) -> Iterator[None]:
+    """Around a stage that may raise NonFiniteError (generation's FiniteLogitsGuard): the blow-up is written to
+    `<directory>/nonfinite.json` with `fields` and re-raised naming the record, as training's guard does."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        quantity = "generation logits" if "generation logits" in str(exc) else "unknown"
+        write_nonfinite_record(directory, quantity=quantity, message=str(exc), **fields)
+        raise NonFiniteError(f"{fields.get('stage', 'run')}: {exc}; nonfinite.json in {directory}") from None
 
 
 def first_nonfinite_parameter(model: torch.nn.Module) -> tuple[str, int, int] | None:

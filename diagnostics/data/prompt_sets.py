@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from diagnostics.core.files import atomic_write, write_json
+from diagnostics.core.paths import check_user_path
 from diagnostics.data.problems import Problem
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file suffix -> datasets builder
@@ -54,9 +57,11 @@ def _load_rows(source: str, split: str, subset: str | None) -> tuple[Iterable[di
 
     path = Path(source)
     builder = LOCAL_BUILDERS.get(path.suffix.lower())
-    if builder is not None or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} does not exist")
+    if builder is not None or os.path.lexists(path):
+        try:  # a directory, a symlink loop or an unreadable file is named as such
+            check_user_path(path, "prompt file", "file")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompt file {path} does not exist") from None
         if builder is None:
             raise PromptSetError(f"{path}: unsupported prompt file type {path.suffix!r}; "
                                  f"use one of {', '.join(LOCAL_BUILDERS)}")
@@ -80,7 +85,8 @@ def _load_rows(source: str, split: str, subset: str | None) -> tuple[Iterable[di
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The objects of a JSONL file (blank lines skipped); an error names the first bad line."""
     records, where = [], []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        line = _utf8(raw, path, f"line {line_no}")
         if not line.strip():
             continue
         try:
@@ -97,7 +103,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The objects of a JSON file holding a list of objects."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_utf8(path.read_bytes(), path, "the file"))
     except json.JSONDecodeError as exc:
         raise PromptSetError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(data, list):
@@ -107,6 +113,15 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if not isinstance(record, dict):
             raise PromptSetError(f"{path}: row {i + 1}: expected a JSON object, got {type(record).__name__}")
     return data, [f"row {i + 1}" for i in range(len(data))]
+
+
+def _utf8(raw: bytes, path: Path, where: str) -> str:
+    """`raw` decoded as UTF-8 (JSON's encoding); else an error naming the file, the line and the byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptSetError(f"{path}: {where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                             f"save the file as UTF-8") from None
 
 
 def get_field(record: dict[str, Any], column: str) -> Any:
@@ -149,6 +164,8 @@ def as_answer(value: Any) -> str:
         value = value[0]
     if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
         raise ValueError(f"the answer must be text or a number, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):  # str() would make "nan", which nothing ever matches
+        raise ValueError(f"the answer is {value} (not a number); write it as text if it is meant literally")
     return str(value)
 
 
@@ -166,7 +183,7 @@ def load_prompt_set(
 
     `prompt_column` / `answer_column`: names or dotted paths (DAPO-Math-17k: `prompt` holds a message
     list and `reward_model.ground_truth` the answer; the release's slime files: `prompt` and `label`).
-    Without `require_answer` a missing answer is "". `limit` > 0 keeps the first `limit` rows.
+    Without `require_answer` a missing answer is "". `limit` > 0 keeps the first `limit` rows (fewer rows is an error).
     A bad record raises `PromptSetError` naming the file, the row (1-based) and, for JSONL, its line.
     """
     source = str(source)
@@ -192,6 +209,9 @@ def load_prompt_set(
         problems.append(Problem(prompt_id=i, prompt=prompt, answer=answer))  # type: ignore[arg-type]
     if not problems:
         raise PromptSetError(f"{source}: holds no prompts")
+    if limit and len(problems) < limit:  # never a silent clamp: the run would report fewer problems than asked
+        raise PromptSetError(f"{source}: holds {len(problems)} prompts, fewer than the {limit} asked for "
+                             f"(n_problems={limit}; 0 takes them all)")
     return problems
 
 

@@ -114,8 +114,8 @@ def fit_prompts(
         if len(ids) > budget:
             if not truncate:
                 raise ValueError(
-                    f"prompts[{i}]: {len(ids)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
-                    f"{max_positions} positions (truncate_prompt=True keeps the last {budget} prompt tokens)"
+                    f"prompt {i + 1}: {len(ids)} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
+                    f"{max_positions} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
                 )
             ids = ids[-budget:]  # left truncation: the end of the prompt is what the response continues
         out.append(ids)

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from diagnostics.core.nonfinite import NonFiniteError
 from diagnostics.core.progress import progress_bar
 from diagnostics.core.seeds import derive_seed
 from diagnostics.data.prompts import cut_at_stop
@@ -66,6 +67,24 @@ def _plain_generation(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+class FiniteLogitsGuard(LogitsProcessor):
+    """A generate() logits processor that stops generation at the first NaN or +inf score (after temperature;
+    -inf is a masked token and allowed, a row of nothing but -inf is not): the same stop as training's guard,
+    naming the generated position, instead of torch.multinomial's "probability tensor contains inf/nan"."""
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = torch.isnan(scores).any(dim=-1) | torch.isposinf(scores).any(dim=-1) | torch.isneginf(scores).all(dim=-1)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise NonFiniteError(f"generation logits non-finite at generated token {self.position + 1} of batch row "
+                                 f"{row} (NaN/inf scores after temperature: the model's weights or the temperature)")
+        self.position += 1
+        return scores
+
+
 @torch.no_grad()
 def sample_hf(
     model: torch.nn.Module,
@@ -104,6 +123,7 @@ def sample_hf(
                     eos_token_id=stop_ids or None,
                     pad_token_id=pad_id,
                     suppress_tokens=padding,
+                    logits_processor=LogitsProcessorList([FiniteLogitsGuard()]),
                 )
             for (i, s), tokens in zip(batch, generated[:, ids.shape[1] :].tolist()):
                 out.append((i, s, *cut_at_stop(tokens, stop_ids, sampling.max_new_tokens)))
@@ -198,6 +218,7 @@ def generate_responses(
             top_p=1.0 if not greedy else None,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            logits_processor=LogitsProcessorList([FiniteLogitsGuard()]),
         )
         for row in out[:, ids.shape[1] :].tolist():
             if tokenizer.eos_token_id in row:

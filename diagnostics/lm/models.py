@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
+from diagnostics.core.paths import check_user_path
 from diagnostics.core.progress import quiet_library_bars
 
 
@@ -50,8 +55,11 @@ def check_path(path: str, what: str) -> None:
     naming `what` and the path, not a hub lookup or a tokenizer library's message later."""
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
     local = Path(path).expanduser()
-    if looks_local and not local.is_dir():
-        raise FileNotFoundError(f"{what}: model directory {path} does not exist")
+    if looks_local or os.path.lexists(local):  # a symlink loop or a file named here is said as such
+        try:
+            check_user_path(local, what, "directory")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{what}: model directory {path} does not exist") from None
     if looks_local and not (local / "config.json").is_file():
         held = sorted(p.name for p in local.iterdir())[:5]
         raise FileNotFoundError(f"{what}: {path} holds no model (no config.json; "
@@ -139,21 +147,71 @@ class ModelPair:
     dtype: torch.dtype
 
 
-def check_pair(student_path: str, teacher_path: str, *, names: tuple[str, str] = ("student", "teacher")
-               ) -> tuple[PreTrainedTokenizerBase, int]:
+def check_pair(student_path: str, teacher_path: str, *, names: tuple[str, str] = ("student", "teacher"),
+               same_architecture: bool = False) -> tuple[PreTrainedTokenizerBase, int]:
     """The compatibility check alone (tokenizers and configs, no weights). Returns (tokenizer, V).
     `names` are the config keys of the two paths, for the error messages."""
     check_path(student_path, names[0])
     check_path(teacher_path, names[1])
     student_tok = _pretrained(AutoTokenizer, student_path, names[0])
     teacher_tok = _pretrained(AutoTokenizer, teacher_path, names[1])
-    vocab = check_compatibility(
-        student_tok,
-        teacher_tok,
-        vocab_rows(_pretrained(AutoConfig, student_path, names[0])),
-        vocab_rows(_pretrained(AutoConfig, teacher_path, names[1])),
-    )
+    paths = (student_path, teacher_path)
+    configs = [_pretrained(AutoConfig, path, what) for path, what in zip(paths, names)]
+    for config, path, what in zip(configs, paths, names):
+        check_causal_lm(config, path, what)
+        check_weight_rows(config, path, what)
+    vocab = check_compatibility(student_tok, teacher_tok, vocab_rows(configs[0]), vocab_rows(configs[1]))
+    if same_architecture:  # the second is a trained state of the first (mode=checkpoint)
+        check_same_architecture(configs, paths, names)
     return student_tok, vocab
+
+
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_same_architecture(configs: list, paths: tuple[str, str], names: tuple[str, str]) -> None:
+    """A trained checkpoint of the base model has the base's architecture (a checkpoint of another model, say the
+    teacher, shares the tokenizer but is no state of this student: every gain would compare two models)."""
+    for key in ARCHITECTURE_KEYS:
+        a, b = (getattr(config, key, None) for config in configs)
+        if a != b:
+            raise IncompatibleModelsError(f"{names[1]}: {paths[1]} is not a trained copy of the {names[0]} "
+                                          f"({key} {b} vs the {names[0]}'s {a})")
+
+
+def check_causal_lm(config, path: str, what: str) -> None:
+    """The model predicts each token from the ones before it (a causal LM): an encoder's LM head (BERT) sees the
+    tokens after a position too, so its "next-token" distributions, and every signal built on them, are not
+    next-token predictions; an encoder-decoder has no single-stream next-token head either."""
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise IncompatibleModelsError(f"{what}: {path} is an encoder-decoder model ({kind}); on-policy distillation "
+                                      f"here needs two causal (left-to-right) language models")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise IncompatibleModelsError(f"{what}: {path} is a {kind} model, which has no causal language-model head "
+                                      f"in transformers; both models must be causal LMs")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise IncompatibleModelsError(f"{what}: {path} is a bidirectional {kind} encoder (is_decoder is false: every "
+                                      f"position sees the tokens after it); both models must be causal LMs")
+
+
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight",
+                      "embed_in.weight", "embed_out.weight")
+
+
+def check_weight_rows(config, path: str, what: str) -> None:
+    """The weights' embedding / LM-head rows match the config's vocab_size (read from the safetensors headers,
+    no weights loaded); a mismatch is named here, not as a size-mismatch traceback inside from_pretrained."""
+    local = Path(path).expanduser()
+    rows = vocab_rows(config)
+    for weights in sorted(local.glob("*.safetensors")) if local.is_dir() else []:
+        with safe_open(str(weights), framework="pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape() if name.endswith(EMBEDDING_SUFFIXES) else None
+                if shape and len(shape) == 2 and shape[0] != rows:
+                    raise IncompatibleModelsError(
+                        f"{what}: {path}/config.json says vocab_size={rows} but {weights.name} holds {name} with "
+                        f"{shape[0]} rows; the config does not belong to these weights")
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

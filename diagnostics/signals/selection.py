@@ -26,9 +26,16 @@ from diagnostics.signals.checks import NEG_INF, check_valid, first_index
 TIE_ORDERS = ("row_major", "earliest_position", "latest_position")
 
 
-def _budget(ratio: float, n_valid: int) -> int:
-    """ceil(ratio * n) robust to float error (ceil(0.07 * 100) = 7, not 8), at least 1."""
-    return max(1, min(n_valid, math.ceil(ratio * n_valid - 1e-9)))
+BUDGET_RULES = ("exact", "release")
+
+
+def _budget(ratio: float, n_valid: int, rule: str = "exact") -> int:
+    """The kept count, at least 1. "exact": ceil(ratio * n) robust to float error (ceil(0.07 * 100) = 7);
+    "release": the release's plain float ceil(n * ratio) (tip_compat.py L450: 0.07 * 100 = 7.000000000000001 -> 8)."""
+    if rule not in BUDGET_RULES:
+        raise ValueError(f"budget_rule must be one of {list(BUDGET_RULES)}, got {rule!r}")
+    raw = math.ceil(n_valid * ratio) if rule == "release" else math.ceil(ratio * n_valid - 1e-9)
+    return max(1, min(n_valid, raw))
 
 
 def _tie_permutation(b: int, t: int, tie_order: str, seed: int | None, device: torch.device) -> Tensor:
@@ -68,7 +75,7 @@ def select(
     seed: int | None = None,
     tie_order: str = "row_major",
     fill_score: Tensor | None = None,
-    top_up_score: Tensor | None = None,
+    top_up_score: Tensor | None = None, budget_rule: str = "exact",
 ) -> Tensor:
     """Budgeted selection mask over a whole rollout batch (spec 2, "Selection").
 
@@ -117,7 +124,7 @@ def select(
     cand = (flat > NEG_INF).view(b, t)
     perm = _tie_permutation(b, t, tie_order, seed, score.device)
     order = _order(flat, perm)  # positions, best first; non-candidates (-inf) last
-    budget = _budget(ratio, int(valid.sum()))
+    budget = _budget(ratio, int(valid.sum()), budget_rule)
     eligible = cand
     if fill_score is not None:  # candidates first, then the other valid positions by fill_score
         fill = _check_score(fill_score, valid, "fill_score", allow_neg_inf=False)

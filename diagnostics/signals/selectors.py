@@ -22,7 +22,7 @@ from torch import Tensor
 
 from diagnostics.signals.normalize import SIGNAL_NORMALIZATIONS
 from diagnostics.signals.scores import SELECTION_SIGNAL_SOURCES, get_score, selection_scores, unrestricted_score
-from diagnostics.signals.selection import select
+from diagnostics.signals.selection import BUDGET_RULES, select
 
 TIE_BREAKS = ("row_major", "earliest_position")
 SIGNAL_MODES = tuple(SELECTION_SIGNAL_SOURCES)  # ("exact", "release_topk")
@@ -41,6 +41,8 @@ class SelectionOptions:
         positions by its unrestricted score.
     top_up: "" = a short response is topped up by the selector's own score among its candidates;
         else a registered score, ranked over all the response's valid positions.
+    budget: "exact" (ceil of the exact ratio x n: 7% of 100 keeps 7) | "release" (the release's float
+        ceil(n * ratio), tip_compat.py L450: 7% of 100 keeps 8) (``selection.BUDGET_RULES``).
     """
 
     signals: str = "exact"
@@ -48,11 +50,13 @@ class SelectionOptions:
     tie_break: str = "row_major"
     q3_fill: bool = False
     top_up: str = ""
+    budget: str = "exact"
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("signals", self.signals, SIGNAL_MODES),
                                     ("normalization", self.normalization, SIGNAL_NORMALIZATIONS),
-                                    ("tie_break", self.tie_break, TIE_BREAKS)):
+                                    ("tie_break", self.tie_break, TIE_BREAKS),
+                                    ("budget", self.budget, BUDGET_RULES)):
             if value not in allowed:
                 raise ValueError(f"{key}: must be one of {list(allowed)}, got {value!r}")
         if self.top_up:
@@ -64,7 +68,7 @@ class SelectionOptions:
     def paper(cls) -> SelectionOptions:
         """The released training code's choices (module docstring)."""
         return cls(signals="release_topk", normalization="all_response_rows", tie_break="earliest_position",
-                   q3_fill=False, top_up=RELEASE_TOP_UP)
+                   q3_fill=False, top_up=RELEASE_TOP_UP, budget="release")
 
     def source_keys(self) -> tuple[str, ...]:
         """The signal keys this selection reads (H, D, C), in that order."""
@@ -111,4 +115,5 @@ def select_by_name(
     fill = unrestricted_score(selector, norm, valid, seed) if options.q3_fill and spec.restrict_to_q3 else None
     top_up = scores[options.top_up] if options.top_up else None
     return select(scores[selector], valid, ratio, min_per_sequence=min_per_sequence,
-                  tie_order=tie_order_for(selector, options.tie_break), fill_score=fill, top_up_score=top_up)
+                  tie_order=tie_order_for(selector, options.tie_break), fill_score=fill, top_up_score=top_up,
+                  budget_rule=options.budget)

@@ -49,6 +49,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from diagnostics.core.config import config_to_dict
+from diagnostics.core.files import share_tree
 from diagnostics.data.problems import Problem
 from diagnostics.testbed.config import (
     CALIBRATION_SEED_OFFSET,
@@ -237,6 +238,7 @@ def save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase,
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    share_tree(out)  # save_pretrained writes model.safetensors 0600: the cache follows the umask like any result
 
 
 def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool = True,
@@ -252,7 +254,7 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
     if shipped is not None:
         name, root = shipped
         return Testbed(root, config, json.loads((root / "report.json").read_text()), "shipped", name)
-    root = Path(config.cache_dir) / config.cache_key()
+    root = config.cache_root() / config.cache_key()
     report_path = root / "report.json"
     if report_path.is_file() and not force:
         return Testbed(root, config, json.loads(report_path.read_text()))

@@ -10,12 +10,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from diagnostics.core.config import check, config_to_dict
+from diagnostics.core.paths import check_user_path
 from diagnostics.data.problems import Problem
 from diagnostics.testbed.qwen_vocab import (
     build_qwen2_tokenizer,
@@ -33,6 +36,19 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 # A minimal chat template so the chat-message path works on the testbed: the user turn is the prompt.
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+CACHE_ENV = "TAOPD_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """The testbed cache, one place per user whatever the working directory: $TAOPD_CACHE_DIR/testbed, else
+    $XDG_CACHE_HOME/taopd/testbed, else ~/.cache/taopd/testbed (a relative cache_dir would rebuild the testbed,
+    minutes, in every directory a command is run from)."""
+    if os.environ.get(CACHE_ENV):
+        return check_user_path(os.environ[CACHE_ENV], CACHE_ENV, "writable directory") / "testbed"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "taopd" / "testbed"
 
 
 @dataclass
@@ -98,7 +114,7 @@ class TestbedConfig:
     calibration_batch_size: int = 8
     calibration_lr: float = 3e-3
     calibration_body_lr: float = 0.0  # > 0: the body and the task's rows train with the full softmax too
-    cache_dir: str = ".cache/testbed"
+    cache_dir: str = ""  # "" = the per-user cache (default_cache_dir), whatever the working directory
 
     def __post_init__(self) -> None:
         check(self.task in TASKS, "task", f"must be one of {sorted(TASKS)}, got {self.task!r}")
@@ -133,6 +149,10 @@ class TestbedConfig:
         """`n` problems of this testbed's task from the seeded stream `seed`."""
         return self.task_spec.problems(n, seed=seed, n_items=self.n_items, n_words=self.n_words,
                                        pool=word_pool(self.vocabulary))
+
+    def cache_root(self) -> Path:
+        """Where builds of this config live: `cache_dir`, or the per-user default."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
     def cache_key(self) -> str:
         payload = config_to_dict(self)

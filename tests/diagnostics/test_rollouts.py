@@ -178,7 +178,7 @@ def test_too_long_prompt_raises_or_is_left_truncated(student, tokenizer):
     limit = student.config.max_position_embeddings  # 64 on the testbed
     long_prompt = list(range(7, 37)) * 3  # 90 token ids
     sampling = SamplingConfig(max_new_tokens=10)
-    message = rf"prompts\[1\]: 90 prompt tokens \+ max_new_tokens=10 exceed the model's {limit}"
+    message = rf"prompt 2: 90 prompt tokens \+ max_new_tokens=10 exceed the model's {limit}"
     with pytest.raises(ValueError, match=message):
         generate_rollouts(student, tokenizer, [[7, 8], long_prompt], sampling, backend="hf")
     df = generate_rollouts(student, tokenizer, [[7, 8], long_prompt], sampling, backend="hf", truncate_prompt=True,

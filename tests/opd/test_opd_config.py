@@ -85,7 +85,7 @@ def test_paper_preset_sets_the_release_values_and_no_default_moves():
     options = config.selection_options()
     assert options.to_dict() == {"signals": "release_topk", "normalization": "all_response_rows",
                                  "tie_break": "earliest_position", "q3_fill": False,
-                                 "top_up": "teachability_entropy_ndc"}
+                                 "top_up": "teachability_entropy_ndc", "budget": "release"}
     default = TrainConfig()
     assert (default.signals, default.signal_normalization, default.tie_break, default.top_up) == (
         "exact", "valid_rows", "row_major", "")
@@ -97,15 +97,29 @@ def test_paper_preset_sets_the_release_values_and_no_default_moves():
 
 @pytest.mark.parametrize("override, key", [
     ("min_per_sequence=2", "min_per_sequence"), ("optimizer=adam", "optimizer"),
-    ("normalization=kept_global", None), ("betas=[0.9, 0.95]", "betas"),
+    ("normalization=kept_global", "normalization"), ("min_per_sequence=0", "min_per_sequence"),
+    ("betas=[0.9, 0.95]", "betas"),
 ])
 def test_paper_preset_refuses_a_conflicting_key(override, key):
-    if key is None:  # the default value of a key the preset sets cannot be told from "not written"
-        assert load_config(TrainConfig, ROOT / "configs/train.yaml", ["preset=paper", override]).normalization == (
-            "per_sequence_mean")
-        return
-    with pytest.raises(ConfigError, match=rf"{key}: .*(preset: paper|optimizer: paper)"):
+    """A key written on the command line, even at its default, is the user's: never silently the preset's."""
+    with pytest.raises(ConfigError, match=rf"{key}: set to .* on the command line, but (preset: paper|optimizer: "
+                                          rf"paper) sets it to"):
         load_config(TrainConfig, ROOT / "configs/train.yaml", ["preset=paper", override])
+
+
+def test_a_yaml_key_beside_the_preset_is_the_users(tmp_path):
+    """In a file that sets the preset, every key is written by the user; a file mirroring the defaults is not."""
+    (tmp_path / "own.yaml").write_text("preset: paper\nmin_per_sequence: 0\n")
+    with pytest.raises(ConfigError, match=rf"min_per_sequence: set to 0 in {tmp_path}/own.yaml, but preset: paper"):
+        load_config(TrainConfig, tmp_path / "own.yaml")
+    config = load_config(TrainConfig, ROOT / "configs/train.yaml", ["preset=paper"])  # min_per_sequence: 0 there
+    assert config.min_per_sequence == 1 and "min_per_sequence" in config.preset_keys()
+
+
+def test_a_yaml_key_set_twice_is_refused(tmp_path):
+    (tmp_path / "twice.yaml").write_text("lr: 1.0e-4\nsteps: 3\nlr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: lr: set twice \(lines 1 and 3\)"):
+        load_config(TrainConfig, tmp_path / "twice.yaml")
 
 
 @pytest.mark.parametrize("override, key", [

@@ -52,9 +52,11 @@ def qwen_style_tokenizer():
 
 
 def real_config(path: Path, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, ROOT / "configs/train_quick.yaml", [
-        "student=s", "teacher=t", f"prompts={path}", f"eval_prompts={path}",
-        "answer_column=reward_model.ground_truth", "steps=2", "batch_size=4", *overrides])
+    base = ["student=s", "teacher=t", f"prompts={path}", f"eval_prompts={path}",
+            "answer_column=reward_model.ground_truth", "steps=2", "batch_size=4"]
+    given = {o.split("=", 1)[0] for o in overrides}  # a key given twice on the command line is an error
+    return load_config(TrainConfig, ROOT / "configs/train_quick.yaml",
+                       [b for b in base if b.split("=", 1)[0] not in given] + list(overrides))
 
 
 def test_parquet_message_prompts_through_both_recipes(tmp_path, qwen_style_tokenizer):
