@@ -510,6 +510,25 @@ OS_PROBES = [
 ]
 
 
+def probe_tampered_shipped(ws: Path, places: dict[str, str]) -> tuple[int, str]:
+    """`taopd testbed` on a copy of the shipped testbeds whose small teacher's weights have one byte flipped
+    (TAOPD_SHIPPED_TESTBEDS points at the copy): an error naming the file, nothing built in its place."""
+    shipped = ws / "shipped"
+    if not shipped.exists():
+        shutil.copytree(ROOT / "diagnostics" / "testbed" / "shipped", shipped)
+        weights = shipped / "small" / "teacher" / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+    return run_subprocess(["testbed", "--config", "configs/testbed_small.yaml", f"cache_dir={ws}/shipped-cache"],
+                          {"TAOPD_SHIPPED_TESTBEDS": str(shipped)})
+
+
+# issue 24: a probe that needs a tampered copy of the shipped testbeds (made in the workspace), run as the OS probes are
+OS_PROBES.append(("1 data damaged", "tampered shipped testbed file (one byte of a weight file)", probe_tampered_shipped,
+                  "small/teacher/model.safetensors does not match its sha256", 2))
+
+
 def judge(probe: Probe | None, expect: str, rc: int, output: str, status: int = 2) -> bool:
     """A probe's outcome as the issue asks: one line `error:` naming `expect` and exit `status`, no traceback;
     for a success probe, exit 0 and no error line."""

@@ -43,6 +43,7 @@ from diagnostics.diagnose import PROTOCOL_MEANING, DiagnoseConfig, run_diagnose
 from diagnostics.signals import get_score, list_scores
 from diagnostics.testbed.build import build_testbed
 from diagnostics.testbed.config import TestbedConfig
+from diagnostics.testbed.rebuild import rebuild_testbed
 from opd.config import TrainConfig
 from opd.distributed import launched_world
 from opd.engines import run_training
@@ -80,7 +81,11 @@ def _quantiles(report: dict, name: str) -> str:
 def cmd_testbed(args: argparse.Namespace) -> int:
 
     config = load_config(TestbedConfig, args.config, args.overrides)
-    testbed = build_testbed(config, force=args.force)
+    comparison = None
+    if args.rebuild:  # retrain from the config; compared with the shipped testbed of its hash, if any
+        testbed, comparison = rebuild_testbed(config)
+    else:
+        testbed = build_testbed(config)
     report = testbed.report
     table = Table(title=f"testbed {testbed.root}")
     table.add_column("measure")
@@ -109,7 +114,12 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    console.print(f"teacher: {testbed.teacher_path}\nstudent: {testbed.student_path}")
+    console.print(f"testbed: {testbed.describe()}\nteacher: {testbed.teacher_path}\nstudent: {testbed.student_path}",
+                  highlight=False, soft_wrap=True)
+    if args.rebuild:
+        console.print("\n".join(comparison.lines() if comparison else ["no shipped testbed has this config's hash"]),
+                      highlight=False, soft_wrap=True)
+        return 0 if comparison is None or comparison.ok else 1
     return 0
 
 
@@ -318,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("testbed", help="build or reuse the embedded teacher-student testbed; print its report")
     _add_config_args(p, "configs/testbed.yaml")
-    p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    p.add_argument("--rebuild", "--force", action="store_true", dest="rebuild",
+                   help="retrain from the config (into the cache) and compare with the shipped testbed of its hash")
     p.set_defaults(func=cmd_testbed)
 
     p = sub.add_parser("scores", help="list the registered token scores / selectors")

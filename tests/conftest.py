@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded testbed, built once per test session and cached under .cache/."""
+"""Shared fixtures: the embedded testbeds, the shipped ones (diagnostics/testbed/shipped/) where the config's hash
+matches, else built once and cached under .cache/."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ os.environ.setdefault("TAOPD_CACHE_DIR", str(ROOT / ".cache"))  # the checkout's
 
 @pytest.fixture(scope="session")
 def small_testbed():
-    """A tiny testbed (seconds to build) for machinery tests; not for accuracy criteria."""
+    """A tiny testbed (shipped; seconds to build) for machinery tests; not for accuracy criteria."""
     from diagnostics.core.config import load_config
     from diagnostics.testbed.build import build_testbed
     from diagnostics.testbed.config import TestbedConfig
@@ -25,7 +26,7 @@ def small_testbed():
 
 @pytest.fixture(scope="session")
 def default_testbed():
-    """The default testbed (the pair every command uses by default); ~3 minutes cold, cached."""
+    """The default testbed (the pair every command uses by default): shipped, loaded in a second."""
     from diagnostics.core.config import load_config
     from diagnostics.testbed.build import build_testbed
     from diagnostics.testbed.config import TestbedConfig

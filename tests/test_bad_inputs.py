@@ -533,3 +533,30 @@ def test_a_blowup_on_one_ddp_rank_stops_every_rank(tmp_path):
     assert (tmp_path / "rank1.txt").read_text() == "generation logits non-finite at generated token 1"
     assert (tmp_path / "rank0.txt").read_text().startswith("student logits non-finite on another process's rollouts "
                                                            "(1 of 2 processes stopped this step")
+
+
+# ------------------------------------------------------------------------------------------ issue 24: shipped testbeds
+
+
+def test_a_tampered_shipped_testbed_file_is_one_error_naming_it(tmp_path, capsys, monkeypatch):
+    """One byte of a shipped weight file flipped: `taopd testbed` and `taopd diagnose` stop with one line naming the
+    file; nothing is built in its place (no cache directory) and no run directory is written."""
+    import shutil
+
+    from diagnostics.testbed.manifest import SHIPPED_DIR, SHIPPED_ENV
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(SHIPPED_DIR, shipped)
+    weights = shipped / "small" / "teacher" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setenv(SHIPPED_ENV, str(shipped))
+    expect = f"shipped testbed 'small': {weights} does not match its sha256"
+    rc, output = run_in_process(["testbed", "--config", "configs/testbed_small.yaml", f"cache_dir={tmp_path}/cache"],
+                                capsys)
+    assert_one_clear_error(rc, output, expect)
+    argv = [s.format(ws=tmp_path) for s in probes.diagnose()]  # the small testbed via testbed_config=
+    rc, output = run_in_process(argv, capsys)
+    assert_one_clear_error(rc, output, expect)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()

@@ -24,8 +24,10 @@ included, loads them exactly as it loads real Qwen models.
 - Default top-K of the pair: the config's `k` (trace: 4, chosen by the spread of C among the
   highest-disagreement positions; see configs/testbed.yaml).
 
-A build is cached under `cache_dir/<hash of the config>`; the second call reuses it in seconds.
-Builds are written to a temporary directory and renamed, so a killed build leaves nothing half-done.
+The default, small and sorting pairs ship inside the package (`diagnostics/testbed/shipped/`, `manifest`): a
+config whose hash is one of theirs loads the shipped files, each checked against its sha256. Any other config is
+built once and cached under `cache_dir/<hash of the config>`; the second call reuses it in seconds. Builds are
+written to a temporary directory and renamed, so a killed build leaves nothing half-done.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from diagnostics.testbed.config import (
     qwen2_tokenizer,
     task_token_ids,
 )
+from diagnostics.testbed.manifest import find_shipped
 from diagnostics.testbed.qwen_vocab import (
     calibrate_rows,
     expand_vocabulary,
@@ -206,11 +209,20 @@ def train_on_task(
 
 @dataclass
 class Testbed:
-    """Paths of a built testbed and its measured report."""
+    """Paths of a testbed, its measured report, and where it came from."""
 
     root: Path
     config: TestbedConfig
     report: dict
+    source: str = "cache"  # shipped (inside the package, sha256-checked) | cache (built earlier) | built (just now)
+    shipped_name: str = ""  # the shipped testbed's name (default, small, sort)
+
+    def describe(self) -> str:
+        """One line: which testbed this is (shipped or built) and its config hash."""
+        key = self.config.cache_key()
+        if self.source == "shipped":
+            return f"shipped testbed '{self.shipped_name}' (config hash {key}; every file's sha256 checked)"
+        return f"{'built now' if self.source == 'built' else 'cached build'} (config hash {key}) in {self.root}"
 
     @property
     def teacher_path(self) -> str:
@@ -229,13 +241,19 @@ def save_checkpoint(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase,
     share_tree(out)  # save_pretrained writes model.safetensors 0600: the cache follows the umask like any result
 
 
-def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool = True) -> Testbed:
-    """Build (or reuse from the cache) the tokenizer, teacher and student; measure the report.
+def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool = True,
+                  use_shipped: bool = True) -> Testbed:
+    """The shipped testbed of `config`'s hash (files checked; `use_shipped`), else build (or reuse from the cache)
+    the tokenizer, teacher and student and measure the report; `force` rebuilds the cached one.
 
     Builds run on one torch thread: the weights then do not depend on the machine's core count (a
     matmul's reduction order changes with it), and one thread is also the fastest for these small
     matrices on a shared 2-core machine.
     """
+    shipped = find_shipped(config) if use_shipped and not force else None  # a damaged file is an error here
+    if shipped is not None:
+        name, root = shipped
+        return Testbed(root, config, json.loads((root / "report.json").read_text()), "shipped", name)
     root = config.cache_root() / config.cache_key()
     report_path = root / "report.json"
     if report_path.is_file() and not force:
@@ -261,7 +279,7 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
     except OSError:  # another process finished the same build first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
         return Testbed(root, config, json.loads(report_path.read_text()))
-    return Testbed(root, config, report)
+    return Testbed(root, config, report, "built")
 
 
 def _build_into(tmp: Path, config: TestbedConfig) -> dict:

@@ -13,6 +13,30 @@ from diagnostics.lm.models import load_model, load_pair
 from diagnostics.signals import token_signals
 from diagnostics.testbed.config import TestbedConfig, heldout_problems, task_token_ids
 
+# What the default pair exists for (docs/testbed.md): a teacher that writes the trace, an under-trained student with
+# room to learn whose own samples are sometimes right, responses long enough that 5% keeps >= 2 tokens, and learnable
+# beside incompatible disagreement among the high-D positions. (report key, lowest allowed, highest allowed)
+DEFAULT_CRITERIA = (
+    ("teacher_acc_greedy", 0.95, 1.0),
+    ("student_acc_greedy", 0.10, 0.50),
+    ("student_acc_sampled", 0.05, 1.0),
+    ("capacity_acc_greedy", 0.80, 1.0),
+    ("response_tokens_median", 48, float("inf")),
+    ("c_top20d_range", 0.3, float("inf")),
+)
+# the shipped testbeds that promise criteria (small and sort promise no accuracies; a rebuild is held to their shapes)
+CRITERIA = {"default": DEFAULT_CRITERIA}
+
+
+def criteria_failures(report: dict, criteria: tuple[tuple[str, float, float], ...] = DEFAULT_CRITERIA) -> list[str]:
+    """The criteria a testbed's report misses, one line each (`[]`: all met); a missing measure is a miss."""
+    failures = []
+    for key, low, high in criteria:
+        value = report.get(key)
+        if value is None or not low <= value <= high:
+            bound = f">= {low:g}" if high == float("inf") else f"in [{low:g}, {high:g}]"
+            failures.append(f"{key} = {value} (must be {bound})")
+    return failures
 
 def measure_testbed(student_path: Path, teacher_path: Path, config: TestbedConfig) -> dict:
     """Accuracies, vocabulary size, response length and the C spread among high-D positions."""

@@ -12,6 +12,8 @@ from diagnostics.core.config import load_config
 from diagnostics.lm.models import check_pair
 from diagnostics.testbed.build import build_testbed
 from diagnostics.testbed.config import TestbedConfig
+from diagnostics.testbed.rebuild import rebuild_testbed
+from diagnostics.testbed.report import criteria_failures
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,14 +31,14 @@ def test_small_build_is_standard_hf_checkpoints(small_testbed):
 
 @pytest.mark.slow
 def test_cache_reuse_force_and_bit_identical_rebuild(tmp_path):
-    config = small_config(tmp_path / "a")
-    first = build_testbed(config)
+    config = small_config(tmp_path / "a")  # the builder itself: the shipped small pair is not used
+    first = build_testbed(config, use_shipped=False)
     t0 = time.perf_counter()
-    again = build_testbed(config)
+    again = build_testbed(config, use_shipped=False)
     assert time.perf_counter() - t0 < 5 and again.root == first.root and again.report == first.report
     weights_before = load_file(Path(first.student_path) / "model.safetensors")
     rebuilt = build_testbed(config, force=True)
-    other_dir = build_testbed(small_config(tmp_path / "b"))
+    other_dir = build_testbed(small_config(tmp_path / "b"), use_shipped=False)
     for candidate in (rebuilt, other_dir):
         for role in ("student", "teacher"):
             a = load_file(Path(getattr(first, f"{role}_path")) / "model.safetensors")
@@ -55,10 +57,8 @@ def test_cache_key_changes_with_config(tmp_path):
     assert a.cache_key() == c.cache_key()  # where the cache lives is not part of what is built
 
 
-@pytest.mark.slow
-def test_default_testbed_meets_the_criteria(default_testbed):
+def assert_default_criteria(report: dict) -> None:
     """The criteria the testbed exists for (issue: a testbed where on-policy distillation teaches)."""
-    report = default_testbed.report
     assert report["vocab_size"] >= 200
     assert report["response_tokens_median"] >= 48  # so 5% keeps >= 2 tokens per response
     assert report["teacher_acc_greedy"] >= 0.95, report
@@ -69,6 +69,34 @@ def test_default_testbed_meets_the_criteria(default_testbed):
     # learnable and incompatible disagreement side by side among the high-D positions
     assert report["c_top20d_range"] >= 0.3, report
     assert report["k"] < report["vocab_size"] / 10
+    assert criteria_failures(report) == []  # `taopd testbed --rebuild` holds the same criteria
+
+
+def test_default_testbed_meets_the_criteria(default_testbed):
+    """The pair every command uses (shipped: its report, measured when it was built)."""
+    assert_default_criteria(default_testbed.report)
+
+
+@pytest.mark.build
+def test_default_testbed_built_from_scratch_meets_the_criteria(tmp_path):
+    """`make test-build`: the default pair trained from its config (~11 minutes on one core) meets the criteria;
+    its largest weight difference from the shipped pair is printed (bit identity depends on the CPU type)."""
+    config = load_config(TestbedConfig, ROOT / "configs/testbed.yaml", [f"cache_dir={tmp_path}"])
+    built, comparison = rebuild_testbed(config)
+    assert built.source == "built" and comparison is not None and comparison.name == "default"
+    print("\n".join(comparison.lines()))
+    assert_default_criteria(built.report)
+    assert comparison.structure == [] and comparison.criteria == []
+
+
+def test_criteria_failures_name_each_missed_bound():
+    report = {"teacher_acc_greedy": 0.97, "student_acc_greedy": 0.6, "student_acc_sampled": 0.05,
+              "response_tokens_median": 51.0, "c_top20d_range": 0.29}
+    assert criteria_failures(report) == [
+        "student_acc_greedy = 0.6 (must be in [0.1, 0.5])",
+        "capacity_acc_greedy = None (must be in [0.8, 1])",
+        "c_top20d_range = 0.29 (must be >= 0.3)",
+    ]
 
 
 def test_selection_trace_and_its_length():
