@@ -10,7 +10,6 @@ from pathlib import Path
 
 from opd.config import TrainConfig
 from opd.trainer import run_arms, train_arm
-from opd.trl_recipe import check_trl_config, train_arm_trl, trl_manifest
 
 
 def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
@@ -21,6 +20,9 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
     `engine: trl` trains each arm with TRL (opd/trl_recipe.py); the setup and outputs are these.
     """
     if config.engine == "trl":
+        # deferred: the TRL recipe imports trl (and through it vLLM), seconds that the own engine never needs
+        from opd.trl_recipe import check_trl_config, train_arm_trl, trl_manifest
+
 
         check_trl_config(config)
         return run_arms(config, resume, train_arm_trl, manifest_extra=trl_manifest(config))
