@@ -96,8 +96,9 @@ def iw_opd_weights(teacher_logprob: Tensor, student_logprob: Tensor, valid: Tens
     return torch.where(valid, 1.0 + gamma * (1.0 - prefix / total), 0.0)
 
 
-@register_weight("iw_opd", description="1 + gamma (1 - P_t / S), P_t = prefix sum of |log pT - log pS| at the "
-                 "sampled tokens, gamma 0.5: IW-OPD (arXiv 2606.22600; TRL experimental/iw_opd)",
+@register_weight("iw_opd", description="WEIGHT rule (every token): 1 + gamma (1 - P_t / S), P_t = prefix sum "
+                 "of |log pT - log pS| at the sampled tokens, gamma 0.5: IW-OPD (arXiv 2606.22600; TRL "
+                 "experimental/iw_opd)",
                  needs=("teacher_logprob_sampled", "student_logprob_sampled"))
 def _iw_opd(inputs, valid, generator):
     return iw_opd_weights(inputs["teacher_logprob_sampled"], inputs["student_logprob_sampled"], valid)
