@@ -28,7 +28,7 @@ def first_order_agreement(tokens: pd.DataFrame) -> dict[str, float | int] | None
 def group_summary(group: pd.DataFrame) -> list[dict[str, object]]:
     """One record per (selector, ratio), in the table's order: n_kept, mean_gain_all (over every
     position), mean_gain_kept (over the kept positions; NaN when none is kept), gain_per_kept (the sum of the
-    gains over every position / n_kept)."""
+    gains over every position / n_kept; NaN when none is kept)."""
     require_columns(group, ["selector", "ratio", "kept", "gain"], "group.parquet")
     rows = []
     for (selector, ratio), part in group.groupby(["selector", "ratio"], sort=False):
@@ -36,6 +36,6 @@ def group_summary(group: pd.DataFrame) -> list[dict[str, object]]:
             "selector": selector, "ratio": float(ratio), "n_kept": int(part["kept"].sum()),
             "mean_gain_all": float(part["gain"].mean()), "mean_gain_kept": float(part.loc[part["kept"], "gain"].mean()),
             # the update's whole-bank gain per token it trained on (matched-budget efficiency, issue 22)
-            "gain_per_kept": float(part["gain"].sum() / max(int(part["kept"].sum()), 1)),
+            "gain_per_kept": float(part["gain"].sum() / part["kept"].sum()) if part["kept"].any() else float("nan"),
         })
     return rows
