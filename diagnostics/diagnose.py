@@ -438,7 +438,7 @@ def run_group(pair: ModelPair, bank: ResponseBatch, grids: dict[str, torch.Tenso
     step = engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr,
                              compute_dtype=resolve_precision(config.mixed_precision, pair.dtype, pair.device).compute)
     frames = []
-    for selector, ratio in engine.group_plan(config.group_selectors, config.group_ratios):
+    for selector, ratio in group_plan(config.group_selectors, config.group_ratios):
         weights = grids[f"weight_{selector}"] if get_score(selector).kind == "weight" else None
         if weights is not None:  # a weight rule: every valid position, weighted (engine.group_step_gains)
             keep = bank.valid.clone()
@@ -452,6 +452,14 @@ def run_group(pair: ModelPair, bank: ResponseBatch, grids: dict[str, torch.Tenso
         }))
     return pd.concat(frames, ignore_index=True)
 
+
+
+def group_plan(selectors: list[str], ratios: list[float]) -> list[tuple[str, float]]:
+    """(rule, ratio) of the group variant: a selection rule at each ratio; a weight rule at 1.0 (every token,
+    weighted), with `full` at 1.0 beside it (once): a weight rule is compared against full-token OPD."""
+    plan = [(s, r) for s in selectors for r in ([1.0] if get_score(s).kind == "weight" else map(float, ratios))]
+    weighted = any(get_score(s).kind == "weight" for s in selectors)
+    return plan + [("full", 1.0)] if weighted and ("full", 1.0) not in plan else plan
 
 
 def protocol_meaning(config: DiagnoseConfig) -> str:

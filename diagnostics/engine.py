@@ -50,7 +50,6 @@ from torch.func import functional_call, jacrev, vmap
 from diagnostics.lm.forward import DENSE_CHUNK_BYTES, PositionLM, ResponseBatch, full_logprobs, sequence_chunks
 from diagnostics.lm.precision import autocast, check_master_weights
 from diagnostics.losses import LossInputs, LossSpec, get_loss, kl_divergence, list_losses
-from diagnostics.signals.scores import get_score
 
 Optimizer = Literal["sgd", "adam"]
 ADAM_EPS = 1e-8  # torch.optim.Adam's default
@@ -474,14 +473,3 @@ def checkpoint_gains(
     # spillover has no meaning without a per-position update; keep the column, as NaN
     out["spillover"] = torch.full_like(before_f, torch.nan)
     return _masked(out, bank.valid)
-
-
-def group_plan(selectors: list[str], ratios: list[float]) -> list[tuple[str, float]]:
-    """(selector, ratio) of the group variant: each selection rule at each ratio; a weight rule at 1.0 (every
-    token, weighted), with `full` at 1.0 beside it (once) as the full-token comparison."""
-    plan: list[tuple[str, float]] = []
-    for selector in selectors:
-        plan += [(selector, 1.0)] if get_score(selector).kind == "weight" else [(selector, float(r)) for r in ratios]
-    if any(get_score(s).kind == "weight" for s in selectors) and ("full", 1.0) not in plan:
-        plan.append(("full", 1.0))
-    return plan

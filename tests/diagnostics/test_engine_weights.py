@@ -1,5 +1,5 @@
 """The group variant with soft weights (issue 22): sum w l / sum w against a plain loop, 0/1 weights equal to the
-unweighted update bit for bit, and the group plan of a weight rule."""
+unweighted update bit for bit, and the diagnostic's group plan of a weight rule."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diagnostics import engine
+from diagnostics.diagnose import group_plan
 from diagnostics.lm.forward import ResponseBatch, full_logprobs
 from diagnostics.lm.models import load_pair
 from diagnostics.testbed.build import encode_problem
@@ -64,6 +65,5 @@ def test_zero_one_weights_are_the_unweighted_group_step(setup):
 
 
 def test_group_plan_runs_a_weight_rule_at_full_budget_beside_full():
-    assert engine.group_plan(["kl", "iw_opd"], [0.05, 0.1]) == [("kl", 0.05), ("kl", 0.1), ("iw_opd", 1.0),
-                                                                  ("full", 1.0)]
-    assert engine.group_plan(["kl"], [0.05]) == [("kl", 0.05)]
+    assert group_plan(["kl", "iw_opd"], [0.05, 0.1]) == [("kl", 0.05), ("kl", 0.1), ("iw_opd", 1.0), ("full", 1.0)]
+    assert group_plan(["kl"], [0.05]) == [("kl", 0.05)]
