@@ -18,7 +18,7 @@ ARGS ?=
 ENGINE ?=
 MODEL_ARGS := $(if $(STUDENT),--student $(STUDENT)) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(CONFIG),--config $(CONFIG))
 
-.PHONY: venv lint test test-fast test-build testbed diagnose diagnose-paper train-taopd evaluate analyze figures bench scores clean
+.PHONY: venv lint test test-fast test-build testbed diagnose diagnose-paper train-taopd train-zoo evaluate analyze figures bench scores clean
 
 # The venv is keyed on pyproject.toml: editing it reinstalls on the next make call.
 $(STAMP): pyproject.toml
@@ -69,6 +69,10 @@ diagnose-paper: $(STAMP)
 
 train-taopd: $(STAMP)
 	$(TAOPD) train $(MODEL_ARGS) $(if $(ENGINE),engine=$(ENGINE)) $(ARGS)
+
+# every published token-selection rule at a matched budget, 3 seeds (configs/train_zoo.yaml, docs/selection_rules.md)
+train-zoo: $(STAMP)
+	$(TAOPD) train --config configs/train_zoo.yaml $(MODEL_ARGS) $(if $(ENGINE),engine=$(ENGINE)) $(ARGS)
 
 # `make evaluate RUN=results/train/<run>`: pass@1 of the run's students (+ `ARGS="lm_eval_heldout=true"` etc.)
 evaluate: $(STAMP)

@@ -4,7 +4,7 @@
 ``results/train/*/metrics.parquet`` and writes every figure that applies:
 
     <out>/diagnose/<run>/{gain_heatmap, quadrant_scores, coefficients_by_k, top_n, bucket_curves,
-                          score_hexbins, kept_overlap}.{png,pdf}
+                          score_hexbins, kept_overlap, top_n_budget}.{png,pdf}
     <out>/diagnose/<run>/paper_*.{png,pdf}     (a "protocol": "paper" run: `paper_figures`)
     <out>/support_gap_by_run.{png,pdf}          (one bar per diagnostic run and K)
     <out>/train/<run>/{learning_curves, selector_comparison}.{png,pdf}
@@ -37,6 +37,7 @@ from analysis.plots import (
     plot_bucket_curves,
     plot_coefficients,
     plot_gain_heatmap,
+    plot_gain_vs_budget,
     plot_kept_overlap,
     plot_learning_curves,
     plot_quadrant_scores,
@@ -82,6 +83,7 @@ def diagnose_figures(
     top = top_n_table(df, ratios=ratios, **kw)
     if len(top.table):
         emit(plot_top_n(top.table, mean_gain_all=top.mean_gain_all, run_name=run_name), "top_n")
+        emit(plot_gain_vs_budget(top.table, mean_gain_all=top.mean_gain_all, run_name=run_name), "top_n_budget")
     emit(plot_bucket_curves(bucket_curves(df, **kw), residual_curves(df, **kw), run_name=run_name), "bucket_curves")
     emit(plot_score_hexbins(df, run_name=run_name), "score_hexbins")
     overlap = kept_overlap(df, ratios=ratios)

@@ -266,6 +266,34 @@ def plot_top_n(table: pd.DataFrame, *, mean_gain_all: float | None = None, run_n
 
 
 @house_style
+def plot_gain_vs_budget(table: pd.DataFrame, *, mean_gain_all: float | None = None, run_name: str = "run",
+                        unit: str = "nats") -> Figure:
+    """Mean gain of the kept tokens against the budget, one line per rule (95% cluster-bootstrap band)."""
+    require_columns(table, ["selector", "ratio", "mean_gain", "ci_low", "ci_high"], "gain-vs-budget figure")
+    last = table[table["ratio"] == table["ratio"].max()].sort_values("mean_gain", ascending=False)
+    order = last["selector"].tolist() + [s for s in table["selector"].unique() if s not in set(last["selector"])]
+    colors = selector_colors(order)
+    fig = Figure(figsize=(7.5, 4.6))
+    ax = fig.subplots()
+    for name in order:
+        t = table[table["selector"] == name].sort_values("ratio")
+        x = t["ratio"].to_numpy() * 100
+        ax.plot(x, t["mean_gain"], marker="o", markersize=3, color=colors[name], label=name)
+        ax.fill_between(x, t["ci_low"], t["ci_high"], color=colors[name], alpha=0.12, linewidth=0)
+    if mean_gain_all is not None and np.isfinite(mean_gain_all):
+        ax.axhline(mean_gain_all, color="grey", linestyle="--", linewidth=1, label="all tokens (full)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ticks = sorted(table["ratio"].unique() * 100)
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.set_xlabel("budget: kept share of the bank's tokens (%, log scale)")
+    ax.set_ylabel(f"mean gain of kept tokens G ({unit})")
+    ax.legend(fontsize=6, ncols=2, loc="best")
+    fig.suptitle(f"{run_name}: mean gain kept vs budget, one line per rule (exact top-N)")
+    return fig
+
+
+@house_style
 def plot_bucket_curves(
     buckets: pd.DataFrame, residuals: pd.DataFrame | None = None, *, run_name: str = "run"
 ) -> Figure:

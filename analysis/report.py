@@ -29,6 +29,9 @@ Summary keys (every interval is a 95% prompt-cluster bootstrap percentile pair [
                     minus_<R>, minus_<R>_ci_low/high for R in `top_n_references`
     top_n_references  ["kl", "random"] (those present)
     retrieval       records: selector, ratio, n_keep, auroc, precision
+    learnable_share value, ci, n_tokens: sum D C / sum D over the bank (exact D and C at the run's K), and
+                    by_position_quartile: records quartile, rel_pos, value, ci, n_tokens (`learnable_share`;
+                    docs/selection_rules.md: what it predicts and what not); null without D and C columns
     paper           the same statistics under the release's definitions (`analysis.paper_summary.summarize_paper`:
                     preset, protocol, measures, definitions, gain_stats, ols (+ ols_winsor05, ols_raw, ols_by_k),
                     support_gap(_by_k), matched_gap, top_n, support_proxies), null when the table lacks
@@ -47,9 +50,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.bootstrap import DEFAULT_N_BOOT, clusters_of
+from analysis.bootstrap import DEFAULT_N_BOOT, cluster_sums, clusters_of, noted_resample_weights, percentile_ci
 from analysis.checks import REFERENCE, checks, checks_frame, ci_of, estimate, fmt, fmt_ci, num, verdict
-from analysis.io import available_ks, validate_tokens, with_k
+from analysis.io import available_ks, require_columns, validate_tokens, with_k
 from analysis.paper_summary import PROTOCOLS, has_paper_columns, side_by_side, summarize_paper
 from analysis.regression import fit_teachability_ols
 from analysis.selectors import DEFAULT_RATIOS, retrieval_table, top_n_table
@@ -126,6 +129,38 @@ def _paper_section(full: pd.DataFrame, manifest: Mapping[str, Any], *, n_boot: i
         return None
     return _section(notes, "paper definitions", lambda: summarize_paper(full, manifest=manifest, n_boot=n_boot,
                                                                         seed=seed))
+
+
+def learnable_share(df: pd.DataFrame, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> dict[str, Any]:
+    """The share of the bank's disagreement that is learnable: sum D C / sum D over all tokens, and per quartile
+    of relative position, each with a prompt-cluster bootstrap interval (a ratio of cluster sums per resample).
+
+    D = ``disagreement`` (exact union-top-K KL(pT' || pS')) and C = ``compat_mass`` (the teacher's mass on the
+    student's top-K), both at the run's K. It says how much of the teacher's disagreement sits where the
+    student's top-K covers the teacher's mass: the compatible, per-token learnable part (D^L = D C). A ratio of
+    sums: heavy-disagreement tokens dominate it. What it predicts and what not: docs/selection_rules.md.
+    """
+    require_columns(df, ["disagreement", "compat_mass", "rel_pos"], "learnable share")
+    d = df["disagreement"].to_numpy(np.float64)
+    dc = d * df["compat_mass"].to_numpy(np.float64)
+    ok = np.isfinite(d) & np.isfinite(dc)
+    clusters = clusters_of(df)
+    notes: list[str] = []
+    weights = noted_resample_weights(clusters, n_boot, seed, notes, "learnable share")
+    quartile = np.minimum((df["rel_pos"].to_numpy(np.float64) * 4).astype(np.int64), 3)  # rel_pos in [0, 1)
+
+    def share(mask: np.ndarray) -> dict[str, Any]:
+        num, den = np.where(mask, dc, 0.0), np.where(mask, d, 0.0)
+        value = float(num.sum() / den.sum()) if den.sum() > 0 else float("nan")
+        ci = (float("nan"), float("nan"))
+        if weights is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ci = percentile_ci((weights @ cluster_sums(num, clusters)) / (weights @ cluster_sums(den, clusters)))
+        return {"value": value, "ci": ci, "n_tokens": int(mask.sum())}
+
+    by_quartile = [{"quartile": q + 1, "rel_pos": (q / 4, (q + 1) / 4), **share(ok & (quartile == q))}
+                   for q in range(4)]
+    return {**share(ok), "by_position_quartile": by_quartile, "notes": notes}
 
 
 def per_k_stats(
@@ -206,6 +241,9 @@ def summarize(
     ks = ([int(base_k)] if base_k is not None else []) + [k for k in available_ks(df) if k != base_k]
     ols_by_k, gap_by_k = per_k_stats(df, base_k=base_k, notes=notes, precomputed={base_k: (ols, sgap)}, **kw)
     paper = _paper_section(full, {**manifest, "k": base_k}, n_boot=n_boot, seed=seed, notes=notes)
+    share = _section(notes, "learnable share", lambda: learnable_share(df, n_boot=n_boot, seed=seed))
+    if share is not None:
+        notes.extend(n for n in share.pop("notes") if n not in notes)
 
     summary: dict[str, Any] = {
         "schema": SCHEMA,
@@ -231,6 +269,7 @@ def summarize(
         "top_n": [] if topn is None else topn.table.to_dict("records"),
         "top_n_references": [] if topn is None else topn.references,
         "retrieval": [] if retr is None else retr.to_dict("records"),
+        "learnable_share": share,
         "paper": paper,
     }
     summary["side_by_side"] = side_by_side(summary) if paper is not None else []
@@ -333,6 +372,30 @@ def _top_n_lines(summary: Mapping[str, Any]) -> list[str]:
             _table(headers, [top_row(r) for r in ordered]), ""]
 
 
+def _share_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The learnable share sum D C / sum D, overall and per quartile of relative position."""
+    share = summary.get("learnable_share")
+    if not share:
+        return []
+    rows = [["all", str(share["n_tokens"]), fmt(share["value"], 4), fmt_ci(share["ci"], 4)]]
+    rows += [[f"Q{q['quartile']} ({q['rel_pos'][0]:.0%}-{q['rel_pos'][1]:.0%})", str(q["n_tokens"]),
+              fmt(q["value"], 4), fmt_ci(q["ci"], 4)] for q in share["by_position_quartile"]]
+    return [f"Learnable share of the pair's disagreement: sum D C / sum D (exact, K={summary['run'].get('k')})",
+            _table(["positions", "tokens", "share", "95% CI"], rows), ""]
+
+
+def _group_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The group variant (when the run has one): per rule and budget, the whole bank's gain of one update on the
+    kept set, and gain per kept token = that total / the number kept (a weight rule: every token, weighted)."""
+    group = summary.get("group") or []
+    if not group or "gain_per_kept" not in group[0]:
+        return []
+    rows = [[r["selector"], f"{r['ratio']:.0%}", str(r["n_kept"]), fmt(r["mean_gain_all"], 5),
+             fmt(r["mean_gain_kept"], 5), fmt(r["gain_per_kept"], 4)] for r in group]
+    return ["Group variant: one update on each rule's kept set; gain per kept token = total gain / tokens kept",
+            _table(["rule", "budget", "kept", "mean G all", "mean G kept", "gain/kept token"], rows), ""]
+
+
 def _paper_lines(summary: Mapping[str, Any]) -> list[str]:
     """The paper preset (release definitions) beside the project's numbers, its robustness, top-N and Table 6."""
     paper = summary.get("paper")
@@ -376,7 +439,7 @@ def _paper_lines(summary: Mapping[str, Any]) -> list[str]:
 def format_report(summary: Mapping[str, Any]) -> str:
     """Plain-text report: run header, correlations, OLS, gaps, top-N, checks, notes and the verdict."""
     out = [*_header_lines(summary.get("run", {})), *_correlation_lines(summary), *_regression_lines(summary),
-           *_top_n_lines(summary), *_paper_lines(summary)]
+           *_top_n_lines(summary), *_share_lines(summary), *_group_lines(summary), *_paper_lines(summary)]
     ch = summary.get("checks") or []
     if ch:
         mark = {True: "PASS", False: "FAIL", None: "n/a"}

@@ -27,7 +27,7 @@ from analysis.io import require_columns, score_columns
 from analysis.ranks import ci_or_nan
 from analysis.stats import auroc, finite_outcome
 
-DEFAULT_RATIOS: tuple[float, ...] = (0.01, 0.03, 0.05, 0.10)
+DEFAULT_RATIOS: tuple[float, ...] = (0.01, 0.03, 0.05, 0.10, 0.20)  # 0.20: the 80/20 rule's budget (issue 22)
 NO_TOP_N: tuple[str, ...] = ("full",)  # selectors that keep every position
 
 

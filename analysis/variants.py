@@ -5,7 +5,7 @@
   correlation says how well the estimate ranks positions.
 * `group_summary`: ``group.parquet`` holds, per selector and ratio, one update on the selector's
   kept set and the gain at every bank position; its summary is the number kept and the mean gain
-  over all positions and over the kept ones.
+  over all positions and over the kept ones, and gain per kept token (the whole bank's gain / the number kept).
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ def first_order_agreement(tokens: pd.DataFrame) -> dict[str, float | int] | None
 
 def group_summary(group: pd.DataFrame) -> list[dict[str, object]]:
     """One record per (selector, ratio), in the table's order: n_kept, mean_gain_all (over every
-    position), mean_gain_kept (over the kept positions; NaN when none is kept)."""
+    position), mean_gain_kept (over the kept positions; NaN when none is kept), gain_per_kept (the sum of the
+    gains over every position / n_kept; NaN when none is kept)."""
     require_columns(group, ["selector", "ratio", "kept", "gain"], "group.parquet")
     rows = []
     for (selector, ratio), part in group.groupby(["selector", "ratio"], sort=False):
         rows.append({
             "selector": selector, "ratio": float(ratio), "n_kept": int(part["kept"].sum()),
             "mean_gain_all": float(part["gain"].mean()), "mean_gain_kept": float(part.loc[part["kept"], "gain"].mean()),
+            # the update's whole-bank gain per token it trained on (matched-budget efficiency, issue 22)
+            "gain_per_kept": float(part["gain"].sum() / part["kept"].sum()) if part["kept"].any() else float("nan"),
         })
     return rows

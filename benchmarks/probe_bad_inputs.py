@@ -271,6 +271,19 @@ PROBES: list[Probe] = [
           "", success=True),
     Probe("23.new success", "analyze --n-boot 0 --out elsewhere", ("analyze", "{good}", "--n-boot", "0", "--out",
                                                                    "{ws}/report_nboot0"), "", success=True),
+    # issue 22: token-selection rules (an unknown rule, a weight rule where a selection is needed, a bad budget)
+    Probe("3 silent wrong run", "train an unknown rule", train("selectors=[full,nosuch]"),
+          "selectors: unknown selector 'nosuch'"),
+    Probe("3 silent wrong run", "train a weight rule as the top-up score", train("top_up=iw_opd"),
+          "top_up: 'iw_opd' is a weight rule"),
+    Probe("3 silent wrong run", "train a budget for a weight rule",
+          train("selectors=[iw_opd]", "selector_ratios={{iw_opd:[0.05]}}"),  # {{ }}: str.format
+          "selector_ratios: 'iw_opd' is a weight rule (it weights every token): it takes no budget"),
+    Probe("3 silent wrong run", "train a rule's budget of 1.5",
+          train("selectors=[entropy]", "selector_ratios={{entropy:[1.5]}}"),
+          "selector_ratios: entropy: each ratio must be in (0, 1], got 1.5"),
+    Probe("3 silent wrong run", "diagnose an unknown group rule", diagnose("group_selectors=[nosuch]"),
+          "group_selectors: unknown selector ['nosuch']"),
 ]
 
 

@@ -70,6 +70,7 @@ from diagnostics.pair import (
 )
 from diagnostics.shards import Processes, run_shards, wait_for
 from diagnostics.signals import list_scores, normalize_batch, select, selection_scores, token_signals
+from diagnostics.signals.scores import RAW_SIGNALS, get_score, rule_weights
 
 # Signals that do not depend on K: stored once, without a _k{K} suffix.
 K_INDEPENDENT = (
@@ -116,8 +117,9 @@ class DiagnoseConfig:
     k: int = 0  # top-K of the signals; 0 = the pair's default (testbed: its k; real models: 16)
     extra_k: list[int] = field(default_factory=list)  # more K values, columns suffixed _k{K}
     group_selectors: list[str] = field(
-        default_factory=lambda: ["teachability", "incompatible", "kl", "entropy", "tip", "random"]
-    )
+        default_factory=lambda: ["teachability", "incompatible", "kl", "entropy", "tip", "random", "prefix", "suffix",
+                                 "teacher_entropy", "excess_loss", "topk_overlap", "iw_opd"]
+    )  # a weight rule (iw_opd) runs at 1.0 beside full (engine.group_plan)
     group_ratios: list[float] = field(default_factory=lambda: [0.05])
     checkpoint: str = ""  # the trained student for mode=checkpoint
     method: Literal["auto", "vmap", "loop"] = "auto"  # single-step implementation
@@ -288,7 +290,8 @@ def bank_grids(
 
 def bank_scores(grids: dict[str, torch.Tensor], valid: torch.Tensor, ks: list[int], default_k: int, seed: int
                 ) -> dict[str, torch.Tensor]:
-    """Normalised H~, D~, C~ over the whole bank, every registered score and Q3, per K. -> name: [B, T]."""
+    """Normalised H~, D~, C~ over the whole bank, every registered score (score_<name>), every weight rule
+    (weight_<name>) and Q3, per K. -> name: [B, T]."""
     def signal(name: str) -> torch.Tensor:  # 0 at invalid positions, as the scores expect
         return torch.where(valid, grids[name], 0.0)
 
@@ -297,8 +300,10 @@ def bank_scores(grids: dict[str, torch.Tensor], valid: torch.Tensor, ks: list[in
     for k in ks:
         sfx = "" if k == default_k else f"_k{k}"
         signals = {"student_entropy": signal("student_entropy"), "disagreement": signal("disagreement" + sfx),
-                   "compat_mass": signal("compat_mass" + sfx)}
+                   "compat_mass": signal("compat_mass" + sfx), "overlap": signal("overlap" + sfx),
+                   **{key: signal(key) for key in RAW_SIGNALS if key in K_INDEPENDENT}}  # the published rules' raw
         scores, norm = selection_scores(signals, valid, seed=seed, return_normalized=True)
+        out.update({f"weight_{name}{sfx}": w for name, w in rule_weights(signals, valid, seed=seed).items()})
         out.update({"norm_entropy" + sfx: norm["H"], "norm_disagreement" + sfx: norm["D"],
                     "norm_compat" + sfx: norm["C"]})
         for name, score in scores.items():
@@ -455,16 +460,28 @@ def run_group(pair: ModelPair, bank: ResponseBatch, grids: dict[str, torch.Tenso
     step = engine.StepConfig(loss=config.loss, optimizer=config.optimizer, lr=config.lr,
                              compute_dtype=resolve_precision(config.mixed_precision, pair.dtype, pair.device).compute)
     frames = []
-    for selector in config.group_selectors:
-        score = torch.where(bank.valid, grids[f"score_{selector}"], float("-inf"))
-        for ratio in config.group_ratios:
-            keep = select(score, bank.valid, ratio, seed=config.seed)
-            gain = engine.group_step_gains(pair.student, bank, pair.teacher, keep, step, pair.vocab_size)
-            frames.append(pd.DataFrame({
-                "selector": selector, "ratio": ratio, "seq_id": seq_ids[rows.numpy()], "pos": cols.numpy(),
-                "kept": keep[rows, cols].numpy(), "gain": gain[rows, cols].numpy(),
-            }))
+    for selector, ratio in group_plan(config.group_selectors, config.group_ratios):
+        weights = grids[f"weight_{selector}"] if get_score(selector).kind == "weight" else None
+        if weights is not None:  # a weight rule: every valid position, weighted (engine.group_step_gains)
+            keep = bank.valid.clone()
+        else:
+            keep = select(torch.where(bank.valid, grids[f"score_{selector}"], float("-inf")), bank.valid, ratio,
+                          seed=config.seed)
+        gain = engine.group_step_gains(pair.student, bank, pair.teacher, keep, step, pair.vocab_size, weights=weights)
+        frames.append(pd.DataFrame({
+            "selector": selector, "ratio": ratio, "seq_id": seq_ids[rows.numpy()], "pos": cols.numpy(),
+            "kept": keep[rows, cols].numpy(), "gain": gain[rows, cols].numpy(),
+        }))
     return pd.concat(frames, ignore_index=True)
+
+
+
+def group_plan(selectors: list[str], ratios: list[float]) -> list[tuple[str, float]]:
+    """(rule, ratio) of the group variant: a selection rule at each ratio; a weight rule at 1.0 (every token,
+    weighted), with `full` at 1.0 beside it (once): a weight rule is compared against full-token OPD."""
+    plan = [(s, r) for s in selectors for r in ([1.0] if get_score(s).kind == "weight" else map(float, ratios))]
+    weighted = any(get_score(s).kind == "weight" for s in selectors)
+    return plan + [("full", 1.0)] if weighted and ("full", 1.0) not in plan else plan
 
 
 def protocol_meaning(config: DiagnoseConfig) -> str:

@@ -390,9 +390,12 @@ def group_step_gains(
     vocab_size: int,
     batch_size: int = 16,
     dense_chunk_bytes: float = DENSE_CHUNK_BYTES,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One update on the mean loss over the kept positions `keep` [B, T] (the kept_global
     normalisation), then the forward-KL reduction at EVERY bank position. -> [B, T] (NaN invalid).
+    With `weights` ([B, T] >= 0, a weight rule's) the update's loss is sum w l / sum w over the kept positions
+    (0/1 weights equal to keep give the unweighted update bit for bit).
 
     The teacher's (and the students') [b, T, V] log-probs exist for one chunk of at most `batch_size`
     sequences and `dense_chunk_bytes` per tensor at a time (`diagnostics.lm.forward.sequence_chunks`), never
@@ -404,6 +407,11 @@ def group_step_gains(
     n_kept = int((keep & bank.valid).sum())
     if n_kept == 0:
         raise ValueError("keep: no valid position is kept")
+    if weights is not None:  # soft weights: their sum replaces the count (a 0/1 weight's sum is the count exactly)
+        weights = torch.where(keep & bank.valid, weights.float(), 0.0)
+        n_kept = float(weights.sum())
+        if not n_kept > 0:
+            raise ValueError("weights: every kept position has weight 0")
     device = next(model.parameters()).device
     step.check_model(model)
     student = copy.deepcopy(model)
@@ -420,6 +428,8 @@ def group_step_gains(
         mask = (keep[chunk] & part.valid).to(device)
         if not mask.any():
             continue
+        if weights is not None:
+            mask = mask * weights[chunk].to(device)  # [b, T] soft weights, 0 outside the kept positions
         part, t_lp = part.to(device), t_lp.to(device)
         b, horizon = part.pred_idx.shape
         rows = torch.arange(b, device=device).repeat_interleave(horizon)  # every position, row-major: [b*T]

@@ -1,9 +1,10 @@
 """`TrainConfig`: the one config of `taopd train`; `configs/train.yaml` mirrors it key for key.
 
 A run trains one student per arm, arm = (selector, ratio, seed): the `full` selector at ratio 1.0
-(full-token OPD) and every other selector at every ratio in `ratios`, each for every seed in
-`seeds`, all with the same prompts per seed, number of steps and rollouts. Range and cross-field
-checks run in `__post_init__` and name the key; `diagnostics.core.config.load_config` adds the file.
+(full-token OPD), a weight rule (IW-OPD: every token, weighted) at 1.0, and every other selector at every
+ratio in `ratios` (or in `selector_ratios[selector]`), each for every seed in `seeds`, all with the same
+prompts per seed, number of steps and rollouts. Range and cross-field checks run in `__post_init__` and name
+the key; `diagnostics.core.config.load_config` adds the file.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from opd.optim import OPTIMIZERS, PAPER_ADAM
 
 # Keys left out of the config fingerprint while at these defaults: the run hashes of configs written
 # before the keys existed stay the same (the manifest records every selection option either way).
-OMITTED_AT_DEFAULT = {"preset": "", "signals": "exact", "signal_normalization": "valid_rows",
+OMITTED_AT_DEFAULT = {"preset": "", "selector_ratios": {}, "signals": "exact", "signal_normalization": "valid_rows",
                       "tie_break": "row_major", "top_up": "", "q3_fill": False, "mixed_precision": "auto",
                       "rollout_backend": "hf", "engine": "own", "trl_args": {}, "answer_check": "exact",
                       "prompt_column": "prompt", "answer_column": "answer", "enable_thinking": None,
@@ -62,6 +63,8 @@ class TrainConfig:
     # arms
     selectors: list[str] = field(default_factory=lambda: ["full", "teachability", "entropy", "kl", "tip", "random"])
     ratios: list[float] = field(default_factory=lambda: [0.05])  # retention of every selector but full (1.0)
+    # budgets replacing `ratios` for the selection rules named, e.g. {entropy: [0.05, 0.2]} (80/20 = entropy at 0.2)
+    selector_ratios: dict[str, list[float]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     min_per_sequence: int = 0  # kept positions guaranteed per response, beyond the budget (released code: 1)
     k: int = 0  # top-K of the signals; 0 = the pair's default (testbed 4, real models 16)
@@ -127,6 +130,7 @@ class TrainConfig:
         bad = [r for r in self.ratios if not 0 < r <= 1]
         check(not bad, "ratios", f"each ratio must be in (0, 1], got {bad[0] if bad else ''}")
         check_unique(self.ratios, "ratios")
+        self._check_selector_ratios()
         check(len(self.ratios) >= 1 or self.selectors == ["full"], "ratios", "must hold at least one ratio")
         check(len(self.seeds) >= 1, "seeds", "must hold at least one seed")
         check(len(set(self.seeds)) == len(self.seeds), "seeds", f"duplicate seed in {self.seeds}")
@@ -150,6 +154,8 @@ class TrainConfig:
               f"must be '' or a registered score ({', '.join(list_scores())}), got {self.top_up!r}")
         check(not self.top_up or not get_score(self.top_up).restrict_to_q3, "top_up",
               f"{self.top_up!r} is -inf outside Q3; a top-up score must rank every position")
+        check(not self.top_up or get_score(self.top_up).kind == "selection", "top_up",
+              f"{self.top_up!r} is a weight rule (it weights every token); a top-up ranks by a selection score")
         check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         check(self.normalization in NORMALIZATIONS, "normalization",
               f"must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}")
@@ -195,9 +201,30 @@ class TrainConfig:
         check(clash is None, "ratios", f"two arms would share the name {clash!r} ({self.ratios}: ratios equal to 6 "
               f"significant digits); give distinct ratios")
 
+    def _check_selector_ratios(self) -> None:
+        """selector_ratios: each key a selection rule of `selectors` (not full), each budget in (0, 1]."""
+        for name, ratios in self.selector_ratios.items():
+            check(name in list_scores(), "selector_ratios",
+                  f"unknown selector {name!r}; registered: {', '.join(list_scores())}")
+            check(get_score(name).kind == "selection" and name != "full", "selector_ratios",
+                  f"{name!r} {'keeps every token' if name == 'full' else 'is a weight rule (it weights every token)'}"
+                  f": it takes no budget")
+            check(name in self.selectors, "selector_ratios", f"{name!r} is not in selectors {self.selectors}")
+            check(isinstance(ratios, list) and len(ratios) >= 1, "selector_ratios",
+                  f"{name}: must be a non-empty list of ratios, got {ratios!r}")
+            bad = [r for r in ratios if not (isinstance(r, (int, float)) and 0 < r <= 1)]
+            check(not bad, "selector_ratios", f"{name}: each ratio must be in (0, 1], got {bad[0] if bad else ''}")
+            check_unique(ratios, f"selector_ratios.{name}")
+
     def arms(self) -> list[Arm]:
-        """Every (selector, ratio, seed) of the run: full at 1.0, the others at each ratio."""
-        pairs = [(s, r) for s in self.selectors for r in ([1.0] if s == "full" else self.ratios)]
+        """Every (selector, ratio, seed) of the run: full and weight rules (every token) at 1.0, the others at each
+        ratio (`selector_ratios`' for the rules it names, else `ratios`)."""
+        def budgets(s: str) -> list[float]:
+            if s == "full" or get_score(s).kind == "weight":
+                return [1.0]
+            return self.selector_ratios.get(s, self.ratios)
+
+        pairs = [(s, r) for s in self.selectors for r in budgets(s)]
         return [Arm(selector, float(ratio), seed) for selector, ratio in pairs for seed in self.seeds]
 
     def selection_options(self) -> SelectionOptions:

@@ -89,7 +89,7 @@ from opd.monitor import evaluate, live_gains
 from opd.nonfinite import check_weights, stop_arm, stop_together
 from opd.optim import make_optimizer, optimizer_record  # make_optimizer: also imported from here by others
 from opd.rollout_engine import RolloutEngine
-from opd.step import TEMPERATURE_CONVENTION, NonFiniteError, opd_step, select_kept
+from opd.step import TEMPERATURE_CONVENTION, NonFiniteError, opd_step, select_kept, select_weights
 
 # training prompt stream of seed s: the testbed task's problems(seed=TRAIN_PROMPT_SEED + s)
 TRAIN_PROMPT_SEED = 3_000_000
@@ -260,7 +260,8 @@ def train_step(ctx: RunContext, arm: Arm, model: torch.nn.Module, optimizer: tor
                                    ctx.tokenizer.pad_token_id or 0, scored.valid)
     keep = select_kept(scored.signals, scored.valid, arm, config.min_per_sequence, world,
                        seed=derive_seed(arm.seed, step, "select"), options=config.selection_options())
-    stats = opd_step(model, ctx.teacher, batch, scored.signals, keep, config, world)
+    weights = select_weights(scored.signals, scored.valid, arm, world, seed=derive_seed(arm.seed, step, "select"))
+    stats = opd_step(model, ctx.teacher, batch, scored.signals, keep, config, world, weights=weights)
     grad_norm = world.clip_grad_norm(model.parameters(), config.max_grad_norm)
     if not math.isfinite(grad_norm):
         raise NonFiniteError(f"gradient norm is {grad_norm} (loss {stats['loss']:.6g} was finite)")

@@ -14,6 +14,9 @@ One module per concept:
   ``list_scores``), the registered scores, and ``selection_scores``, which normalises H, D, C over
   a rollout batch and evaluates every registered score by name. A new score is one function plus
   one ``@register_score`` there.
+* ``rules``: the published rules beside TA-OPD's (position baselines, teacher entropy, Rho-1 excess loss,
+  top-K overlap; IW-OPD's weights, a weight rule: ``register_weight``, ``rule_weights``), each one
+  registration with its source (docs/selection_rules.md).
 * ``selection``: ``select``, the budgeted top-ceil(rho * |I|) mask over the whole batch (tie order,
   fill past the candidates, per-sequence top-up).
 * ``selectors``: ``SelectionOptions`` (the named choices; ``.paper()`` = the release's) and
@@ -35,14 +38,19 @@ Conventions shared by all functions (each is tested against a float64 reference)
 
 from diagnostics.signals.exact import DEFAULT_CHUNK_LOGITS, token_signals
 from diagnostics.signals.normalize import SIGNAL_NORMALIZATIONS, normalize_batch, normalize_release
+from diagnostics.signals.rules import iw_opd_weights  # registers the published rules (after scores' own)
 from diagnostics.signals.scores import (
+    RAW_SIGNALS,
     SELECTION_SIGNAL_SOURCES,
     ScoreFn,
     ScoreSpec,
     get_score,
     list_scores,
+    missing_signals,
     register_q3_variant,
     register_score,
+    register_weight,
+    rule_weights,
     selection_scores,
     unrestricted_score,
 )
@@ -66,6 +74,11 @@ __all__ = [
     "SelectionOptions",
     "select_by_name",
     "register_score",
+    "register_weight",
+    "rule_weights",
+    "missing_signals",
+    "iw_opd_weights",
+    "RAW_SIGNALS",
     "register_q3_variant",
     "get_score",
     "list_scores",

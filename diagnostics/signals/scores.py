@@ -11,6 +11,13 @@ selectors all read this one registry. ``SELECTION_SIGNAL_SOURCES`` names which s
 Every score ranks HIGHER first. The release's "low" Q3 selectors (Q3 + low-C, Q3 + low-D^L) are the
 negated signal here, with ``low_first=True`` recording that the release sorts them ascending, which
 turns its (score, -position) tie key into latest-position-first (``selectors.tie_order_for``).
+
+A rule may also read raw signals (``RAW_SIGNALS``: the teacher's entropy, the sampled token's two log-probs, the
+top-K overlap), passed to its function under their own keys beside H~, D~, C~; a caller without one of them gets
+no value for that rule (``selection_scores`` leaves it out, ``select_by_name`` says which signal is missing).
+A rule's ``kind`` is "selection" (a score, ranked under a budget) or "weight" (``register_weight``: a per-token
+weight of every valid token in the loss, never ranked; ``rule_weights``). The published rules beside TA-OPD's
+register themselves in ``rules`` (docs/selection_rules.md).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ from diagnostics.signals.normalize import (
 
 ScoreFn = Callable[[dict[str, Tensor], Tensor, torch.Generator], Tensor]
 _NORMALISED = ("H", "D", "C", "DC")  # the normalised signals a score may use: H~, D~, C~, Norm(D C)
+# Raw [B, T] signal keys a rule may read as they are (diagnostics.signals.token_signals' names)
+RAW_SIGNALS = ("teacher_entropy", "student_logprob_sampled", "teacher_logprob_sampled", "overlap")
+RULE_KINDS = ("selection", "weight")
 
 # Which signal keys feed H, D and C (selection_scores reads H, D, C under the exact keys' names).
 SELECTION_SIGNAL_SOURCES = {
@@ -53,8 +63,9 @@ class ScoreSpec:
     """One registered selection score.
 
     fn(norm, valid, generator) -> [B, T] float, pure: ``norm`` maps "H", "D", "C" to the
-    normalised [B, T] signals (0 at invalid positions), ``valid`` is the [B, T] bool mask, and
-    ``generator`` a torch.Generator seeded per (seed, name) for random scores.
+    normalised [B, T] signals (0 at invalid positions) and each RAW_SIGNALS key in ``needs`` to its raw
+    [B, T] values (0 at invalid positions), ``valid`` is the [B, T] bool mask, and ``generator`` a
+    torch.Generator seeded per (seed, name) for random scores. kind "weight": the output is a weight >= 0.
     """
 
     name: str
@@ -63,34 +74,50 @@ class ScoreSpec:
     needs: tuple[str, ...] = field(default_factory=tuple)
     restrict_to_q3: bool = False
     low_first: bool = False  # the release ranks the underlying signal ascending (see the module docstring)
+    kind: str = "selection"  # "selection" (ranked under a budget) | "weight" (weights every token)
+
+    @property
+    def raw_needs(self) -> tuple[str, ...]:
+        """The RAW_SIGNALS keys the rule reads."""
+        return tuple(n for n in self.needs if n in RAW_SIGNALS)
 
 
 _SCORES: dict[str, ScoreSpec] = {}
 
 
 def register_score(
-    name: str, *, description: str, needs: Iterable[str] = (), q3: bool = False, low_first: bool = False
+    name: str, *, description: str, needs: Iterable[str] = (), q3: bool = False, low_first: bool = False,
+    kind: str = "selection",
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering a score function under ``name``.
 
-    ``needs``: the normalised signals it reads (subset of "H", "D", "C", "DC"). ``q3=True``: the score
+    ``needs``: the normalised signals it reads (subset of "H", "D", "C", "DC") and the raw ones (RAW_SIGNALS).
+    ``kind``: "selection" or "weight" (``register_weight``). ``q3=True``: the score
     only ranks inside Q3 (low H~, high D~); ``selection_scores`` sets it to -inf outside Q3.
     ``low_first``: the score is a negated signal the release sorts ascending (its ties go to later
     positions under the release's tie rule). Raises ValueError on a duplicate name or an unknown need.
     """
     needs = tuple(needs)
-    unknown = [n for n in needs if n not in _NORMALISED]
+    unknown = [n for n in needs if n not in _NORMALISED + RAW_SIGNALS]
     if unknown:
-        raise ValueError(f"score {name!r} needs unknown signals {unknown}; known: {list(_NORMALISED)}")
+        raise ValueError(f"score {name!r} needs unknown signals {unknown}; known: {list(_NORMALISED + RAW_SIGNALS)}")
+    if kind not in RULE_KINDS or (kind == "weight" and (q3 or low_first)):
+        raise ValueError(f"score {name!r}: kind must be one of {list(RULE_KINDS)} (a weight is never Q3 or ranked)")
 
     if name == "q3":
         raise ValueError('"q3" is reserved: selection_scores returns the Q3 mask under that key')
 
     def decorator(fn: ScoreFn) -> ScoreFn:
-        add_once(_SCORES, "score", name, ScoreSpec(name, fn, description, needs, q3, low_first))
+        add_once(_SCORES, "score", name, ScoreSpec(name, fn, description, needs, q3, low_first, kind))
         return fn
 
     return decorator
+
+
+def register_weight(name: str, *, description: str, needs: Iterable[str] = ()) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator registering a weight rule: fn(norm, valid, generator) -> [B, T] weights >= 0 of every valid
+    token in the loss (no budget; ``rule_weights``). Same registry and names as the scores."""
+    return register_score(name, description=description, needs=needs, kind="weight")
 
 
 def register_q3_variant(base: str, *, description: str, name: str | None = None) -> ScoreSpec:
@@ -110,9 +137,15 @@ def get_score(name: str) -> ScoreSpec:
     return lookup(_SCORES, "score", "scores", name)
 
 
-def list_scores() -> list[str]:
-    """Registered score names, in registration order."""
-    return list(_SCORES)
+def list_scores(kind: str | None = None) -> list[str]:
+    """Registered rule names, in registration order: every kind, or only "selection" or "weight" rules."""
+    return [name for name, spec in _SCORES.items() if kind is None or spec.kind == kind]
+
+
+def missing_signals(name: str, signals: Iterable[str]) -> list[str]:
+    """The raw signal keys the rule ``name`` reads that ``signals`` lacks (KeyError if ``name`` is unknown)."""
+    have = set(signals)
+    return [key for key in get_score(name).raw_needs if key not in have]
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,11 +324,12 @@ def selection_scores(
     signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0, return_normalized: bool = False,
     normalization: str = "valid_rows", response_rows: Tensor | None = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Every registered score over a rollout batch, plus the Q3 mask.
+    """Every registered selection score over a rollout batch, plus the Q3 mask.
 
     Args:
         signals: dict of [B, T] tensors with "disagreement", "compat_mass" and "student_entropy"
-            (or, failing it, "student_entropy_topk").
+            (or, failing it, "student_entropy_topk"); any RAW_SIGNALS keys present feed the rules reading
+            them (a rule whose raw signal is absent is left out of the result).
         valid: [B, T] bool mask of the valid response positions (at least one True).
         seed: seeds the random scores (one generator per score name).
         return_normalized: also return the normalised signals the scores were computed from.
@@ -304,7 +338,8 @@ def selection_scores(
         response_rows: [B, T] bool, a superset of ``valid``: every response row, selectable or not
             (default ``valid``; the trainer has no rows beyond its valid ones). "all_response_rows" only.
     Returns:
-        scores: {name: [B, T] float32} for every registered score (0 at invalid positions; q3
+        scores: {name: [B, T] float32} for every registered selection score whose signals are given (0 at
+        invalid positions; q3
         scores -inf outside Q3), and "q3": [B, T] bool = valid & H~ < median(H~) & D~ >= median(D~),
         medians over the valid positions with linear interpolation.
         With ``return_normalized``: (scores, normalized), normalized = {"H": H~, "D": D~, "C": C~,
@@ -316,9 +351,12 @@ def selection_scores(
     on_rows = _normalised_signals(_raw_signals(signals, valid), valid, normalization, rows)  # 0 outside rows
     q3 = _q3_mask(on_rows, valid, rows, normalization)  # medians over the normalisation's rows
     norm = {short: x.masked_fill(~valid, 0.0) for short, x in on_rows.items()}  # scores: valid positions
+    inputs = {**norm, **_raw_inputs(signals, valid)}
     out: dict[str, Tensor] = {}
     for name, spec in _SCORES.items():
-        score = spec.fn(norm, valid, _score_generator(seed, name)).float()
+        if spec.kind != "selection" or missing_signals(name, inputs):
+            continue  # a weight rule (rule_weights), or a rule reading a signal the caller does not have
+        score = spec.fn(inputs, valid, _score_generator(seed, name)).float()
         if score.shape != valid.shape:
             raise ValueError(
                 f"score {name!r} returned shape {list(score.shape)}, expected {list(valid.shape)}"
@@ -327,3 +365,45 @@ def selection_scores(
         out[name] = score.masked_fill(~q3, NEG_INF) if spec.restrict_to_q3 else score
     out["q3"] = q3
     return (out, norm) if return_normalized else out
+
+
+def _raw_inputs(signals: dict[str, Tensor], valid: Tensor) -> dict[str, Tensor]:
+    """{key: [B, T] float32, 0 at invalid positions} for the RAW_SIGNALS keys ``signals`` holds."""
+    out = {}
+    for key in RAW_SIGNALS:
+        if key in signals:
+            if signals[key].shape != valid.shape:
+                raise ValueError(f"signals[{key!r}] shape {list(signals[key].shape)} differs from valid "
+                                 f"{list(valid.shape)}")
+            out[key] = torch.where(valid, signals[key].float(), 0.0)
+    return out
+
+
+def rule_weights(
+    signals: dict[str, Tensor], valid: Tensor, *, seed: int = 0, names: Iterable[str] | None = None
+) -> dict[str, Tensor]:
+    """{name: [B, T] float32 weights, 0 at invalid positions} of the weight rules (``kind="weight"``).
+
+    ``signals``: [B, T] raw signals (RAW_SIGNALS keys); ``names``: the rules to evaluate (default: every
+    registered weight rule whose signals are given). A selection rule, or a named rule whose signal is
+    missing, raises ValueError naming it. A negative or non-finite weight at a valid position raises.
+    """
+    inputs = _raw_inputs(signals, valid)
+    chosen = list_scores("weight") if names is None else list(names)
+    out: dict[str, Tensor] = {}
+    for name in chosen:
+        spec = get_score(name)
+        if spec.kind != "weight":
+            raise ValueError(f"{name!r} is a selection rule (a score ranked under a budget), not a weight rule; "
+                             f"weight rules: {list_scores('weight')}")
+        missing = missing_signals(name, inputs)
+        if missing and names is None:
+            continue
+        if missing:
+            raise ValueError(f"weight rule {name!r} needs the signal(s) {missing} (have {sorted(signals)})")
+        weight = spec.fn(inputs, valid, _score_generator(seed, name)).float().masked_fill(~valid, 0.0)
+        if weight.shape != valid.shape or not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+            raise ValueError(f"weight rule {name!r} returned a {list(weight.shape)} tensor with a negative or "
+                             f"non-finite weight (expected [B, T] = {list(valid.shape)}, finite, >= 0)")
+        out[name] = weight
+    return out

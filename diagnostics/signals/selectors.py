@@ -21,7 +21,14 @@ from dataclasses import asdict, dataclass
 from torch import Tensor
 
 from diagnostics.signals.normalize import SIGNAL_NORMALIZATIONS
-from diagnostics.signals.scores import SELECTION_SIGNAL_SOURCES, get_score, selection_scores, unrestricted_score
+from diagnostics.signals.scores import (
+    SELECTION_SIGNAL_SOURCES,
+    get_score,
+    list_scores,
+    missing_signals,
+    selection_scores,
+    unrestricted_score,
+)
 from diagnostics.signals.selection import BUDGET_RULES, select
 
 TIE_BREAKS = ("row_major", "earliest_position")
@@ -63,6 +70,8 @@ class SelectionOptions:
             get_score(self.top_up)  # KeyError listing the registered scores
             if get_score(self.top_up).restrict_to_q3:
                 raise ValueError(f"top_up: {self.top_up!r} is a Q3 score; a top-up needs a score at every position")
+            if get_score(self.top_up).kind != "selection":
+                raise ValueError(f"top_up: {self.top_up!r} is a weight rule; a top-up ranks by a selection score")
 
     @classmethod
     def paper(cls) -> SelectionOptions:
@@ -107,11 +116,20 @@ def select_by_name(
     Returns:
         [B, T] bool, a subset of valid. With options=SelectionOptions() this is exactly
         ``select(selection_scores(...)[selector], valid, ratio, min_per_sequence=...)``.
+    Raises ValueError for a weight rule (it weights every token: ``scores.rule_weights``) and for a rule
+    reading a raw signal ``signals`` lacks (e.g. the teacher's entropy under top-K signals).
     """
+    spec = get_score(selector)
+    if spec.kind != "selection":
+        raise ValueError(f"selector {selector!r} is a weight rule (it weights every token, no budget); selection "
+                         f"rules: {', '.join(list_scores('selection'))}")
+    missing = missing_signals(selector, signals)
+    if missing:
+        raise ValueError(f"selector {selector!r} needs the signal(s) {missing}, absent here (have {sorted(signals)})")
     named = {canonical: signals[key] for canonical, key in SELECTION_SIGNAL_SOURCES[options.signals].items()}
+    named.update({key: signals[key] for key in spec.raw_needs})
     scores, norm = selection_scores(named, valid, seed=seed, return_normalized=True,
                                     normalization=options.normalization, response_rows=response_rows)
-    spec = get_score(selector)
     fill = unrestricted_score(selector, norm, valid, seed) if options.q3_fill and spec.restrict_to_q3 else None
     top_up = scores[options.top_up] if options.top_up else None
     return select(scores[selector], valid, ratio, min_per_sequence=min_per_sequence,

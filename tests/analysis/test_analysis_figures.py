@@ -14,6 +14,7 @@ from analysis.plots import (
     plot_bucket_curves,
     plot_coefficients,
     plot_gain_heatmap,
+    plot_gain_vs_budget,
     plot_kept_overlap,
     plot_learning_curves,
     plot_quadrant_scores,
@@ -72,6 +73,11 @@ def test_diagnostic_figures(small_tokens, tmp_path):
     assert _labels(fig) == [("selector (exact top-N by score)", "mean gain of kept tokens G (nats)"),
                             ("retention ratio (%)", "gain per keep: mean G / ratio (nats)")]
     assert name in _title(fig)
+    fig = plot_gain_vs_budget(top.table, mean_gain_all=top.mean_gain_all, run_name=name)  # one line per rule
+    assert _labels(fig) == [("budget: kept share of the bank's tokens (%, log scale)",
+                             "mean gain of kept tokens G (nats)")]
+    assert len(fig.axes[0].get_lines()) == top.table["selector"].nunique() + 2  # + all tokens + zero
+    assert name in _title(fig)
 
     buckets, residuals = bucket_curves(small_tokens, n_boot=20), residual_curves(small_tokens, n_boot=20)
     fig = plot_bucket_curves(buckets, residuals, run_name=name)
@@ -115,7 +121,7 @@ def test_make_all_figures(fixture_results, tmp_path):
         paths = make_all_figures(results, tmp_path / "figures", n_boot=30)
     rel = {p.relative_to(tmp_path / "figures").as_posix() for p in paths}
     for stem in ("gain_heatmap", "quadrant_scores", "coefficients_by_k", "top_n", "bucket_curves", "score_hexbins",
-                 "kept_overlap"):
+                 "kept_overlap", "top_n_budget"):
         assert f"diagnose/fixture/{stem}.png" in rel and f"diagnose/fixture/{stem}.pdf" in rel
     assert not any(r.startswith("diagnose/broken") for r in rel)
     assert not any("/paper_" in r for r in rel)  # the paper figures are for "protocol": "paper" runs only

@@ -15,7 +15,7 @@ from analysis.report import format_report, summarize, summary_tables
 
 KEYS = {"schema", "run", "notes", "correlations", "correlation_reference", "partial_compat_given_disagreement", "ols",
         "ols_by_k", "support_gap", "support_gap_by_k", "matched_gap", "mean_gain_all", "top_n", "top_n_references",
-        "retrieval", "paper", "side_by_side", "checks", "verdict"}
+        "retrieval", "learnable_share", "paper", "side_by_side", "checks", "verdict"}
 
 
 @pytest.fixture(scope="module")

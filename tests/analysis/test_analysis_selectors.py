@@ -43,7 +43,7 @@ def test_top_n_table(small_tokens):
     res = top_n_table(small_tokens, n_boot=100)
     t = res.table
     assert "full" not in set(t["selector"]) and any("'full'" in n for n in res.notes)
-    assert set(t["ratio"]) == {0.01, 0.03, 0.05, 0.10}
+    assert set(t["ratio"]) == {0.01, 0.03, 0.05, 0.10, 0.20}
     row = t[(t["selector"] == "teachability") & (t["ratio"] == 0.03)].iloc[0]
     mask = kept_mask(small_tokens, "score_teachability", 0.03)
     assert row["mean_gain"] == pytest.approx(small_tokens["gain"][mask].mean())

@@ -31,7 +31,9 @@ def test_group_summary():
     })
     rows = group_summary(group)
     assert [r["selector"] for r in rows] == ["kl", "random"]
-    assert rows[0] == {"selector": "kl", "ratio": 0.5, "n_kept": 2, "mean_gain_all": 2.5, "mean_gain_kept": 2.5}
+    assert rows[0] == {"selector": "kl", "ratio": 0.5, "n_kept": 2, "mean_gain_all": 2.5, "mean_gain_kept": 2.5,
+                       "gain_per_kept": 5.0}  # the whole bank's gain, 10, per kept token
     assert rows[1]["n_kept"] == 0 and rows[1]["mean_gain_all"] == 0.75 and np.isnan(rows[1]["mean_gain_kept"])
+    assert np.isnan(rows[1]["gain_per_kept"])
     with pytest.raises(ValueError, match="group.parquet: missing column"):
         group_summary(group.drop(columns="kept"))

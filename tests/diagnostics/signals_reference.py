@@ -217,6 +217,10 @@ def batch_signals(b=4, t=30, seed=0):
         "compat_mass": torch.rand(b, t, generator=g),
     }
     valid = torch.rand(b, t, generator=g) < 0.8
+    raw = torch.Generator().manual_seed(seed + 1)  # the raw signals of the published rules (scores.RAW_SIGNALS)
+    sig.update({"teacher_entropy": torch.rand(b, t, generator=raw) * 3, "overlap": torch.rand(b, t, generator=raw),
+                "student_logprob_sampled": -torch.rand(b, t, generator=raw) * 3,
+                "teacher_logprob_sampled": -torch.rand(b, t, generator=raw) * 3})
     valid[:, 0] = True
     return sig, valid
 

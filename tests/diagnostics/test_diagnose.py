@@ -35,7 +35,8 @@ def test_outputs_and_manifest(tmp_path, small_testbed):
     tokens = pd.read_parquet(run_dir / "tokens.parquet")
     assert set(REQUIRED) <= set(tokens.columns)
     expected = {"disagreement", "compat_mass", "disagreement_k2", "score_teachability", "score_teachability_k2", "q3",
-                "token"}
+                "token", "score_prefix", "score_excess_loss", "score_teacher_entropy", "score_topk_overlap_k2",
+                "weight_iw_opd"}  # the published rules (issue 22): a weight rule is a weight_<name> column
     assert expected <= set(tokens.columns)
     bank = pd.read_parquet(run_dir / "bank.parquet")
     assert len(tokens) == sum(len(r) for r in bank["response_ids"])  # one row per valid position

@@ -34,7 +34,7 @@ def test_normalize_batch_formula():
 def test_selection_scores_formulas_and_q3():
     sig, valid = batch_signals()
     out = selection_scores(sig, valid, seed=1)
-    assert set(out) == set(list_scores()) | {"q3"}
+    assert set(out) == set(list_scores("selection")) | {"q3"}  # weight rules: rule_weights
     h, d, c = (normalize_batch(sig[key], valid) for key in ("student_entropy", "disagreement", "compat_mass"))
     s = d * c
     want = {"teachability": s, "incompatible": d * (1 - c), "entropy": h, "kl": d, "tip": h + d - h * d,

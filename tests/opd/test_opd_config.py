@@ -15,7 +15,7 @@ from opd.config import TrainConfig
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["train.yaml", "train_quick.yaml"])
+@pytest.mark.parametrize("name", ["train.yaml", "train_quick.yaml", "train_zoo.yaml"])
 def test_yaml_mirrors_dataclass(name):
     data = yaml.safe_load((ROOT / "configs" / name).read_text())
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -54,8 +54,9 @@ def test_unknown_loss_and_key():
 def test_every_registered_selector_is_accepted():
     config = TrainConfig(selectors=list_scores(), ratios=[0.05, 0.3], seeds=[0, 1])
     arms = config.arms()
-    assert len(arms) == 2 + (len(list_scores()) - 1) * 2 * 2
-    assert {a.ratio for a in arms if a.selector == "full"} == {1.0}
+    n_weight = len(list_scores("weight"))  # a weight rule trains every token: ratio 1.0 only, like full
+    assert len(arms) == 2 * (1 + n_weight) + (len(list_scores()) - 1 - n_weight) * 2 * 2
+    assert {a.ratio for a in arms if a.selector in ("full", *list_scores("weight"))} == {1.0}
 
 
 def test_default_arms_and_run_id():
@@ -137,3 +138,19 @@ def test_new_keys_at_default_leave_the_run_hash_alone():
     assert not {"preset", "signals", "signal_normalization", "tie_break", "top_up", "q3_fill"} & set(fingerprint)
     assert TrainConfig(signals="release_topk").run_id() != TrainConfig().run_id()
     assert TrainConfig(signals="release_topk").fingerprint()["signals"] == "release_topk"
+
+
+def test_train_zoo_arms_and_selector_ratios():
+    """configs/train_zoo.yaml: every rule at 5%, entropy also at 20% (80/20), full and the weight rule at 1.0."""
+    config = load_config(TrainConfig, ROOT / "configs/train_zoo.yaml")
+    pairs = {(a.selector, a.ratio) for a in config.arms()}
+    assert {("full", 1.0), ("iw_opd", 1.0), ("entropy", 0.05), ("entropy", 0.2), ("prefix", 0.05)} <= pairs
+    assert len(config.arms()) == 13 * 3
+    assert TrainConfig(selectors=["kl"], selector_ratios={"kl": [0.1, 0.2]}).arms()[0].ratio == 0.1
+    for bad, match in (({"iw_opd": [0.05]}, "weight rule"), ({"full": [0.5]}, "keeps every token"),
+                       ({"kl": [0.0]}, "in \\(0, 1\\]"), ({"nope": [0.1]}, "unknown selector"),
+                       ({"tip": [0.1]}, "not in selectors")):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(selectors=["kl", "iw_opd", "full"], selector_ratios=bad)
+    with pytest.raises(ConfigError, match="top_up: 'iw_opd' is a weight rule"):
+        TrainConfig(top_up="iw_opd")
