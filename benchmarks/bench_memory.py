@@ -51,7 +51,7 @@ def stage_testbed(args: argparse.Namespace) -> dict:
 
 
 def diagnose_config(args: argparse.Namespace, work: Path):
-    from diagnostics.diagnose import DiagnoseConfig
+    from diagnostics.diagnose_config import DiagnoseConfig
 
     return DiagnoseConfig(testbed_config=str(Path(args.testbed_config).resolve()), n_sequences=args.sequences,
                           max_response_tokens=args.tokens, group_selectors=[], device="cpu", dtype="float32",

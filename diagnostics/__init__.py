@@ -11,6 +11,7 @@ Rooms, bottom first; each imports only the rooms above it in this list (held by 
     accuracy.py   answer accuracy of a model on problems (greedy or sampled)
     testbed/      the embedded teacher-student pair: config, tasks, build, report, the Qwen2 tokenizer
     bank.py, engine.py, pair.py   the context bank, the fixed-context engine, a run's pair and prompts
-    diagnose.py   the diagnostic recipe (`taopd diagnose`)
+    shards.py     the bank's resumable shards, split over the processes of a torchrun launch
+    diagnose_config.py, diagnose.py   the diagnostic's config and its recipe (`taopd diagnose`)
 Nothing here imports `opd`, `analysis` or `taopd`.
 """

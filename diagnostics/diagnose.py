@@ -25,11 +25,8 @@ module never imports `analysis`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -37,28 +34,19 @@ import torch
 
 from diagnostics import engine
 from diagnostics.bank import bank_batch, make_bank, read_bank, read_bank_file
-from diagnostics.core.config import (
-    check,
-    check_applies,
-    check_at_least,
-    check_device,
-    check_run_keys,
-    check_temperature,
-    config_to_dict,
-)
 from diagnostics.core.files import write_json, write_parquet
 from diagnostics.core.lock import release_run_lock
 from diagnostics.core.nonfinite import check_group_finite, check_shard_finite, nonfinite_recorded
-from diagnostics.core.rundir import claim_run_dir, config_hash
+from diagnostics.core.rundir import claim_run_dir
 from diagnostics.data.prompts import render_text
-from diagnostics.generation.backends import SamplingConfig, list_backends
+from diagnostics.diagnose_config import DiagnoseConfig, protocol_meaning
+from diagnostics.generation.backends import SamplingConfig
 from diagnostics.generation.rollouts import generate_rollouts
 from diagnostics.generation.store import make_manifest, read_store, write_store
 from diagnostics.generation.vllm import release_vllm_engine
 from diagnostics.lm.forward import ResponseBatch, full_logprobs, map_sequence_chunks
 from diagnostics.lm.models import ModelPair, check_pair, check_path, directory_hash, load_model, load_pair
-from diagnostics.lm.precision import check_mixed_precision, master_weights, resolve_precision
-from diagnostics.losses import list_losses
+from diagnostics.lm.precision import master_weights, resolve_precision
 from diagnostics.pair import (
     BANK_SPLIT_SEED,
     ResolvedPair,
@@ -69,7 +57,7 @@ from diagnostics.pair import (
     resolve_pair,
 )
 from diagnostics.shards import Processes, run_shards, wait_for
-from diagnostics.signals import list_scores, normalize_batch, select, selection_scores, token_signals
+from diagnostics.signals import normalize_batch, select, selection_scores, token_signals
 from diagnostics.signals.scores import RAW_SIGNALS, get_score, rule_weights
 
 # Signals that do not depend on K: stored once, without a _k{K} suffix.
@@ -78,124 +66,7 @@ K_INDEPENDENT = (
     "student_logprob_sampled", "teacher_logprob_sampled",
 )
 SIGNAL_MODE = "exact"  # the engine scores full-vocabulary log-probs of both models (token_signals)
-PROTOCOL_MEANING = {
-    "single-step": "the gain at a token from one update on that token's own loss (fixed context, held-out "
-                   "base-student rollouts)",
-    "paper": "the gain at a token after full-token OPD trained on all tokens: latest checkpoint vs the base "
-             "student, re-scored on the OPD run's own first rollouts (the paper's protocol)",
-}
 RELATIVE_GAIN_EPS = 1e-12  # the release's (KL_base - KL_after) / (KL_base + eps)
-# Keys left out of the run hash and config.json while at these defaults: runs made before they existed keep
-# their names and resume.
-OMITTED_AT_DEFAULT = {"prompt_column": "prompt", "answer_column": "answer", "enable_thinking": None}
-
-
-@dataclass
-class DiagnoseConfig:
-    """Config of `taopd diagnose`; `configs/diagnose.yaml` mirrors it key for key."""
-
-    student: str = ""  # model dir or hub id; "" = the embedded testbed's student
-    teacher: str = ""  # "" = the embedded testbed's teacher
-    testbed_config: str = "configs/testbed.yaml"
-    prompts: str = ""  # real models' prompts (.jsonl/.json/.parquet or hub id); "" = testbed held-out problems
-    prompt_column: str = "prompt"  # real models: the prompt column, a name or dotted path (prompt.0.content)
-    answer_column: str = "answer"  # real models: the answer column (e.g. reward_model.ground_truth, label)
-    enable_thinking: bool | None = None  # real models: Qwen3's chat-template switch; None = the template's default
-    n_sequences: int = 256  # B: responses in the bank (the paper: 300)
-    max_response_tokens: int = 192  # L: responses are cut to this many tokens
-    temperature: float = 1.0  # rollout sampling temperature (the paper's 1.0)
-    top_p: float = 1.0
-    max_new_tokens: int = 0  # 0 = the testbed's response length, or 256 for real models
-    backend: str = "auto"  # "auto" or a registered backend (`diagnostics.generation.backends.list_backends`)
-    mode: Literal["single-step", "checkpoint", "first-order"] = "single-step"
-    protocol: Literal["single-step", "paper"] = "single-step"  # what the gain measures (PROTOCOL_MEANING)
-    bank: str = ""  # parquet of responses (BANK_COLUMNS) to re-score instead of sampling fresh rollouts
-    train: dict[str, Any] = field(default_factory=dict)  # protocol=paper: TrainConfig overrides of its OPD run
-    loss: str = "reverse_kl"  # a registered loss (diagnostics.losses), at its first step
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 1e-5  # small-step regime: first-order estimate and measured gain agree on the testbed
-    k: int = 0  # top-K of the signals; 0 = the pair's default (testbed: its k; real models: 16)
-    extra_k: list[int] = field(default_factory=list)  # more K values, columns suffixed _k{K}
-    group_selectors: list[str] = field(
-        default_factory=lambda: ["teachability", "incompatible", "kl", "entropy", "tip", "random", "prefix", "suffix",
-                                 "teacher_entropy", "excess_loss", "topk_overlap", "iw_opd"]
-    )  # a weight rule (iw_opd) runs at 1.0 beside full (engine.group_plan)
-    group_ratios: list[float] = field(default_factory=lambda: [0.05])
-    checkpoint: str = ""  # the trained student for mode=checkpoint
-    method: Literal["auto", "vmap", "loop"] = "auto"  # single-step implementation
-    memory_budget_gb: float = 2.0  # for the vmap method's stacked per-position gradients
-    shard_sequences: int = 16  # sequences per resumable shard
-    seed: int = 0
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    mixed_precision: str | bool = "auto"  # auto | no | bf16: float32 master weights (diagnostics.lm.precision)
-    run_name: str = ""  # "" = derived from the config hash, so a rerun resumes the same run
-    out_dir: str = "results/diagnose"
-    n_boot: int = 1000  # cluster-bootstrap resamples for the summary
-
-    def __post_init__(self) -> None:
-        check_at_least(self, 1, "n_sequences", "max_response_tokens")
-        check_temperature(self.temperature)
-        backends = ["auto", *list_backends()]
-        check(self.backend in backends, "backend", f"must be one of {backends}, got {self.backend!r}")
-        check(self.loss in list_losses(), "loss", f"unknown loss {self.loss!r}; registered: {', '.join(list_losses())}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check_at_least(self, 0, "max_new_tokens")
-        # one small step: first-order regime; lr > 1 moves weights by O(1) per step (Adam) and gives absurd gains
-        check(0 < self.lr <= 1, "lr", f"must be in (0, 1] (the diagnostic measures one small step), got {self.lr}")
-        check_device(self.device)
-        check(self.k >= 0, "k", f"must be >= 1 (or 0 for the pair's default), got {self.k}")
-        check(all(k >= 1 for k in self.extra_k), "extra_k", f"every K must be >= 1, got {self.extra_k}")
-        check(all(0 < r <= 1 for r in self.group_ratios), "group_ratios",
-              f"each ratio must be in (0, 1], got {self.group_ratios}")
-        unknown = [s for s in self.group_selectors if s not in list_scores()]
-        check(not unknown, "group_selectors", f"unknown selector {unknown[:1]}; registered: {', '.join(list_scores())}")
-        check_at_least(self, 1, "shard_sequences")
-        check(self.memory_budget_gb > 0, "memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
-        check_at_least(self, 0, "n_boot")
-        self.mixed_precision = check_mixed_precision(self.mixed_precision)
-        check(bool(self.student) == bool(self.teacher), "teacher",
-              "give both student and teacher, or neither (testbed)")
-        check(self.mode != "checkpoint" or bool(self.checkpoint) or self.protocol == "paper", "checkpoint",
-              "mode=checkpoint needs a checkpoint path (protocol=paper trains its own)")
-        check(self.protocol == "paper" or not self.train, "train",
-              f"only protocol=paper trains (got protocol={self.protocol}); remove the train overrides")
-        for key, default in OMITTED_AT_DEFAULT.items():  # the testbed's problems have neither columns nor template
-            check(bool(self.student) or getattr(self, key) == default, key,
-                  "applies to real models' prompt files (student=, teacher=, prompts=), not the testbed's own problems")
-        self._check_lists_and_applicability()
-
-    def _check_lists_and_applicability(self) -> None:
-        """No value twice in a list, a run name of one directory, no key the mode or source would ignore."""
-        check_run_keys(self, unique=("extra_k", "group_selectors", "group_ratios"), seeds=("seed",))
-        check(bool(self.group_ratios) or not self.group_selectors, "group_ratios", "is empty while group_selectors "
-              "is set: no group rows would be computed (group_selectors=[] turns the group variant off)")
-        check(self.mode != "first-order" or self.method != "loop", "method",
-              "mode=first-order needs the per-position gradients of method=vmap (or auto); method=loop has none")
-        banked = "bank= re-scores the bank file's responses; no rollouts are sampled"
-        sampled = not self.bank or self.protocol == "paper"  # a bank's responses replace the sampled rollouts
-        for key, applies, why in (
-            ("prompts", bool(self.student), "the testbed's held-out problems are its own (for real models only)"),
-            ("checkpoint", self.mode == "checkpoint", f"mode=checkpoint re-scores it; mode={self.mode} never does"),
-            ("group_selectors", self.mode == "single-step" or not self.group_selectors,
-             f"the group variant is a single-step construction (mode={self.mode}); set group_selectors=[]"),
-            *((key, sampled, banked) for key in ("temperature", "top_p", "max_new_tokens", "backend", "prompts")),
-        ):
-            check_applies(self, key, applies, why)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The config as a plain dict without the OMITTED_AT_DEFAULT keys at their defaults."""
-        data = json.loads(json.dumps(config_to_dict(self)))
-        return {k: v for k, v in data.items() if not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
-
-    def run_id(self, models: dict[str, str] | None = None) -> str:
-        """The run directory name: stable for a config and its resolved model paths, so a rerun
-        resumes it (and a rebuilt testbed, which lives under a new cache key, starts a new run)."""
-        if self.run_name:
-            return self.run_name
-        payload = {k: v for k, v in self.fingerprint().items() if k not in ("run_name", "out_dir", "n_boot")}
-        payload["models"] = models or {}
-        return f"{self.protocol if self.protocol == 'paper' else self.mode}-{config_hash(payload)}"
 
 
 # ------------------------------------------------------------------------------------------ one shard
@@ -475,20 +346,12 @@ def run_group(pair: ModelPair, bank: ResponseBatch, grids: dict[str, torch.Tenso
     return pd.concat(frames, ignore_index=True)
 
 
-
 def group_plan(selectors: list[str], ratios: list[float]) -> list[tuple[str, float]]:
     """(rule, ratio) of the group variant: a selection rule at each ratio; a weight rule at 1.0 (every token,
     weighted), with `full` at 1.0 beside it (once): a weight rule is compared against full-token OPD."""
     plan = [(s, r) for s in selectors for r in ([1.0] if get_score(s).kind == "weight" else map(float, ratios))]
     weighted = any(get_score(s).kind == "weight" for s in selectors)
     return plan + [("full", 1.0)] if weighted and ("full", 1.0) not in plan else plan
-
-
-def protocol_meaning(config: DiagnoseConfig) -> str:
-    """What the run's gain measures, for manifest.json and the summary."""
-    if config.mode == "checkpoint" and config.protocol == "single-step":
-        return "the gain at a token between the base student and the given checkpoint (fixed context)"
-    return PROTOCOL_MEANING[config.protocol]
 
 
 def build_manifest(config: DiagnoseConfig, resolved: ResolvedPair, pair: ModelPair, ks: list[int], bank_path: Path,

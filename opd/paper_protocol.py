@@ -60,7 +60,8 @@ import pandas as pd
 from diagnostics.core.config import ConfigError, check, load_config
 from diagnostics.core.files import atomic_write, write_parquet
 from diagnostics.core.rundir import claim_run_dir
-from diagnostics.diagnose import DiagnoseConfig, resolved_models, run_diagnose, saved_config
+from diagnostics.diagnose import resolved_models, run_diagnose, saved_config
+from diagnostics.diagnose_config import DiagnoseConfig
 from diagnostics.pair import ResolvedPair, load_prompts, resolve_pair
 from diagnostics.shards import wait_for
 from opd.config import Arm, TrainConfig

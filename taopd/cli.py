@@ -39,7 +39,8 @@ from diagnostics.core.lock import RunLockedError, release_all_run_locks
 from diagnostics.core.nonfinite import NonFiniteError
 from diagnostics.core.paths import check_user_path
 from diagnostics.core.rundir import check_not_a_run
-from diagnostics.diagnose import PROTOCOL_MEANING, DiagnoseConfig, run_diagnose
+from diagnostics.diagnose import run_diagnose
+from diagnostics.diagnose_config import PROTOCOL_MEANING, DiagnoseConfig
 from diagnostics.signals import get_score, list_scores
 from diagnostics.testbed.build import build_testbed
 from diagnostics.testbed.config import TestbedConfig

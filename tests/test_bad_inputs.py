@@ -227,7 +227,8 @@ def test_diagnose_blowup_keeps_finished_shards(workspace, small_testbed):
     gain is not saved; nonfinite.json names shard, sequence, position and quantity; earlier shards stay."""
     from diagnostics.core.config import load_config
     from diagnostics.core.nonfinite import NonFiniteError
-    from diagnostics.diagnose import DiagnoseConfig, run_diagnose
+    from diagnostics.diagnose import run_diagnose
+    from diagnostics.diagnose_config import DiagnoseConfig
 
     ws, places = workspace
     argv = [s.format(**places) for s in probes.diagnose("run_name=nan", "lr=1e-5")][1:]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.diagnose import DiagnoseConfig
+from diagnostics.diagnose_config import DiagnoseConfig
 from diagnostics.testbed.config import TestbedConfig
 from opd.config import TrainConfig
 from opd.evaluate import EvaluateConfig

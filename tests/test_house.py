@@ -35,8 +35,9 @@ ROOMS = {
     "engine": {"core", "lm", "losses"},
     "shards": {"core"},
     "pair": {"core", "lm", "data", "generation", "testbed"},
+    "diagnose_config": {"core", "lm", "signals", "losses", "generation"},
     "diagnose": {"core", "lm", "data", "signals", "losses", "generation", "bank", "engine", "shards", "pair",
-                 "testbed"},
+                 "diagnose_config", "testbed"},
 }
 
 

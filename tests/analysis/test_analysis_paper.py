@@ -225,7 +225,7 @@ def test_summarize_paper_and_side_by_side(small_tokens: pd.DataFrame) -> None:
 def test_protocol_meanings_mirror_the_diagnostic() -> None:
     """The summary's protocol wording equals diagnostics.diagnose.PROTOCOL_MEANING for every protocol it has."""
     from analysis.paper_summary import PROTOCOLS
-    from diagnostics.diagnose import PROTOCOL_MEANING
+    from diagnostics.diagnose_config import PROTOCOL_MEANING
 
     for name, meaning in PROTOCOL_MEANING.items():
         assert PROTOCOLS[name] == meaning

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from diagnostics.core.config import ConfigError, load_config
-from diagnostics.diagnose import DiagnoseConfig, run_diagnose
+from diagnostics.diagnose import run_diagnose
+from diagnostics.diagnose_config import DiagnoseConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = ["seq_id", "pos", "kl_forward_before", "kl_forward_after", "gain", "gain_rel", "spillover"]
@@ -54,7 +55,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed):
     script = (
         "import sys\n"
         "from diagnostics.core.config import load_config\n"
-        "from diagnostics.diagnose import DiagnoseConfig, run_diagnose\n"
+        "from diagnostics.diagnose import run_diagnose\nfrom diagnostics.diagnose_config import DiagnoseConfig\n"
         "if __name__ == '__main__':\n"
         "    run_diagnose(load_config(DiagnoseConfig, sys.argv[1], sys.argv[2:]), progress=False)\n"
     )

@@ -198,7 +198,8 @@ def test_diagnose_with_mixed_precision_matches_float32(tmp_path, small_testbed):
     import pandas as pd
 
     from diagnostics.core.config import load_config
-    from diagnostics.diagnose import DiagnoseConfig, run_diagnose
+    from diagnostics.diagnose import run_diagnose
+    from diagnostics.diagnose_config import DiagnoseConfig
 
     root = Path(__file__).resolve().parents[2]
 

@@ -73,7 +73,9 @@ def test_diagnose_shard_chunked_equals_unchunked(monkeypatch):
             scale = whole["kl_forward_before"]
             torch.testing.assert_close(chunked[name] * scale, whole[name] * scale, rtol=0, atol=TOL, equal_nan=True)
             continue
-        torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=TOL, equal_nan=True, msg=name)
+        # the release's top-K D reaches ~26 nats (its 1e-12 floor), where one float32 ulp is 1.9e-6: held relatively
+        rtol = 1e-6 if name == "disagreement_topk_proxy" else 0
+        torch.testing.assert_close(chunked[name], whole[name], rtol=rtol, atol=TOL, equal_nan=True, msg=name)
 
 
 def test_training_live_gains_chunked_equals_unchunked(monkeypatch):

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
 from diagnostics.core.config import ConfigError, load_config
-from diagnostics.diagnose import DiagnoseConfig, run_diagnose
+from diagnostics.diagnose import run_diagnose
+from diagnostics.diagnose_config import DiagnoseConfig
 from diagnostics.testbed.qwen3 import (
     QWEN3_SHAPES,
     QWEN3_TOKENIZER_LENGTH,

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from diagnostics.core.config import ConfigError, load_config
-from diagnostics.diagnose import DiagnoseConfig, read_bank_file, release_columns
+from diagnostics.diagnose import read_bank_file, release_columns
+from diagnostics.diagnose_config import DiagnoseConfig
 from opd.paper_protocol import bank_rollouts, train_config
 
 from processes import kill_after_first_checkpoint

@@ -13,7 +13,8 @@ import pytest
 
 from diagnostics.core.config import ConfigError, load_config
 from diagnostics.data.prompt_sets import PromptSetError, load_problems
-from diagnostics.diagnose import DiagnoseConfig, run_diagnose
+from diagnostics.diagnose import run_diagnose
+from diagnostics.diagnose_config import DiagnoseConfig
 from diagnostics.pair import BANK_SPLIT_SEED, ResolvedPair, heldout_problems
 from opd.config import TrainConfig
 from opd.trainer import EVAL_SPLIT_SEED, heldout, training_texts
