@@ -87,13 +87,13 @@ CORRELATION = [
     ("md", "## Standardised OLS\nFeatures are robust-normalised then z-scored; the outcome G is z-scored too, "
            "so a coefficient is sd(G) per sd(feature)."),
     ("code", "display(tables['ols'])\ndisplay(tables['per_k'])"),
-    ("code", "from analysis.figures import plot_coefficients, plot_support_gaps\n\n"
+    ("code", "from analysis.plots import plot_coefficients, plot_support_gaps\n\n"
              "display(plot_coefficients(summary['ols_by_k'], run_name=run_name))\n"
              "display(plot_support_gaps({f'{run_name} K={k}': g for k, g in summary['support_gap_by_k'].items()},\n"
              "                          title=f'{run_name}: Q3 support gap per K'))"),
     ("md", "## Gaps and buckets"),
     ("code", "display(tables['gaps'])"),
-    ("code", "from analysis.figures import (\n"
+    ("code", "from analysis.plots import (\n"
              "    plot_bucket_curves,\n"
              "    plot_gain_heatmap,\n"
              "    plot_quadrant_scores,\n"
@@ -142,7 +142,7 @@ SELECTORS = [
              "cols += [c for c in top.columns if c.startswith('minus_')]\n"
              "display(top.sort_values(['ratio', 'mean_gain'], ascending=[True, False])[cols])\n"
              "display(Markdown(f\"all tokens: mean G = {summary['mean_gain_all']['value']} nats\"))"),
-    ("code", "from analysis.figures import plot_kept_overlap, plot_top_n\n\n"
+    ("code", "from analysis.plots import plot_kept_overlap, plot_top_n\n\n"
              "display(plot_top_n(top, mean_gain_all=summary['mean_gain_all']['value'], run_name=run_name))"),
     ("md", "## The paper's exact top-N (release definitions)\n"
            "Winsorised relative gain, D = full-vocabulary KL, ties to earlier positions, per K "
@@ -188,7 +188,7 @@ TRAINING = [
              "    display(selector_checks(comparison, reference='full'))\n"
              "else:\n"
              "    print('no comparison.parquet in this run')"),
-    ("code", "from analysis.figures import plot_learning_curves, plot_selector_comparison\n\n"
+    ("code", "from analysis.plots import plot_learning_curves, plot_selector_comparison\n\n"
              "display(plot_learning_curves(metrics, run_name=run_name))\n"
              "if comparison is not None:\n"
              "    display(plot_selector_comparison(comparison, run_name=run_name))"),
