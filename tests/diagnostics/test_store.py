@@ -178,7 +178,7 @@ SLOW_WRITER = """
 import sys, time
 import pyarrow.parquet as pq
 sys.path.insert(0, {tests!r})
-from diagnostics import store
+from diagnostics.generation import store
 from test_store import synthetic_store
 
 write_table = pq.ParquetWriter.write_table
