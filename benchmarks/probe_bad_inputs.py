@@ -252,7 +252,9 @@ PROBES: list[Probe] = [
     Probe("23.new foreign checkpoint", "mode=checkpoint checkpoint=<the teacher>",
           diagnose("mode=checkpoint", "checkpoint={teacher}"),
           "checkpoint: {teacher} is not a trained copy of the student (intermediate_size"),
-    Probe("23.new environment", "TAOPD_CACHE_DIR a file", ("testbed", "--config", "configs/testbed_small.yaml"),
+    # seed=1: a testbed that is not shipped, so the cache is where it would be built (a shipped one needs no cache)
+    Probe("23.new environment", "TAOPD_CACHE_DIR a file", ("testbed", "--config", "configs/testbed_small.yaml",
+                                                           "seed=1"),
           "TAOPD_CACHE_DIR: {ws}/prompts.jsonl is a file, not a directory",
           env=(("TAOPD_CACHE_DIR", "{ws}/prompts.jsonl"),), subprocess_only=True),
     Probe("23.new command line", "one key twice on the command line", diagnose("lr=1e-4", "lr=1e-3"),

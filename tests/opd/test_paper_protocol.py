@@ -206,7 +206,10 @@ def test_chain_under_two_processes(tmp_path, small_testbed):
     """torchrun: the OPD run trains on both processes (each rolls out half of a step's prompts), the bank merges
     their rollouts in the one-process stream order, the re-scoring splits its shards (diagnostics.shards)."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = command(tmp_path)[1:] + ["train.steps=4", "train.checkpoint_every=0"]
+    # the chain's command with 4 steps and no checkpoints (a key given twice is refused, so replace, not append)
+    changed = {"train.steps": "4", "train.checkpoint_every": "0"}
+    cmd = [f"{t.split('=')[0]}={changed[t.split('=')[0]]}" if t.split("=")[0] in changed else t
+           for t in command(tmp_path)[1:]]
     log = run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
                str(free_port()), *cmd])
     out = tmp_path / "p"
