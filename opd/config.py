@@ -126,14 +126,14 @@ class TrainConfig:
         check(not unknown, "selectors",
               f"unknown selector {unknown[0]!r}; registered: {', '.join(list_scores())}" if unknown else "")
         check(len(self.selectors) >= 1, "selectors", "must name at least one selector")
-        check(len(set(self.selectors)) == len(self.selectors), "selectors", f"duplicate selector in {self.selectors}")
+        check_unique(self.selectors, "selectors")
         bad = [r for r in self.ratios if not 0 < r <= 1]
         check(not bad, "ratios", f"each ratio must be in (0, 1], got {bad[0] if bad else ''}")
         check_unique(self.ratios, "ratios")
         self._check_selector_ratios()
         check(len(self.ratios) >= 1 or self.selectors == ["full"], "ratios", "must hold at least one ratio")
         check(len(self.seeds) >= 1, "seeds", "must hold at least one seed")
-        check(len(set(self.seeds)) == len(self.seeds), "seeds", f"duplicate seed in {self.seeds}")
+        check_unique(self.seeds, "seeds")
         check(all(0 <= s < 2**31 for s in self.seeds), "seeds", f"each seed must be in [0, 2**31), got {self.seeds}")
         check_at_least(self, 0, "min_per_sequence")
         check(self.k >= 0, "k", f"must be >= 1 (or 0 for the pair's default), got {self.k}")

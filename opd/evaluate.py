@@ -125,8 +125,8 @@ class EvaluateConfig:
         check_at_least(self, 0, "n_problems", "max_new_tokens", "lm_eval_limit")
         check_cpu_threads(self.cpu_threads)
         check_at_least(self, 1, "n_samples", "batch_size", "lm_eval_batch_size")
-        check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
-              f"must hold at least one seed, no duplicates, got {self.seeds}")
+        check(len(self.seeds) >= 1, "seeds", f"must hold at least one seed, got {self.seeds}")
+        check_unique(self.seeds, "seeds")
         check(not self.greedy or (self.n_samples == 1 and len(self.seeds) == 1), "n_samples",
               "greedy decoding is deterministic: n_samples and seeds > 1 need greedy=false")
         check_temperature(self.temperature)
