@@ -43,7 +43,6 @@ Simplifications, and what a GPU deployment would change (none of it is tested he
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -57,7 +56,7 @@ import pandas as pd
 import torch
 
 from diagnostics.bank import bank_batch, make_bank, read_bank
-from diagnostics.core.files import share_tree, write_json, write_parquet
+from diagnostics.core.files import read_json, share_tree, write_json, write_parquet
 from diagnostics.core.lock import release_run_lock
 from diagnostics.core.progress import progress_bar
 from diagnostics.core.rundir import claim_run_dir
@@ -217,7 +216,7 @@ def base_evaluation(ctx: RunContext) -> dict[str, float]:
     """The base student's accuracy and KL (the step-0 row of every arm), computed once per run."""
     path = ctx.run_dir / "base_eval.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path, "the base student's evaluation")
     student = load_model(ctx.pair.student_path, ctx.world.device, ctx.precision.master)  # as the trained students
     reset_peak(ctx.world.device)
     with inference(ctx.precision):

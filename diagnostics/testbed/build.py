@@ -49,7 +49,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 from diagnostics.core.config import config_to_dict
-from diagnostics.core.files import share_tree
+from diagnostics.core.files import read_json, share_tree
 from diagnostics.data.problems import Problem
 from diagnostics.testbed.config import (
     CALIBRATION_SEED_OFFSET,
@@ -253,11 +253,11 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
     shipped = find_shipped(config) if use_shipped and not force else None  # a damaged file is an error here
     if shipped is not None:
         name, root = shipped
-        return Testbed(root, config, json.loads((root / "report.json").read_text()), "shipped", name)
+        return Testbed(root, config, read_json(root / "report.json", "the testbed's report"), "shipped", name)
     root = config.cache_root() / config.cache_key()
     report_path = root / "report.json"
     if report_path.is_file() and not force:
-        return Testbed(root, config, json.loads(report_path.read_text()))
+        return Testbed(root, config, read_json(report_path, "the testbed's report"))
     # a private temporary directory, renamed into place at the end: a killed build leaves no
     # half-written testbed, and two concurrent builds cannot mix files
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
@@ -278,7 +278,7 @@ def build_testbed(config: TestbedConfig, *, force: bool = False, progress: bool 
         tmp.rename(root)
     except OSError:  # another process finished the same build first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
-        return Testbed(root, config, json.loads(report_path.read_text()))
+        return Testbed(root, config, read_json(report_path, "the testbed's report"))
     return Testbed(root, config, report, "built")
 
 
