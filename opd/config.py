@@ -44,7 +44,7 @@ OMITTED_AT_DEFAULT = {"preset": "", "selector_ratios": {}, "signals": "exact", "
                       "prompt_column": "prompt", "answer_column": "answer", "enable_thinking": None,
                       "budget": "exact"}
 # Keys that do not change what a run computes: a resume may differ in them.
-RESUME_IGNORED = ("progress", "report_to", "save_rollouts")
+RESUME_IGNORED = ("progress", "report_to", "save_rollouts", "arm_workers")
 
 
 @dataclass
@@ -111,6 +111,7 @@ class TrainConfig:
     mixed_precision: str | bool = "auto"  # auto | no | bf16 (bool: YAML reads a bare `no` as false)
     rollout_backend: Literal["hf", "vllm"] = "hf"  # vllm: colocated, weights synced each step (opd.rollout_engine)
     cpu_threads: int = 1  # torch threads on CPU; 0 = torch's default (see the YAML)
+    arm_workers: int = 1  # processes training arms side by side (each cpu_threads threads); the run is the same
     scoring_tokens: int = 16384  # tokens per teacher-forcing batch when scoring
     run_name: str = ""  # "" = train-<config hash>
     out_dir: str = "results/train"
@@ -172,6 +173,10 @@ class TrainConfig:
               f"must be one of {', '.join(ANSWER_CHECKS)}, got {self.answer_check!r}")
         check_at_least(self, 0, "checkpoint_every")
         check_cpu_threads(self.cpu_threads)
+        check_at_least(self, 1, "arm_workers")
+        check(self.arm_workers == 1 or (self.rollout_backend == "hf" and self.engine == "own"), "arm_workers",
+              f"trains arms side by side with engine own and rollout_backend hf only, got engine {self.engine} and "
+              f"rollout_backend {self.rollout_backend}")
         check_at_least(self, 1, "scoring_tokens")
         self.mixed_precision = check_mixed_precision(self.mixed_precision)
         check(self.rollout_backend in ("hf", "vllm"), "rollout_backend",

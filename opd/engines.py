@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from opd.config import TrainConfig
@@ -26,4 +27,5 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
 
         check_trl_config(config)
         return run_arms(config, resume, train_arm_trl, manifest_extra=trl_manifest(config))
-    return run_arms(config, resume, lambda ctx, arm: train_arm(ctx, arm, progress=config.progress))
+    # a partial, not a lambda: side-by-side arm processes (arm_workers) receive it pickled; their bars stay off
+    return run_arms(config, resume, partial(train_arm, progress=config.progress and config.arm_workers == 1))

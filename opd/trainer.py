@@ -44,9 +44,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -171,8 +174,10 @@ def build_bank(pair: ResolvedPair, tokenizer, vocab_size: int, problems: list[Pr
     return bank_batch(read_bank(path, vocab_size), tokenizer.pad_token_id)
 
 
-def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
-    """Models, data and the run directory; the base student's evaluation (cached in base_eval.json)."""
+def setup_run(config: TrainConfig, *, resume: bool = False, claim: bool = True) -> RunContext:
+    """Models, data and the run directory; the base student's evaluation (cached in base_eval.json).
+    `claim` False: a side-by-side arm process (`train_side_by_side`) whose parent holds the run directory and wrote
+    its bank and base evaluation."""
     world = World.create(config.device)
     if world.device.type == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
@@ -189,7 +194,8 @@ def setup_run(config: TrainConfig, *, resume: bool = False) -> RunContext:
         check_prompts(tokenizer, [p.prompt for p in eval_problems + bank_problems], config.eval_prompts, rendered=True)
         for seed, texts in train_texts.items():
             check_prompts(tokenizer, texts, f"{config.prompts} (seed {seed}'s stream)", rendered=True)
-    prepare_run_dir(run_dir, config, resume, world)
+    if claim:
+        prepare_run_dir(run_dir, config, resume, world)
     dtype = resolve_dtype(config.dtype, world.device)
     precision = resolve_precision(config.mixed_precision, dtype, world.device)
     rollout_engine = RolloutEngine(config.rollout_backend, pair.student_path, tokenizer, precision, max_model_len=None,
@@ -423,14 +429,20 @@ def run_arms(config: TrainConfig, resume: bool, train_one: Callable[[RunContext,
              manifest_extra: dict | None = None) -> Path:
     """The run around the arms: setup, `train_one(ctx, arm)` for each arm, the raw tables, the manifest."""
     started = time.perf_counter()
+    if config.arm_workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"arm_workers: {config.arm_workers} processes side by side inside a multi-process launch "
+                         f"(WORLD_SIZE {os.environ['WORLD_SIZE']}); use one or the other")
     ctx = setup_run(config, resume=resume)
     arms = config.arms()
     engine = f" (engine {config.engine})" if config.engine != "own" else ""
     ctx.logger.info(f"run {ctx.run_dir}{engine}: {len(arms)} arms x {config.steps} steps x "
                     f"{config.batch_size * config.samples_per_prompt} rollouts (base student: accuracy "
                     f"{ctx.base_eval['accuracy']:.3f}, KL(T||S) {ctx.base_eval['kl_to_teacher']:.4f})")
-    for arm in progress_bar(arms, desc="arms", enabled=config.progress and ctx.world.is_main):
-        train_one(ctx, arm)
+    if config.arm_workers > 1:
+        train_side_by_side(ctx, arms, train_one)
+    else:
+        for arm in progress_bar(arms, desc="arms", enabled=config.progress and ctx.world.is_main):
+            train_one(ctx, arm)
     ctx.rollouts.close()
     if ctx.world.is_main:
         metrics, gains = collect(ctx)
@@ -442,3 +454,42 @@ def run_arms(config: TrainConfig, resume: bool, train_one: Callable[[RunContext,
     ctx.world.barrier()
     release_run_lock(ctx.run_dir)  # rank 0 held it (prepare_run_dir); a no-op elsewhere
     return ctx.run_dir
+
+
+# ------------------------------------------------------------------------------------------ arms side by side
+
+_WORKER_CONTEXT: RunContext | None = None  # a side-by-side arm process's run context (set by _start_arm_process)
+
+
+def _start_arm_process(config: TrainConfig) -> None:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = setup_run(config, resume=True, claim=False)  # reads the parent's bank and base evaluation
+
+
+def _train_in_arm_process(train_one: Callable[[RunContext, Arm], None], arm: Arm) -> str:
+    train_one(_WORKER_CONTEXT, arm)
+    return arm.name
+
+
+def train_side_by_side(ctx: RunContext, arms: list[Arm], train_one: Callable[[RunContext, Arm], None]) -> None:
+    """`arm_workers` processes (spawned; each loads the pair once) train the unfinished arms, one arm at a time
+    each. An arm's outputs do not depend on which process trains it or what it trained before (every arm seeds
+    its own initialisation, rollouts and selection), so the run equals the one-process run; `train_one` must
+    pickle (a module-level function or a partial of one). The first arm that fails stops the run here."""
+    pending = [arm for arm in arms if not (ctx.run_dir / "arms" / arm.name / "result.json").is_file()]
+    if not pending:
+        return
+    workers = min(ctx.config.arm_workers, len(pending))
+    ctx.logger.info(f"{len(pending)} arms on {workers} processes side by side (arm_workers)")
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_arm_process, initargs=(ctx.config,)) as pool:
+        futures = [pool.submit(_train_in_arm_process, train_one, arm) for arm in pending]
+        bar = progress_bar(as_completed(futures), desc="arms", total=len(futures),
+                           enabled=ctx.config.progress and ctx.world.is_main)
+        try:
+            for future in bar:
+                future.result()
+        except BaseException:
+            for future in futures:  # unstarted arms stay unstarted: a rerun with --resume trains them
+                future.cancel()
+            raise

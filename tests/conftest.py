@@ -12,6 +12,25 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs readable
 os.environ.setdefault("TAOPD_CACHE_DIR", str(ROOT / ".cache"))  # the checkout's testbed cache, in every process
 
+# `make test` runs the files on 2 pytest-xdist processes (`--dist loadfile`: a file's module fixtures are built once),
+# handed out in collection order. These files take 40-190 s each (measured with `pytest --durations=0`); collected
+# first, they start first and the short files fill the gaps at the end, instead of one long file running alone.
+LONGEST_FILES = (
+    "test_bad_inputs.py", "diagnostics/test_qwen3.py", "opd/test_paper_protocol.py",
+    "diagnostics/test_diagnose_processes.py", "opd/test_evaluate.py", "diagnostics/test_rollouts.py",
+    "diagnostics/test_scoring.py", "opd/test_opd_resume.py",
+    "opd/test_opd_distributed.py", "opd/test_opd_trl_distributed.py", "opd/test_opd_trainer.py",
+    "opd/test_opd_vllm_sync.py", "opd/test_opd_trl_recipe.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first (in LONGEST_FILES' order), every other file after them in its usual order."""
+    rank = {ROOT / "tests" / name: i for i, name in enumerate(LONGEST_FILES)}
+    missing = [str(path) for path in rank if not path.is_file()]
+    assert not missing, f"LONGEST_FILES names files that do not exist: {missing}"
+    items.sort(key=lambda item: rank.get(Path(item.path), len(rank)))  # stable: each file keeps its own order
+
 
 @pytest.fixture(scope="session")
 def small_testbed():

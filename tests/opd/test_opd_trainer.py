@@ -109,6 +109,29 @@ def test_existing_run_needs_resume_and_same_config(quick_run):
     pd.testing.assert_frame_equal(before, pd.read_parquet(run_dir / "metrics.parquet"))
 
 
+def test_arms_side_by_side_equal_one_process(quick_run, tmp_path):
+    """arm_workers=2 (two spawned processes, four arms): every table equals the one-process run's but the clocks."""
+    config, run_dir = quick_run
+    side = quick_config(tmp_path, "seeds=[0, 1]", "arm_workers=2")
+    assert side.run_id() == config.run_id()  # arm_workers is not in the run hash: it changes no result
+    side_dir = run_training(side)
+    clocks = ["wall_time_s", "peak_mem_mb"]
+    pd.testing.assert_frame_equal(pd.read_parquet(side_dir / "metrics.parquet").drop(columns=clocks),
+                                  pd.read_parquet(run_dir / "metrics.parquet").drop(columns=clocks))
+    pd.testing.assert_frame_equal(pd.read_parquet(side_dir / "live_gain.parquet"),
+                                  pd.read_parquet(run_dir / "live_gain.parquet"))
+
+
+def test_arms_side_by_side_refuses_what_it_cannot_split(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="arm_workers: .*engine own and rollout_backend hf only"):
+        quick_config(tmp_path, "arm_workers=2", "rollout_backend=vllm")
+    with pytest.raises(ConfigError, match="arm_workers: must be >= 1"):
+        quick_config(tmp_path, "arm_workers=0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="arm_workers: 2 processes side by side inside a multi-process launch"):
+        run_training(quick_config(tmp_path, "arm_workers=2"))
+
+
 def test_resume_without_run_is_an_error(tmp_path, small_testbed):
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         run_training(quick_config(tmp_path), resume=True)
