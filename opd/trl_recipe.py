@@ -11,17 +11,19 @@ signals, selects with the registry over the global batch and applies the configu
 normalisation; TRL runs the optimizer, checkpoints (every `checkpoint_every` steps, under
 arms/<arm>/trl/, resumed with `--resume`), and logs through `report_to` (`TrainConfig.report_to`).
 
-What maps how (`opd.integrations.trl.distillation_config`): the arm's prompt stream in order (each
-prompt repeated `samples_per_prompt` times), steps, rollouts per step, completion length, temperature,
-loss and normalisation, AdamW (betas, weight decay; TRL exempts biases and norm weights from the decay),
-constant lr, clipping, float32 on CPU (on CUDA with `mixed_precision`: float32 student weights and TRL's
-bf16 autocast, as the own engine). `trl_args` adds or overrides DistillationConfig settings (vLLM generation:
-`{use_vllm: true, vllm_mode: colocate}`). Both models' embedding and LM-head rows past the tokenizer's
-vocabulary are dropped when their row counts differ (`cut_vocab`: TRL needs equal vocab sizes; the logits
-on real ids are unchanged); with equal row counts (a Qwen family pair) the models stay as saved, so TRL's vLLM
-weight sync sees the checkpoint's shapes, and the signals and the registry losses read the first V columns
-(`signal_vocab_size`), as the own engine; TRL's JSD kernel (reverse_kl / forward_kl with kept_global) then
-spans the padding rows too (probability ~0 in trained models).
+What maps how (`opd.integrations.trl.distillation_config`): the arm's prompt stream in order (each prompt repeated
+`samples_per_prompt` times), steps, rollouts per step, completion length, temperature, loss and normalisation, AdamW
+(betas, weight decay; TRL exempts biases and norm weights from the decay), `optimizer: paper` (the release's
+Megatron Adam) as the same adamw_torch with the preset's betas, weight decay and clipping and TRL's eps 1e-8 (HF's
+decay split, biases and `*norm*` weights, is Megatron's biases and 1-D parameters on Qwen-family models:
+tests/opd/test_opd_trl_recipe.py), constant lr, clipping, float32 on CPU (on CUDA with `mixed_precision`: float32
+student weights and TRL's bf16 autocast, as the own engine). `trl_args` adds or overrides DistillationConfig
+settings (vLLM generation: `{use_vllm: true, vllm_mode: colocate}`). Both models' embedding and LM-head rows past
+the tokenizer's vocabulary are dropped when their row counts differ (`cut_vocab`: TRL needs equal vocab sizes; the
+logits on real ids are unchanged); with equal row counts (a Qwen family pair) the models stay as saved, so TRL's
+vLLM weight sync sees the checkpoint's shapes, and the signals and the registry losses read the first V columns
+(`signal_vocab_size`), as the own engine; TRL's JSD kernel (reverse_kl / forward_kl with kept_global) then spans the
+padding rows too (probability ~0 in trained models).
 Streams differ from the project's: TRL samples with `args.seed` = the arm's seed, and the random
 selector's scores use `SelectiveDistillationTrainer._selection_seed`.
 
@@ -31,8 +33,10 @@ resumed arm keeps them). Per-step metrics rows: TRL's loss, the global kept and 
 cumulative training time (generation to optimizer step, without evaluation), peak memory of the step.
 
 Not supported here (clear errors): `micro_batch_size` (TRL's micro-batching is gradient accumulation,
-and the registry losses count kept positions per generation batch), optimizers other than AdamW,
+and the registry losses count kept positions per generation batch), optimizers other than adamw and paper,
 `rollout_backend` other than hf (TRL's own vLLM path is `trl_args`).
+`save_rollouts` keeps every step's completions as the own engine does (`SelectiveDistillationTrainer.save_rollouts`),
+so `taopd diagnose protocol=paper train.engine=trl` banks the TRL run's rollouts.
 """
 
 from __future__ import annotations
@@ -68,8 +72,9 @@ def check_trl_config(config: TrainConfig) -> None:
         raise ValueError(f"micro_batch_size: engine=trl runs the whole local batch per step (TRL's micro-batching is "
                          f"gradient accumulation, not supported with the registry losses); got "
                          f"{config.micro_batch_size}, use 0")
-    if config.optimizer != "adamw":
-        raise ValueError(f"optimizer: engine=trl runs AdamW (TRL's adamw_torch), got {config.optimizer!r}")
+    if config.optimizer not in ("adamw", "paper"):
+        raise ValueError(f"optimizer: engine=trl runs AdamW (TRL's adamw_torch): adamw or paper, got "
+                         f"{config.optimizer!r}")
     if config.rollout_backend != "hf":
         raise ValueError(f"rollout_backend: engine=trl generates through TRL; for vLLM set trl_args "
                          f"{{use_vllm: true, vllm_mode: colocate | server}} (README), got {config.rollout_backend!r}")
@@ -147,7 +152,9 @@ def make_trainer(ctx: RunContext, arm: Arm, arm_dir: Path, student, teacher) -> 
         train_dataset=Dataset.from_dict({"prompt": prompts}), selector=arm.selector, ratio=arm.ratio,
         min_per_sequence=config.min_per_sequence, k=ctx.pair.k, loss=config.loss, signal_vocab_size=ctx.vocab_size,
         selection_options=config.selection_options(),
-        normalization=config.normalization, clip_low=config.clip_low, clip_high=config.clip_high)
+        normalization=config.normalization, clip_low=config.clip_low, clip_high=config.clip_high,
+        rollout_dir=arm_dir / "rollouts" if config.save_rollouts else None,
+        samples_per_prompt=config.samples_per_prompt)
     trainer.remove_callback(PrinterCallback)  # one printed dict per step otherwise
     return trainer
 

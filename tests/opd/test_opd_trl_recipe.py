@@ -45,6 +45,24 @@ def test_unsupported_settings_are_refused_by_key(override, key):
         check_trl_config(TrainConfig(engine="trl", **override))
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_trl_decay_split_is_the_paper_optimizers_on_qwen_models(arch):
+    """optimizer: paper under TRL: HF's Trainer exempts the names it recognises (biases, *norm* weights) from weight
+    decay; on Qwen-family models those are exactly Megatron's biases and 1-D parameters (opd.optim.no_weight_decay)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Trainer
+
+    from opd.optim import no_weight_decay
+
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    model = model_class(config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    decayed_hf = set(Trainer.get_decay_parameter_names(None, model))
+    decayed_paper = {name for name, param in model.named_parameters() if not no_weight_decay(name, param)}
+    assert decayed_hf == decayed_paper
+    assert any(name.endswith(".bias") for name, _ in model.named_parameters()) == (arch == "qwen2")
+    check_trl_config(TrainConfig(engine="trl", optimizer="paper"))  # accepted
+
+
 def test_report_to_needs_the_trl_engine():
     with pytest.raises(ValueError, match="report_to"):
         TrainConfig(report_to="trackio")

@@ -221,3 +221,30 @@ def test_chain_under_two_processes(tmp_path, small_testbed):
     tokens = pd.read_parquet(out / "tokens.parquet")
     assert len(tokens) == sum(len(r) for r in pd.read_parquet(out / "bank.parquet")["response_ids"])
     assert tokens["gain"].notna().all() and log.count("summary") <= 2  # one process reports
+
+
+@pytest.mark.slow
+def test_chain_with_the_trl_engine(tmp_path, small_testbed):
+    """train.engine=trl: TRL trains the OPD stage (the paper optimizer as TRL's adamw_torch) and keeps each step's
+    completions as the own engine does; the chain banks them in stream order and re-scores its final student."""
+    from transformers import AutoTokenizer
+
+    changed = {"train.steps": "4", "train.checkpoint_every": "0"}
+    cmd = [f"{t.split('=')[0]}={changed[t.split('=')[0]]}" if t.split("=")[0] in changed else t
+           for t in command(tmp_path)]
+    run([*cmd, "train.engine=trl"])
+    out = tmp_path / "p"
+    arm = out / "opd" / "arms" / "full-r1-s0"
+    assert sorted(p.name for p in (arm / "rollouts").iterdir()) == [f"step_{s:06d}_rank0.parquet" for s in range(1, 5)]
+    assert json.loads((out / "opd" / "config.json").read_text())["engine"] == "trl"
+    opd_rollouts = pd.read_parquet(out / "opd_rollouts.parquet")
+    assert opd_rollouts["prompt_id"].tolist() == list(range(8))
+    assert opd_rollouts["step"].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
+    # each banked rollout's prompt is the stream's prompt at its prompt_id (the shard TRL trained on, in order)
+    shard = [json.loads(line)["prompt"] for line in (out / "prompt_shard.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(small_testbed.student_path)
+    assert [tokenizer.decode(ids) for ids in opd_rollouts["prompt_ids"]] == shard[:8]
+    assert opd_rollouts["response_ids"].map(len).gt(0).all()
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert len(tokens) == sum(len(r) for r in pd.read_parquet(out / "bank.parquet")["response_ids"])
+    assert tokens["gain"].notna().all()
