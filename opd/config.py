@@ -173,21 +173,13 @@ class TrainConfig:
               f"must be one of {', '.join(ANSWER_CHECKS)}, got {self.answer_check!r}")
         check_at_least(self, 0, "checkpoint_every")
         check_cpu_threads(self.cpu_threads)
-        check_at_least(self, 1, "arm_workers")
-        check(self.arm_workers == 1 or (self.rollout_backend == "hf" and self.engine == "own"), "arm_workers",
-              f"trains arms side by side with engine own and rollout_backend hf only, got engine {self.engine} and "
-              f"rollout_backend {self.rollout_backend}")
         check_at_least(self, 1, "scoring_tokens")
         self.mixed_precision = check_mixed_precision(self.mixed_precision)
         check(self.rollout_backend in ("hf", "vllm"), "rollout_backend",
               f"must be hf or vllm, got {self.rollout_backend!r}")
         # accelerate places each process: "cuda" (one GPU per process, by LOCAL_RANK) or "cpu"; no cuda:N here
         check_device(self.device, allowed=("auto", "cpu", "cuda"), indexed=False)
-        check(self.engine in ("own", "trl"), "engine", f"must be own or trl, got {self.engine!r}")
-        check(self.engine == "trl" or self.report_to == "none", "report_to",
-              f"is for engine=trl (TRL's report_to); the own engine logs to the console, got {self.report_to!r}")
-        check(self.engine == "trl" or not self.trl_args, "trl_args",
-              f"is for engine=trl (TRL's DistillationConfig settings), got {self.trl_args!r}")
+        self._check_engine()
         check(bool(self.student) == bool(self.teacher), "teacher",
               "give both student and teacher, or neither (testbed)")
         check(not self.student or bool(self.prompts), "prompts", "real models need a training prompt file")
@@ -205,6 +197,18 @@ class TrainConfig:
         clash = next((n for n in names if names.count(n) > 1), None)
         check(clash is None, "ratios", f"two arms would share the name {clash!r} ({self.ratios}: ratios equal to 6 "
               f"significant digits); give distinct ratios")
+
+    def _check_engine(self) -> None:
+        """engine, its TRL-only keys, and arm_workers (side by side: the own engine on hf rollouts)."""
+        check(self.engine in ("own", "trl"), "engine", f"must be own or trl, got {self.engine!r}")
+        check(self.engine == "trl" or self.report_to == "none", "report_to",
+              f"is for engine=trl (TRL's report_to); the own engine logs to the console, got {self.report_to!r}")
+        check(self.engine == "trl" or not self.trl_args, "trl_args",
+              f"is for engine=trl (TRL's DistillationConfig settings), got {self.trl_args!r}")
+        check_at_least(self, 1, "arm_workers")
+        check(self.arm_workers == 1 or (self.rollout_backend == "hf" and self.engine == "own"), "arm_workers",
+              f"trains arms side by side with engine own and rollout_backend hf only, got engine {self.engine} and "
+              f"rollout_backend {self.rollout_backend}")
 
     def _check_selector_ratios(self) -> None:
         """selector_ratios: each key a selection rule of `selectors` (not full), each budget in (0, 1]."""
