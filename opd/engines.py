@@ -24,7 +24,6 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> Path:
         # deferred: the TRL recipe imports trl (and through it vLLM), seconds that the own engine never needs
         from opd.trl_recipe import check_trl_config, train_arm_trl, trl_manifest
 
-
         check_trl_config(config)
         return run_arms(config, resume, train_arm_trl, manifest_extra=trl_manifest(config))
     # a partial, not a lambda: side-by-side arm processes (arm_workers) receive it pickled; their bars stay off

@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -80,7 +81,6 @@ def _quantiles(report: dict, name: str) -> str:
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:
-
     config = load_config(TestbedConfig, args.config, args.overrides)
     comparison = None
     if args.rebuild:  # retrain from the config; compared with the shipped testbed of its hash, if any
@@ -125,7 +125,6 @@ def cmd_testbed(args: argparse.Namespace) -> int:
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
-
     table = Table(title="registered token scores (selectors)")
     table.add_column("name")
     table.add_column("Q3 only")
@@ -138,14 +137,12 @@ def cmd_scores(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-
     overrides = _with_model_overrides(args)
     config = load_config(DiagnoseConfig, args.config, overrides)
     # the summary's bootstrap is checked now, not after the run (n_sequences bounds its clusters)
     check_bootstrap_args(config.n_boot, config.seed, config.n_sequences, keys=("n_boot", "seed"))
     world = launched_world(config.device)  # None in a plain process; torchrun: the shards split over processes
     if config.protocol == "paper":  # trains full-token OPD first: the chain lives in opd (diagnostics never imports it)
-
         run_dir = run_paper_protocol(config, world)
     else:
         run_dir = run_diagnose(config, processes=world)
@@ -158,9 +155,6 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
                out_dir: Path | None = None) -> dict:
     """Summary statistics of a diagnostic run (from analysis/), printed and written to summary.json in
     `out_dir` (default: the run directory)."""
-    import pandas as pd
-
-
     tokens, manifest = load_run(run_dir)
     summary = summarize(tokens, n_boot=n_boot, seed=seed, manifest=manifest)
     summary["protocol"] = manifest.get("protocol", "single-step")  # runs from before the key were single-step
@@ -193,14 +187,6 @@ def report_run(run_dir: Path, *, n_boot: int, seed: int, json_path: Path | None 
         agreement = summary["first_order_agreement"]
         console.print(f"first-order estimate vs single-step gain: Spearman {agreement['spearman']:+.3f} "
                       f"over {agreement['n']} positions")
-    if "group" in summary:
-        table = Table(title="group variant: one update on each selector's kept set, gain over the whole bank")
-        for col in ("selector", "ratio", "kept", "mean gain (all positions)", "mean gain (kept)"):
-            table.add_column(col)
-        for row in summary["group"]:
-            table.add_row(row["selector"], f"{row['ratio']:.2f}", str(row["n_kept"]), f"{row['mean_gain_all']:+.4f}",
-                          f"{row['mean_gain_kept']:+.4f}")
-        console.print(table)
     console.print(f"run: {run_dir}")
     return summary
 
@@ -301,9 +287,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-
     config = load_config(EvaluateConfig, args.config, args.overrides)
     out = run_evaluation(config)
     students = student_accuracy(pd.read_parquet(out / "evaluation.parquet"))  # statistics live in analysis
@@ -397,7 +380,6 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     args = parse_args(argv)
     try:
         return args.func(args)
