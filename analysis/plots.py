@@ -398,15 +398,18 @@ def plot_selector_comparison(comparison: pd.DataFrame, *, run_name: str = "run")
     require_columns(comparison, ["selector", "ratio", "acc_before_mean", "acc_before_std",
                                  "acc_after_mean", "acc_after_std"], "selector comparison")
     has_live = "live_gain_mean" in comparison.columns and comparison["live_gain_mean"].notna().any()
-    fig = Figure(figsize=(9.5 if has_live else 5.5, 3.9))
+    many = len(comparison) > 6  # a zoo's arms: one slanted line per label, the panels as wide as the arms need
+    width = max(4.75, 0.45 * len(comparison)) if many else 4.75
+    fig = Figure(figsize=(width * (2 if has_live else 1) + (0 if has_live else 0.75), 4.6 if many else 3.9))
     axes = np.atleast_1d(fig.subplots(1, 2 if has_live else 1))
-    labels = [f"{s}\n@{r:.0%}" for s, r in zip(comparison["selector"], comparison["ratio"])]
+    labels = [f"{s}{' ' if many else chr(10)}@{r:.0%}" for s, r in zip(comparison["selector"], comparison["ratio"])]
     x = np.arange(len(comparison))
+    ticks = {"rotation": 40, "ha": "right", "rotation_mode": "anchor"} if many else {}
     ax = axes[0]
     for j, (stage, color) in enumerate((("before", "#bababa"), ("after", "#2166ac"))):
         ax.bar(x + (j - 0.5) * 0.38, comparison[f"acc_{stage}_mean"], 0.38,
                yerr=comparison[f"acc_{stage}_std"].fillna(0), capsize=3, color=color, label=stage)
-    ax.set_xticks(x, labels)
+    ax.set_xticks(x, labels, **ticks)
     ax.set_xlabel("selector @ retention ratio")
     ax.set_ylabel("accuracy (fraction correct)")
     ax.legend()
@@ -420,7 +423,7 @@ def plot_selector_comparison(comparison: pd.DataFrame, *, run_name: str = "run")
         ax.bar(x, mean, 0.6, yerr=np.where(np.isfinite(err), err, 0.0), capsize=3, color=colors, edgecolor="black",
                linewidth=0.5)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(x, labels)
+        ax.set_xticks(x, labels, **ticks)
         ax.set_xlabel("selector @ retention ratio")
         ax.set_ylabel("live gain on the common bank G (nats)")
     fig.suptitle(f"{run_name}: selector comparison")
