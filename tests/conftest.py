@@ -11,6 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs readable
 os.environ.setdefault("TAOPD_CACHE_DIR", str(ROOT / ".cache"))  # the checkout's testbed cache, in every process
+# One torch (OpenMP) thread in every test process and every process a test starts: `make test` already runs 2 test
+# processes on a 2-core machine, and torchrun tests start 2 more; OpenMP threads spin while they wait, so more threads
+# than cores made the suite ~1.5x slower. One thread also makes a subprocess's float sums round as the test's own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # `make test` runs the files on 2 pytest-xdist processes (`--dist loadfile`: a file's module fixtures are built once),
 # handed out in collection order. These files take 40-190 s each (measured with `pytest --durations=0`); collected
