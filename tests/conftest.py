@@ -20,12 +20,42 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # handed out in collection order. These files take 40-190 s each (measured with `pytest --durations=0`); collected
 # first, they start first and the short files fill the gaps at the end, instead of one long file running alone.
 LONGEST_FILES = (
-    "test_bad_inputs.py", "diagnostics/test_qwen3.py", "opd/test_paper_protocol.py",
-    "diagnostics/test_diagnose_processes.py", "opd/test_evaluate.py", "diagnostics/test_rollouts.py",
-    "diagnostics/test_scoring.py", "opd/test_opd_resume.py",
+    "diagnostics/test_rollouts.py", "diagnostics/test_scoring.py", "diagnostics/test_store.py",
+    "opd/test_opd_vllm_sync.py", "test_bad_inputs.py", "diagnostics/test_qwen3.py", "opd/test_paper_protocol.py",
+    "diagnostics/test_diagnose_processes.py", "opd/test_evaluate.py", "opd/test_opd_resume.py",
     "opd/test_opd_distributed.py", "opd/test_opd_trl_distributed.py", "opd/test_opd_trainer.py",
-    "opd/test_opd_vllm_sync.py", "opd/test_opd_trl_recipe.py",
+    "opd/test_opd_trl_recipe.py",
 )
+# The files of the session's vLLM fixtures (tests/diagnostics/conftest.py: a testbed trained for vLLM, its engine and
+# rollouts, ~75 s): one unit of work, so one process builds them once.
+VLLM_FILES = LONGEST_FILES[:4]
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's per-file scheduling, with the VLLM_FILES as one unit."""
+    from xdist.scheduler import LoadFileScheduling
+
+    vllm = {f"tests/{name}" for name in VLLM_FILES}
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "tests/diagnostics/test_rollouts.py" if scope in vllm else scope
+
+    return Scheduling(config, log)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_vllm_engine():
+    """Shut the process's cached vLLM engine down after each test file: an idle CPU engine's processes keep
+    polling (a quarter of a core), which slowed every later file of that test process."""
+    yield
+    import gc
+    import sys
+
+    if "diagnostics.generation.vllm" in sys.modules:
+        sys.modules["diagnostics.generation.vllm"].release_vllm_engine()
+    gc.collect()  # an engine held in a reference cycle (lm-eval's vLLM model) shuts down when collected
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

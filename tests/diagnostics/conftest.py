@@ -2,7 +2,8 @@
 
 `vllm_testbed` is the small testbed (head size 32, which vLLM's CPU attention supports), trained
 longer so that its responses end in EOS. The student's and teacher's vocabularies still differ in LM-head
-rows (37 vs 48), so the padding path is exercised. `vllm_rollouts` starts the process's vLLM engine once per session.
+rows (37 vs 48), so the padding path is exercised. `vllm_rollouts` samples once per session (tests/conftest.py
+shuts the process's vLLM engine down after each test file).
 """
 
 from __future__ import annotations
@@ -45,13 +46,3 @@ def vllm_rollouts(vllm_testbed, rollout_prompts):
 
     sampling = SamplingConfig(max_new_tokens=vllm_testbed.config.max_new_tokens + 2, n=2, seed=3, logprobs_k=4)
     return generate_rollouts(vllm_testbed.student_path, None, rollout_prompts, sampling, backend="vllm", progress=False)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _release_vllm_engine():
-    """Shut the cached vLLM engine down at the end of the session (its workers hold cores)."""
-    yield
-    import sys
-
-    if "diagnostics.generation.vllm" in sys.modules:
-        sys.modules["diagnostics.generation.vllm"].release_vllm_engine()
