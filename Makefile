@@ -19,9 +19,9 @@ ARGS ?=
 # `make train-taopd ENGINE=trl`: the same arms through TRL's DistillationTrainer (opd/trl_recipe.py); own by default
 ENGINE ?=
 # pytest-xdist: test files on TEST_PROCESSES processes, each file's tests in one of them (its module fixtures built once;
-# tests/conftest.py hands the longest files out first). `make test TEST_PROCESSES=1` runs them in this process.
+# tests/conftest.py keeps the vLLM files together). `make test TEST_PROCESSES=1` runs them in this process.
 TEST_PROCESSES ?= 2
-XDIST := $(if $(filter-out 1,$(TEST_PROCESSES)),-n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder)
+XDIST := $(if $(filter-out 1,$(TEST_PROCESSES)),-n $(TEST_PROCESSES) --dist loadfile)
 MODEL_ARGS := $(if $(STUDENT),--student $(STUDENT)) $(if $(TEACHER),--teacher $(TEACHER)) $(if $(CONFIG),--config $(CONFIG))
 
 .PHONY: venv lint test test-fast test-build testbed diagnose diagnose-paper train-taopd train-zoo evaluate analyze figures bench scores clean
