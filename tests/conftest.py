@@ -19,6 +19,7 @@ VLLM_FILES = ("diagnostics/test_rollouts.py", "diagnostics/test_scoring.py", "di
               "opd/test_opd_vllm_sync.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without the plugin (one process) it is never called
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """xdist's per-file scheduling, with the VLLM_FILES as one unit."""
     from xdist.scheduler import LoadFileScheduling
