@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from diagnostics.core.config import ConfigError, load_config
 from diagnostics.diagnose import run_diagnose
@@ -51,18 +50,10 @@ def test_outputs_and_manifest(tmp_path, small_testbed):
     assert group.groupby("selector")["kept"].sum().min() >= 1
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One torch thread here for the test (restored after): float sums split over threads round differently, and an
-    earlier test in this process (a trainer's cpu_threads) may have left another count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed, one_torch_thread):
+def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed):
+    # all three runs in fresh processes with one torch thread: a test process's state (thread pools, libraries an
+    # earlier test imported) can round float sums differently from a fresh process's
     script = (
         "import sys\nimport torch\ntorch.set_num_threads(1)\n"
         "from diagnostics.core.config import load_config\n"
@@ -74,9 +65,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed, one_tor
         f"testbed_config={ROOT / 'configs/testbed_small.yaml'}", f"out_dir={tmp_path / 'killed'}", "n_sequences=8",
         "shard_sequences=1", "backend=hf", "group_selectors=[]", "run_name=r",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "configs/diagnose.yaml"), *overrides],
-                            env=env, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", script, str(ROOT / "configs/diagnose.yaml")]
+    proc = subprocess.Popen([*command, *overrides], env=env, cwd=ROOT)
     shard_dir = tmp_path / "killed" / "r" / "shards"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(shard_dir.glob("shard_*.pt"))) < 2:
@@ -87,13 +78,13 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, small_testbed, one_tor
     assert 2 <= len(finished) < 8, "the kill should land mid-run"
     assert not (tmp_path / "killed" / "r" / "tokens.parquet").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in finished}
-    resumed = run_diagnose(load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", overrides), progress=False)
+    subprocess.run([*command, *overrides], env=env, cwd=ROOT, check=True)  # the resume
     unchanged = all((shard_dir / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items())
     assert unchanged, "finished shards were recomputed"
     fresh_overrides = [o if not o.startswith("out_dir") else f"out_dir={tmp_path / 'fresh'}" for o in overrides]
-    fresh = run_diagnose(load_config(DiagnoseConfig, ROOT / "configs/diagnose.yaml", fresh_overrides), progress=False)
-    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "tokens.parquet"),
-                                  pd.read_parquet(fresh / "tokens.parquet"))
+    subprocess.run([*command, *fresh_overrides], env=env, cwd=ROOT, check=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "killed" / "r" / "tokens.parquet"),
+                                  pd.read_parquet(tmp_path / "fresh" / "r" / "tokens.parquet"))
 
 
 def test_config_errors_before_any_model():

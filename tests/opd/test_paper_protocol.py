@@ -224,18 +224,22 @@ def test_chain_under_two_processes(tmp_path, small_testbed):
 
 
 @pytest.mark.slow
-def test_chain_with_the_trl_engine(tmp_path, small_testbed):
-    """train.engine=trl: TRL trains the OPD stage (the paper optimizer as TRL's adamw_torch) and keeps each step's
-    completions as the own engine does; the chain banks them in stream order and re-scores its final student."""
+def test_chain_with_the_trl_engine_under_two_processes(tmp_path, small_testbed):
+    """train.engine=trl under torchrun: TRL trains the OPD stage on both processes (the paper optimizer as TRL's
+    adamw_torch) and each keeps its completions as the own engine does; the chain banks them in the one-process
+    stream order and re-scores its final student split over the processes."""
     from transformers import AutoTokenizer
 
+    torchrun = Path(sys.executable).with_name("torchrun")
     changed = {"train.steps": "4", "train.checkpoint_every": "0"}
     cmd = [f"{t.split('=')[0]}={changed[t.split('=')[0]]}" if t.split("=")[0] in changed else t
-           for t in command(tmp_path)]
-    run([*cmd, "train.engine=trl"])
+           for t in command(tmp_path)[1:]]
+    run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         *cmd, "train.engine=trl"])
     out = tmp_path / "p"
     arm = out / "opd" / "arms" / "full-r1-s0"
-    assert sorted(p.name for p in (arm / "rollouts").iterdir()) == [f"step_{s:06d}_rank0.parquet" for s in range(1, 5)]
+    assert sorted(p.name for p in (arm / "rollouts").iterdir()) == \
+        [f"step_{s:06d}_rank{r}.parquet" for s in range(1, 5) for r in (0, 1)]
     assert json.loads((out / "opd" / "config.json").read_text())["engine"] == "trl"
     opd_rollouts = pd.read_parquet(out / "opd_rollouts.parquet")
     assert opd_rollouts["prompt_id"].tolist() == list(range(8))
