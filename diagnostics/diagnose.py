@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from diagnostics import engine
 from diagnostics.bank import bank_batch, make_bank, read_bank, read_bank_file
@@ -226,14 +227,12 @@ def resolved_models(config: DiagnoseConfig, resolved: ResolvedPair) -> dict[str,
             "checkpoint_path": config.checkpoint}
 
 
-def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: Path) -> pd.DataFrame:
-    """Held-out student rollouts, stored at `path` with their manifest (read back on resume)."""
-
+def sample_bank_rollouts(config: DiagnoseConfig, resolved: ResolvedPair, path: Path,
+                         tokenizer: PreTrainedTokenizerBase) -> pd.DataFrame:
+    """Held-out student rollouts (`tokenizer`: the student's), stored at `path` with their manifest (read back on
+    resume)."""
     if path.is_file():
         return read_store(path)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolved.student_path)
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=resolved.max_new_tokens, n=1, seed=config.seed)
     problems = heldout_problems(resolved, config.n_sequences, split_seed=BANK_SPLIT_SEED, prompts=config.prompts,
@@ -262,7 +261,8 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
     first = processes is None or processes.is_main
     resolved = resolve_pair(config.student, config.teacher, testbed_config=config.testbed_config, k=config.k,
                             max_new_tokens=config.max_new_tokens)
-    tokenizer, vocab = check_pair(resolved.student_path, resolved.teacher_path)  # cheap: tokenizers and configs
+    checked = check_pair(resolved.student_path, resolved.teacher_path)  # cheap: tokenizers and configs
+    tokenizer, vocab = checked
     check_k(vocab, k=resolved.k, extra_k=config.extra_k)
     if resolved.testbed is None and config.prompts:  # the file's rows, count and characters, before any write
         problems = heldout_problems(resolved, config.n_sequences, split_seed=BANK_SPLIT_SEED, prompts=config.prompts,
@@ -283,9 +283,9 @@ def run_diagnose(config: DiagnoseConfig, *, progress: bool = True, manifest_extr
         if config.bank:
             rollouts = read_bank_file(config.bank, config.n_sequences)
         elif not bank_path.is_file():
-            rollouts = sample_bank_rollouts(config, resolved, run_dir / "rollouts.parquet")
+            rollouts = sample_bank_rollouts(config, resolved, run_dir / "rollouts.parquet", tokenizer)
     device = config.device if processes is None else str(processes.device)  # a launch: this process's device
-    pair = load_pair(resolved.student_path, resolved.teacher_path, device=device, dtype=config.dtype)
+    pair = load_pair(resolved.student_path, resolved.teacher_path, device=device, dtype=config.dtype, checked=checked)
     pair.student = master_weights(pair.student, resolved.student_path,
                                   resolve_precision(config.mixed_precision, pair.dtype, pair.device))
     trained = load_model(config.checkpoint, pair.device, pair.dtype) if config.mode == "checkpoint" else None

@@ -226,9 +226,11 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> torch.nn.
     return model.to(device).eval()
 
 
-def load_pair(student_path: str, teacher_path: str, *, device: str = "auto", dtype: str = "auto") -> ModelPair:
-    """Check compatibility first (cheap), then load both models in eval mode."""
-    tokenizer, vocab = check_pair(student_path, teacher_path)
+def load_pair(student_path: str, teacher_path: str, *, device: str = "auto", dtype: str = "auto",
+              checked: tuple[PreTrainedTokenizerBase, int] | None = None) -> ModelPair:
+    """Check compatibility first (cheap), then load both models in eval mode. `checked` is `check_pair`'s result
+    where the caller has run it already (a real vocabulary's tokenizer takes seconds to load)."""
+    tokenizer, vocab = checked or check_pair(student_path, teacher_path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     student = load_model(student_path, dev, torch_dtype)
