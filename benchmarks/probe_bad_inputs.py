@@ -503,14 +503,19 @@ def probe_read_only_analyze(ws: Path, places: dict[str, str]) -> tuple[int, str]
 
 def probe_ctrl_c(ws: Path, places: dict[str, str]) -> tuple[int, str]:
     """Ctrl-C (SIGINT) while a diagnostic runs: one line and exit status 130 (finished work is kept)."""
-    argv = [s.format(**places) for s in diagnose("run_name=ctrl_c", "n_sequences=16", "shard_sequences=1")]
+    # 64 one-sequence shards: seconds of shards after the first, so the interrupt lands mid-run (16 took 0.6 s once
+    # imports got faster, and a 0.2 s poll on a loaded machine missed them all)
+    argv = [s.format(**places) for s in diagnose("run_name=ctrl_c", "n_sequences=64", "shard_sequences=1")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([*TAOPD_CMD, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     shards = ws / "results/diagnose/ctrl_c/shards"
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline and not list(shards.glob("shard_*.pt")):
-        time.sleep(0.2)  # interrupt once the run is under way (its first shard written)
+        time.sleep(0.01)  # interrupt once the run is under way (its first shard written)
+    if proc.poll() is not None:
+        out, err = proc.communicate()
+        return proc.returncode, f"the run ended (exit {proc.returncode}) before it could be interrupted\n{err + out}"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, err + out
