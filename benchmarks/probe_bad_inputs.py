@@ -464,6 +464,12 @@ def probe_disk_full(ws: Path, places: dict[str, str]) -> tuple[int, str] | None:
         subprocess.run(["umount", str(target)], capture_output=True)
 
 
+def others_can_read(path: Path) -> bool:
+    """Whether a user who is neither owner nor in the group can pass through every folder above `path` and read
+    and enter `path` itself (what nobody needs to import the project from the checkout)."""
+    return all(p.stat().st_mode & 0o001 for p in path.parents) and path.stat().st_mode & 0o005 == 0o005
+
+
 def run_unprivileged(ws: Path, argv: list[str]) -> tuple[int, str] | None:
     """`taopd argv` as a user who cannot write the root-owned results (nobody, via setpriv, when we are root;
     else ourselves with the results chmod'ed read-only); None where neither is possible."""
@@ -477,8 +483,8 @@ def run_unprivileged(ws: Path, argv: list[str]) -> tuple[int, str] | None:
         finally:
             for path, mode in modes.items():
                 path.chmod(mode)
-    if shutil.which("setpriv") is None:
-        return None
+    if shutil.which("setpriv") is None or not others_can_read(ROOT):
+        return None  # a checkout in a private folder (mktemp -d makes 0700): nobody cannot import the project
     for path in (ws, *ws.parents):  # nobody must be able to read the workspace
         if path == Path("/"):
             break
